@@ -1,0 +1,252 @@
+"""Held-out evaluation: perplexity, bits-per-byte, parameter counts, size, throughput.
+
+Protocol (printed with every result): the split's documents are joined with a blank line
+("\\n\\n"), tokenized without special tokens, cut into non-overlapping windows of ``seq_len``
+tokens (the last, shorter window included); every token but the first of each window is scored.
+Bits-per-byte divides the total NLL (in bits) by the UTF-8 bytes that the scored tokens stand for,
+so models with different tokenizers can be compared on the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minigpts.data import DOCUMENT_SEPARATOR, tokenize_stream
+from minigpts.errors import UserError
+
+PROTOCOL = (
+    "documents joined with '\\n\\n', no special tokens; non-overlapping windows of {seq_len} tokens "
+    "(last window shorter); first token of each window not scored; bits-per-byte = NLL bits / UTF-8 "
+    "bytes of the scored tokens"
+)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character → the byte it encodes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> int:
+    if byte_level:
+        decoder = _byte_decoder()
+        if all(ch in decoder for ch in piece):
+            return len(piece)
+        return len(piece.encode("utf-8"))
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return 1
+    return len(piece.replace("\u2581", " ").encode("utf-8"))
+
+
+def token_byte_lengths(tokenizer) -> torch.LongTensor:
+    """UTF-8 bytes each token id stands for (byte-level BPE exact; SentencePiece ▁ and <0xNN> aware)."""
+    size = len(tokenizer)
+    lengths = torch.zeros(size, dtype=torch.long)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        for i in range(size):
+            lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+        return lengths
+    spec = json.loads(backend.to_str())
+    decoder = spec.get("decoder") or {}
+    decoders = decoder.get("decoders", [decoder]) if decoder else []
+    byte_level = any(d.get("type") == "ByteLevel" for d in decoders if d)
+    added = {tok["id"]: tok for tok in spec.get("added_tokens", [])}
+    for piece, idx in backend.get_vocab(with_added_tokens=False).items():
+        if idx < size:
+            lengths[idx] = _piece_bytes(piece, byte_level)
+    for idx, tok in added.items():
+        if idx < size:
+            lengths[idx] = len(tok["content"].encode("utf-8"))
+    return lengths
+
+
+@dataclass
+class EvalResult:
+    """One model on one split; the keys later stages and reports rely on."""
+
+    model: str
+    split: str
+    seq_len: int
+    perplexity: float
+    bits_per_byte: float
+    nll_sum: float
+    eval_tokens: int
+    eval_bytes: int
+    params: int
+    params_non_embedding: int
+    size_bytes: int
+    size_source: str
+    tokens_per_second: float
+    seconds: float
+    protocol: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, non-embedding) unique parameters; tied weights count once, position tables are embeddings."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embedding_ids: set[int] = set()
+    embedding = 0
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    modules += [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in embedding_ids:
+                embedding_ids.add(id(p))
+                embedding += p.numel()
+    return total, total - embedding
+
+
+def model_size(model, path: str | Path | None = None) -> tuple[int, str]:
+    """Bytes of the weight files when the model comes from a directory, else bytes in memory."""
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            files = [f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"}]
+            if files:
+                return sum(f.stat().st_size for f in files), "disk"
+        elif p.is_file():
+            return p.stat().st_size, "disk"
+    seen: set[int] = set()
+    size = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            size += t.numel() * t.element_size()
+    return size, "memory"
+
+
+@torch.inference_mode()
+def evaluate_windows(model, windows, byte_lengths, batch_size: int = 4, progress=None) -> dict:
+    """Sum of next-token NLL (nats) over every token but each window's first, with tokens and bytes.
+
+    ``windows`` is a [N, L] tensor or a list of 1-D tensors (lengths may differ).
+    """
+    device = next(model.parameters()).device
+    if isinstance(windows, torch.Tensor):
+        windows = list(windows)
+    nll_sum = 0.0
+    tokens = 0
+    n_bytes = 0
+    was_training = model.training
+    model.eval()
+    try:
+        i = 0
+        while i < len(windows):
+            length = len(windows[i])
+            batch = [windows[i]]
+            i += 1
+            while i < len(windows) and len(batch) < batch_size and len(windows[i]) == length:
+                batch.append(windows[i])
+                i += 1
+            ids = torch.stack(batch).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll_sum += loss.item()
+            tokens += ids[:, 1:].numel()
+            n_bytes += int(byte_lengths[ids[:, 1:].cpu()].sum())
+            if progress is not None:
+                progress(ids.numel())
+    finally:
+        model.train(was_training)
+    return {"nll_sum": nll_sum, "tokens": tokens, "bytes": n_bytes}
+
+
+def stream_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """Non-overlapping windows over the whole stream, keeping a last shorter window of ≥ 2 tokens."""
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    return [w for w in windows if len(w) >= 2]
+
+
+def evaluate(
+    model,
+    tokenizer,
+    texts: list[str],
+    *,
+    model_name: str,
+    split: str = "test",
+    seq_len: int = 1024,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    model_path: str | Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity and bits-per-byte of ``model`` on ``texts`` under the protocol in this module's doc."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len {seq_len}: must be at least 2")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and seq_len > max_positions:
+        raise UserError(f"--seq-len {seq_len}: the model accepts at most {max_positions} positions")
+    ids = tokenize_stream(tokenizer, texts, DOCUMENT_SEPARATOR, max_tokens=max_tokens)
+    windows = stream_windows(ids, seq_len)
+    if not windows:
+        raise UserError(
+            f"split '{split}' has {len(ids)} token(s); evaluation needs at least 2 — use a bigger split"
+        )
+    byte_lengths = token_byte_lengths(tokenizer)
+    total = sum(len(w) for w in windows)
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"eval {split}", unit="tok", leave=False)
+    try:
+        out = evaluate_windows(model, windows, byte_lengths, batch_size, bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    params, params_non_embedding = count_parameters(model)
+    size_bytes, size_source = model_size(model, model_path)
+    mean_nll = out["nll_sum"] / out["tokens"]
+    return EvalResult(
+        model=model_name,
+        split=split,
+        seq_len=seq_len,
+        perplexity=math.exp(mean_nll),
+        bits_per_byte=out["nll_sum"] / math.log(2) / max(out["bytes"], 1),
+        nll_sum=out["nll_sum"],
+        eval_tokens=out["tokens"],
+        eval_bytes=out["bytes"],
+        params=params,
+        params_non_embedding=params_non_embedding,
+        size_bytes=size_bytes,
+        size_source=size_source,
+        tokens_per_second=total / seconds if seconds > 0 else float("nan"),
+        seconds=seconds,
+        protocol=PROTOCOL.format(seq_len=seq_len),
+    )
