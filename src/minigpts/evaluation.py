@@ -1,8 +1,9 @@
 """Held-out evaluation: perplexity, bits-per-byte, parameter counts, size, throughput.
 
-Protocol (printed with every result): the split's documents are joined with a blank line
-("\\n\\n"), tokenized without special tokens, cut into non-overlapping windows of ``seq_len``
-tokens (the last, shorter window included); every token but the first of each window is scored.
+Protocol (printed with every result): each document of the split, followed by a blank line
+("\\n\\n") except the last, is tokenized on its own without special tokens; the ids are
+concatenated and cut into non-overlapping windows of ``seq_len`` tokens (the last, shorter window
+included); every token but the first of each window is scored.
 Bits-per-byte divides the total NLL (in bits) by the UTF-8 bytes that the scored tokens stand for,
 so models with different tokenizers can be compared on the same text.
 """
@@ -23,8 +24,8 @@ from minigpts.data import DOCUMENT_SEPARATOR, tokenize_stream
 from minigpts.errors import UserError
 
 PROTOCOL = (
-    "documents joined with '\\n\\n', no special tokens; non-overlapping windows of {seq_len} tokens "
-    "(last window shorter); first token of each window not scored; bits-per-byte = NLL bits / UTF-8 "
+    "each document + '\\n\\n' tokenized on its own (no special tokens), ids concatenated; "
+    "non-overlapping windows of {seq_len} tokens (last window shorter); first token of each window not scored; bits-per-byte = NLL bits / UTF-8 "
     "bytes of the scored tokens"
 )
 

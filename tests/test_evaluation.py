@@ -1,0 +1,98 @@
+"""Evaluation agrees with an independent computation; perplexity and bits-per-byte are consistent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minigpts.data import tokenize_stream
+from minigpts.evaluation import count_parameters, evaluate, token_byte_lengths
+
+TEXTS = [
+    "The market clears where supply meets demand.",
+    "Prices rise when demand grows faster than supply, and fall otherwise.",
+    "Opportunity cost is what you give up to get something else.",
+] * 6
+
+
+def independent_nll_and_bytes(model, tokenizer, texts, seq_len):
+    """Straightforward re-computation: one window at a time, float64 log-softmax, bytes by decoding."""
+    ids = []
+    for i, text in enumerate(texts):  # the protocol: each document tokenized with its separator
+        ids += tokenizer(text + ("\n\n" if i < len(texts) - 1 else ""), add_special_tokens=False)["input_ids"]
+    nll, tokens, n_bytes = 0.0, 0, 0
+    for start in range(0, len(ids), seq_len):
+        window = ids[start : start + seq_len]
+        if len(window) < 2:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([window])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        for t in range(1, len(window)):
+            nll -= logp[t - 1, window[t]].item()
+        tokens += len(window) - 1
+        n_bytes += len(tokenizer.decode(window[1:]).encode("utf-8"))  # ASCII text: decoding is exact
+    return nll, tokens, n_bytes
+
+
+@pytest.mark.parametrize("seq_len", [16, 33])
+def test_evaluate_matches_independent_computation(tiny_tokenizer, tiny_llama, seq_len):
+    result = evaluate(tiny_llama, tiny_tokenizer, TEXTS, model_name="tiny", seq_len=seq_len, progress=False)
+    nll, tokens, n_bytes = independent_nll_and_bytes(tiny_llama, tiny_tokenizer, TEXTS, seq_len)
+    assert result.eval_tokens == tokens
+    assert result.eval_bytes == n_bytes
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_perplexity_and_bits_per_byte_are_consistent(tiny_tokenizer, tiny_llama):
+    r = evaluate(
+        tiny_llama, tiny_tokenizer, TEXTS, model_name="tiny", seq_len=20, batch_size=3, progress=False
+    )
+    lhs = math.log(r.perplexity) * r.eval_tokens
+    rhs = r.bits_per_byte * r.eval_bytes * math.log(2)
+    assert lhs == pytest.approx(rhs, rel=1e-9)
+    keys = {"params", "params_non_embedding", "size_bytes", "perplexity", "bits_per_byte", "eval_tokens"}
+    assert keys | {"eval_bytes", "seq_len", "split", "model"} <= set(r.to_dict())
+
+
+def test_batching_does_not_change_the_result(tiny_tokenizer, tiny_llama):
+    a = evaluate(tiny_llama, tiny_tokenizer, TEXTS, model_name="t", seq_len=16, batch_size=1, progress=False)
+    b = evaluate(tiny_llama, tiny_tokenizer, TEXTS, model_name="t", seq_len=16, batch_size=5, progress=False)
+    assert a.nll_sum == pytest.approx(b.nll_sum, rel=1e-5)
+    assert (a.eval_tokens, a.eval_bytes) == (b.eval_tokens, b.eval_bytes)
+
+
+def test_max_tokens_limits_the_scored_text(tiny_tokenizer, tiny_llama):
+    r = evaluate(tiny_llama, tiny_tokenizer, TEXTS, model_name="t", seq_len=16, max_tokens=40, progress=False)
+    assert r.eval_tokens == 40 - 3  # windows of 16, 16, 8: first token of each is not scored
+
+
+def test_byte_lengths_cover_unicode_text_exactly(tiny_tokenizer):
+    texts = ["Économie 経済学 📈 naïve", "tabs\tand\r\nnewlines", "emoji 👩‍👩‍👧 and ½"]
+    ids = tokenize_stream(tiny_tokenizer, texts)
+    lengths = token_byte_lengths(tiny_tokenizer)
+    assert int(lengths[ids].sum()) == len("\n\n".join(texts).encode("utf-8"))
+
+
+def test_parameter_counts_tied_and_untied(tiny_tokenizer):
+    from conftest import make_tiny_llama
+
+    tied = make_tiny_llama(len(tiny_tokenizer))
+    untied = make_tiny_llama(len(tiny_tokenizer), tie_word_embeddings=False)
+    total_t, non_emb_t = count_parameters(tied)
+    total_u, non_emb_u = count_parameters(untied)
+    assert non_emb_t == non_emb_u
+    assert total_u - total_t == len(tiny_tokenizer) * 32
+    assert total_t - non_emb_t == len(tiny_tokenizer) * 32
+
+
+@pytest.mark.slow
+def test_smollm2_byte_lengths_match_utf8(smollm2):
+    texts = ["Inflation erodes purchasing power — ça coûte cher! 日本銀行 🏦", "GDP = C + I + G + (X − M)"]
+    ids = tokenize_stream(smollm2.tokenizer, texts)
+    lengths = token_byte_lengths(smollm2.tokenizer)
+    assert int(lengths[ids].sum()) == len("\n\n".join(texts).encode("utf-8"))
