@@ -14,6 +14,7 @@ from minigpts import __version__
 from minigpts.errors import UserError
 
 SAMPLE_ALIAS = "sample"
+GENERAL_SAMPLE_ALIAS = "sample-medical"
 
 
 def sample_data_dir() -> Path:
@@ -24,7 +25,13 @@ def resolve_data_spec(spec: str) -> str:
     """``sample`` names the bundled CC BY economics sample; anything else is passed through."""
     if spec == SAMPLE_ALIAS:
         return str(sample_data_dir() / "economics.*.jsonl")
+    if spec == GENERAL_SAMPLE_ALIAS:
+        return str(sample_data_dir() / "medical.test.jsonl")
     return spec
+
+
+def resolve_general_spec(spec: str | None) -> str | None:
+    return None if spec is None else resolve_data_spec(spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +81,161 @@ def load_data(args):
     if args.data == SAMPLE_ALIAS:
         corpus.source = "sample (bundled OpenStax economics, CC BY 4.0)"
     return corpus
+
+
+def add_analysis_options(p: argparse.ArgumentParser, seq_len: bool = True) -> None:
+    g = p.add_argument_group("analysis")
+    g.add_argument(
+        "--calib-tokens", type=int, default=65_536, help="calibration tokens to run (default 65,536)"
+    )
+    if seq_len:
+        g.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
+        g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+
+
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan (structure)")
+    g.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels to remove, in [0, 1)")
+    g.add_argument("--head-ratio", type=float, help="fraction of attention heads to remove, in [0, 1)")
+    g.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels to remove")
+    g.add_argument(
+        "--target-params", type=float, help="fraction of all parameters to keep; the planner spreads it"
+    )
+    g.add_argument("--linear-threshold", type=float, help="paper: prune heads/hidden channels with score ≤ E")
+    g.add_argument("--activation-threshold", type=float, help="paper: prune MLP channels with score ≤ E")
+    g.add_argument(
+        "--criterion",
+        default="l1",
+        choices=["l1", "wanda", "weight", "random"],
+        help="unit score (default l1)",
+    )
+    g.add_argument(
+        "--layout",
+        default="uniform",
+        choices=["uniform", "per-layer"],
+        help="uniform: same widths in every layer, loads with plain transformers (default); "
+        "per-layer: widths follow the domain, loads with trust_remote_code=True",
+    )
+    g.add_argument("--min-mlp", type=int, default=8, help="per-layer layout: MLP channels kept at least")
+    g.add_argument(
+        "--round-to", type=int, default=8, help="round MLP widths to a multiple of this (default 8)"
+    )
+    g.add_argument("--plan-seed", type=int, default=0, help="seed of the random criterion")
+    v = p.add_argument_group("plan (vocabulary)")
+    v.add_argument(
+        "--embedding-threshold",
+        type=float,
+        help="paper: prune tokens whose domain frequency is ≤ E (0 = exactly the unseen tokens)",
+    )
+    v.add_argument("--vocab-min-count", type=int, help="prune tokens seen fewer than N times")
+    v.add_argument("--vocab-size", type=int, help="keep the K most frequent tokens (+ the always-kept ones)")
+
+
+def add_finetune_options(p: argparse.ArgumentParser, method_flag: str) -> None:
+    g = p.add_argument_group("recovery fine-tuning")
+    if method_flag == "--method":
+        g.add_argument("--method", default="full", choices=["full", "lora", "distill"], help="default full")
+    g.add_argument("--max-epochs", type=float, default=1.0, help="epochs over the train split (default 1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps at most")
+    g.add_argument("--max-train-tokens", type=int, help="train tokens at most")
+    g.add_argument("--max-minutes", type=float, help="wall-clock minutes of training at most")
+    g.add_argument(
+        "--stop-at-base",
+        action="store_true",
+        help="paper's rule: stop once validation bits-per-byte ≤ the unpruned model's",
+    )
+    g.add_argument(
+        "--early-stopping", type=int, default=None, metavar="N", help="stop after N evals without gain"
+    )
+    g.add_argument("--eval-every", type=int, help="validate every N steps (default ~10 times per run)")
+    g.add_argument("--max-val-tokens", type=int, default=16_384, help="validation tokens (default 16,384)")
+    g.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5, as in the paper)")
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="warm-up fraction (default 0.05)")
+    g.add_argument("--train-batch-size", type=int, default=4, help="windows per step (default 4)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    g.add_argument("--finetune-seq-len", type=int, default=512, help="training window length (default 512)")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint of an interrupted run"
+    )
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
+    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KL term (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature")
+    g.add_argument("--teacher", help="teacher model for distill (default: the unpruned model)")
+
+
+def eval_options(args):
+    from minigpts.pipeline import EvalOptions
+
+    positive_int("--seq-len", args.seq_len)
+    positive_int("--max-eval-tokens", args.max_eval_tokens)
+    positive_int("--batch-size", args.batch_size)
+    return EvalOptions(
+        split=getattr(args, "split", "test"),
+        seq_len=args.seq_len,
+        max_eval_tokens=args.max_eval_tokens,
+        batch_size=args.batch_size,
+        mcq=list(getattr(args, "mcq", None) or []),
+        general_data=resolve_general_spec(getattr(args, "general_data", None)),
+    )
+
+
+def analysis_options(args):
+    from minigpts.pipeline import AnalysisOptions
+
+    positive_int("--calib-tokens", args.calib_tokens)
+    return AnalysisOptions(calib_tokens=args.calib_tokens, seq_len=args.seq_len, batch_size=args.batch_size)
+
+
+def plan_options(args):
+    from minigpts.pipeline import PlanOptions
+
+    return PlanOptions(
+        criterion=args.criterion,
+        mlp_ratio=args.mlp_ratio,
+        head_ratio=args.head_ratio,
+        hidden_ratio=args.hidden_ratio,
+        target_params=args.target_params,
+        linear_threshold=args.linear_threshold,
+        activation_threshold=args.activation_threshold,
+        layout=args.layout,
+        min_mlp=args.min_mlp,
+        round_to=args.round_to,
+        seed=args.plan_seed,
+        embedding_threshold=args.embedding_threshold,
+        vocab_min_count=args.vocab_min_count,
+        vocab_size=args.vocab_size,
+    )
+
+
+def finetune_options(args, method: str):
+    from minigpts.pipeline import FinetuneOptions
+
+    for flag in ("max_steps", "max_train_tokens", "train_batch_size", "grad_accum", "finetune_seq_len"):
+        positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+    return FinetuneOptions(
+        method=method,
+        max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
+        max_train_tokens=args.max_train_tokens,
+        max_minutes=args.max_minutes,
+        stop_at_base=args.stop_at_base,
+        early_stopping_patience=args.early_stopping,
+        eval_every=args.eval_every,
+        max_val_tokens=args.max_val_tokens,
+        lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        batch_size=args.train_batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.finetune_seq_len,
+        seed=args.seed,
+        resume=args.resume,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        distill_alpha=args.distill_alpha,
+        distill_temperature=args.distill_temperature,
+        teacher=args.teacher,
+    )
 
 
 def positive_int(name: str, value: int | None) -> None:
@@ -164,6 +326,10 @@ def cmd_eval(args) -> int:
     positive_int("--max-eval-tokens", args.max_eval_tokens)
     positive_int("--batch-size", args.batch_size)
     split = normalize_split_name(args.split)
+    if args.json:
+        from minigpts.pipeline import check_output_file
+
+        check_output_file(args.json, args.force, "--json")
     corpus = load_data(args)
     print_splits(corpus)
     texts = corpus.split(split)
@@ -180,10 +346,217 @@ def cmd_eval(args) -> int:
         model_path=loaded.path,
     ).to_dict()
     result["data"] = corpus.source
+    if args.mcq:
+        from minigpts.mcq import evaluate_mcq
+        from minigpts.pipeline import load_mcq_sets
+
+        result["mcq"] = {
+            stem: evaluate_mcq(loaded.model, loaded.tokenizer, items, batch_size=max(1, 2 * args.batch_size))
+            for stem, items in load_mcq_sets(args.mcq).items()
+        }
     print_eval_table([(loaded.name, result)], f"held-out evaluation ({loaded.description})")
+    for stem, r in (result.get("mcq") or {}).items():
+        console().print(
+            f"MCQ {stem}: accuracy {r['accuracy']:.3f}, length-normalised {r['accuracy_norm']:.3f} "
+            f"({r['questions']} questions, chance {r['chance']:.3f})"
+        )
     if args.json:
         write_json(args.json, result, args.force)
     return 0
+
+
+def cmd_analyze(args) -> int:
+    from minigpts.models import load_model
+    from minigpts.pipeline import check_output_file, run_analysis
+
+    out = check_output_file(args.out, args.force, "--out")
+    options = analysis_options(args)
+    positive_int("--seq-len", args.seq_len)
+    positive_int("--batch-size", args.batch_size)
+    corpus = load_data(args)
+    print_splits(corpus)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    stats = run_analysis(loaded.model, loaded.tokenizer, corpus, options, model_name=loaded.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(out)
+    console().print(f"statistics of {stats.n_tokens:,} calibration tokens written to {out}")
+    return 0
+
+
+def print_plan(plan) -> None:
+    from minigpts.plan import describe_plan
+
+    table = describe_plan(plan)
+    out = console()
+    out.print(table)
+    vocab = plan.summary.get("vocab")
+    if vocab:
+        out.print(
+            f"vocabulary: {vocab['before']:,} → {vocab['after']:,} tokens "
+            f"(kept: {vocab['kept_seen']:,} seen, {vocab['kept_special']:,} special, "
+            f"{vocab['kept_byte']:,} byte, {vocab['kept_closure']:,} merge parents)"
+        )
+
+
+def cmd_prune(args) -> int:
+    from minigpts.analysis import ActivationStats
+    from minigpts.export import save_model
+    from minigpts.models import load_model
+    from minigpts.pipeline import apply_full_plan, build_plan, check_output_dir
+
+    options = plan_options(args)
+    if not args.dry_run:
+        check_output_dir(args.out, args.force)
+    stats = ActivationStats.load(args.stats) if args.stats else None
+    corpus = load_data(args) if args.data else None
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if stats is not None:
+        stats.check_model(loaded.model)
+    plan = build_plan(loaded.model, loaded.tokenizer, stats, options, corpus=corpus)
+    print_plan(plan)
+    if args.dry_run:
+        console().print("[dim]--dry-run: nothing written[/dim]")
+        return 0
+    model, tokenizer = apply_full_plan(loaded.model, loaded.tokenizer, plan)
+    metadata = {"base_model": loaded.name, "stats": stats.metadata if stats is not None else None}
+    metadata["params_before"] = plan.summary.get("params_before")
+    save_model(model, tokenizer, args.out, plan=plan, metadata=metadata, force=args.force)
+    console().print(f"pruned model written to {args.out}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import json as _json
+
+    from minigpts.export import save_model
+    from minigpts.models import load_model
+    from minigpts.pipeline import check_output_dir, run_finetune, validation_bpb_target, work_dir_for
+
+    out = check_output_dir(args.out, args.force)
+    options = finetune_options(args, args.method)
+    corpus = load_data(args)
+    print_splits(corpus)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    info = {}
+    if loaded.path is not None and (loaded.path / "minigpts.json").exists():
+        info = _json.loads((loaded.path / "minigpts.json").read_text())
+    teacher_name = args.teacher or (info.get("metadata") or {}).get("base_model")
+    plan = info.get("plan") or {}
+    needs_base = options.method == "distill" or options.stop_at_base
+    base = None
+    if needs_base:
+        if not teacher_name:
+            raise UserError(
+                f"--model {args.model}: no unpruned model is recorded in its minigpts.json; pass --teacher MODEL"
+            )
+        base = load_model(teacher_name, device=args.device, dtype=args.dtype)
+    stop_at_bpb = (
+        validation_bpb_target(base.model, base.tokenizer, corpus, options) if options.stop_at_base else None
+    )
+    model, result = run_finetune(
+        loaded.model,
+        loaded.tokenizer,
+        corpus,
+        options,
+        work_dir=work_dir_for(out),
+        teacher=base.model if options.method == "distill" else None,
+        teacher_vocab_keep=plan.get("vocab_keep"),
+        stop_at_bpb=stop_at_bpb,
+    )
+    metadata = dict(info.get("metadata") or {})
+    metadata["finetune"] = result.to_dict()
+    from minigpts.plan import PruningPlan
+
+    save_model(
+        model,
+        loaded.tokenizer,
+        out,
+        plan=PruningPlan.from_dict(plan) if plan else None,
+        metadata=metadata,
+        force=args.force,
+    )
+    from minigpts.pipeline import cleanup
+
+    cleanup(work_dir_for(out))
+    console().print(
+        f"fine-tuned ({result.method}, {result.steps} steps, {result.train_tokens:,} tokens, "
+        f"{result.seconds:.0f} s, stopped: {result.stopped_because}) → {out}"
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    from minigpts.pipeline import RunOptions, run_experiment
+
+    if args.finetune not in {"none", "full", "lora", "distill"}:
+        raise UserError(f"--finetune {args.finetune}: use none, full, lora or distill")
+    evaluation = eval_options(args)
+    options = RunOptions(
+        model=args.model,
+        data=resolve_data_spec(args.data),
+        out=args.out,
+        text_field=args.text_field,
+        encoding=args.encoding,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        finetune=args.finetune,
+        controls=args.controls,
+        dry_run=args.dry_run,
+        evaluation=evaluation,
+        analysis=analysis_options(args),
+        plan=plan_options(args),
+        recovery=finetune_options(args, args.finetune if args.finetune != "none" else "full"),
+    )
+    corpus = load_data(args)
+    print_splits(corpus)
+    out = console()
+    report = run_experiment(options, corpus=corpus, say=out.print)
+    if args.dry_run:
+        print_plan(report["plan"])
+        out.print("[dim]--dry-run: nothing written[/dim]")
+        return 0
+    print_run_table(report)
+    out.print(f"model, report.json and report.md written to {args.out}")
+    return 0
+
+
+def print_run_table(report: dict) -> None:
+    from rich.table import Table
+
+    stages = report["stages"]
+    base = stages["base"]
+    table = Table(title=f"{report['model']} on {report['data']}", title_justify="left")
+    columns = ["stage", "params", "rel. size", "size", "vocab", "perplexity", "bits/byte", "Δ bpb"]
+    has_general = any("general" in s for s in stages.values())
+    if has_general:
+        columns.append("general bpb")
+    mcq_names = sorted({k for s in stages.values() for k in (s.get("mcq") or {})})
+    columns += [f"mcq {m}" for m in mcq_names]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, s in stages.items():
+        row = [
+            name,
+            f"{s['params'] / 1e6:.2f}M",
+            f"{s['params'] / base['params']:.2f}",
+            f"{s['size_bytes'] / 2**20:.1f} MiB",
+            f"{s.get('vocab_size', 0):,}",
+            f"{s['perplexity']:.3f}",
+            f"{s['bits_per_byte']:.4f}",
+            f"{100 * (s['bits_per_byte'] / base['bits_per_byte'] - 1):+.1f}%",
+        ]
+        if has_general:
+            row.append(f"{s['general']['bits_per_byte']:.4f}" if "general" in s else "–")
+        for m in mcq_names:
+            r = (s.get("mcq") or {}).get(m)
+            row.append(f"{r['accuracy']:.3f}" if r else "–")
+        table.add_row(*row)
+    out = console()
+    out.print(table)
+    out.print(f"[dim]protocol: split '{report['split']}'; {report['protocol']}[/dim]")
+    out.print("[dim]perplexity is per token of each model's own tokenizer; compare models by bits/byte[/dim]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,14 +568,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("eval", help="perplexity and bits-per-byte on a held-out split")
+    p = sub.add_parser("eval", help="perplexity, bits-per-byte (and MCQ accuracy) on a held-out split")
     add_model_options(p)
     add_data_options(p)
     add_eval_options(p)
     p.add_argument("--split", default="test", help="split to score: test (default), validation, train")
+    p.add_argument("--mcq", action="append", help="multiple-choice set (paper JSON or JSONL); repeatable")
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="activation statistics of every unit over the calibration split")
+    add_model_options(p)
+    add_data_options(p)
+    add_analysis_options(p)
+    p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="plan from statistics and physically remove units")
+    add_model_options(p)
+    add_data_options(p, required=False)
+    add_plan_options(p)
+    p.add_argument("--stats", help="statistics file from `minigpts analyze` (needed for structural plans)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help="recovery fine-tuning on the train split (full, LoRA, distillation)")
+    add_model_options(p)
+    add_data_options(p)
+    add_finetune_options(p, "--method")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "run", help="split → evaluate → analyze → plan → prune → recover → evaluate → save + report"
+    )
+    add_model_options(p)
+    add_data_options(p)
+    add_eval_options(p)
+    add_analysis_options(p, seq_len=False)
+    add_plan_options(p)
+    add_finetune_options(p, "--finetune")
+    p.add_argument("--split", default="test", help="held-out split to report (default test)")
+    p.add_argument("--finetune", default="none", help="recovery: none (default), full, lora or distill")
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="add the unpruned model fine-tuned with the same budget and a random pruning of the same size",
+    )
+    p.add_argument("--mcq", action="append", help="multiple-choice set evaluated at every stage; repeatable")
+    p.add_argument(
+        "--general-data", help="off-domain corpus evaluated at every stage ('sample-medical' bundled)"
+    )
+    p.add_argument("--out", required=True, help="output directory: model + report.json + report.md")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

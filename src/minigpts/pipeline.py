@@ -1,0 +1,754 @@
+"""The stages chained: split → evaluate base → analyze → plan → prune → evaluate → recover → save → report.
+
+Each stage is a function of plain inputs so the CLI subcommands (``analyze``, ``prune``,
+``finetune``, ``eval``, ``run``, ``sweep``) are thin wrappers, and each stage's output is a file a
+user can keep (stats, plan, model directory, report).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpts import __version__
+from minigpts.data import Corpus, make_windows, tokenize_stream
+from minigpts.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Options of each stage (dataclasses so `run`/`sweep` can pass them along and record them)
+
+
+@dataclass
+class EvalOptions:
+    split: str = "test"
+    seq_len: int = 1024
+    max_eval_tokens: int | None = None
+    batch_size: int = 4
+    mcq: list[str] = field(default_factory=list)
+    general_data: str | None = None
+    general_max_tokens: int | None = None
+
+
+@dataclass
+class AnalysisOptions:
+    calib_tokens: int = 65_536
+    seq_len: int = 1024
+    batch_size: int = 4
+
+
+@dataclass
+class PlanOptions:
+    criterion: str = "l1"
+    mlp_ratio: float | None = None
+    head_ratio: float | None = None
+    hidden_ratio: float | None = None
+    target_params: float | None = None
+    linear_threshold: float | None = None
+    activation_threshold: float | None = None
+    layout: str = "uniform"
+    min_mlp: int = 8
+    round_to: int = 8
+    seed: int = 0
+    embedding_threshold: float | None = None
+    vocab_min_count: int | None = None
+    vocab_size: int | None = None
+
+    def has_structure(self) -> bool:
+        values = [
+            self.mlp_ratio,
+            self.head_ratio,
+            self.hidden_ratio,
+            self.target_params,
+            self.linear_threshold,
+            self.activation_threshold,
+        ]
+        return any(v is not None for v in values)
+
+    def has_vocab(self) -> bool:
+        return any(v is not None for v in (self.embedding_threshold, self.vocab_min_count, self.vocab_size))
+
+    def structure_kwargs(self) -> dict[str, Any]:
+        return {
+            "criterion": self.criterion,
+            "mlp_ratio": self.mlp_ratio,
+            "head_ratio": self.head_ratio,
+            "hidden_ratio": self.hidden_ratio,
+            "target_params": self.target_params,
+            "linear_threshold": self.linear_threshold,
+            "activation_threshold": self.activation_threshold,
+            "layout": self.layout,
+            "min_mlp": self.min_mlp,
+            "round_to": self.round_to,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class FinetuneOptions:
+    method: str = "full"
+    max_epochs: float | None = 1.0
+    max_steps: int | None = None
+    max_train_tokens: int | None = None
+    max_minutes: float | None = None
+    stop_at_base: bool = False
+    early_stopping_patience: int | None = None
+    eval_every: int | None = None
+    max_val_tokens: int | None = 16_384
+    lr: float = 5e-5
+    warmup_ratio: float = 0.05
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    seed: int = 0
+    resume: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    teacher: str | None = None
+
+    def budget(self) -> dict[str, Any]:
+        """What a same-budget control must reuse."""
+        return {
+            "method": self.method,
+            "max_epochs": self.max_epochs,
+            "max_steps": self.max_steps,
+            "max_train_tokens": self.max_train_tokens,
+            "max_minutes": self.max_minutes,
+            "stop_at_base": self.stop_at_base,
+            "lr": self.lr,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Output directory discipline: refuse non-empty outputs without --force; write via temp then rename
+
+
+def check_output_dir(out: str | Path, force: bool, flag: str = "--out") -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; pick a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{flag} {out} is not empty: pass --force to replace it or pick another {flag}")
+    return out
+
+
+def check_output_file(path: str | Path, force: bool, flag: str) -> Path:
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{flag} {path}: file exists; pass --force to overwrite or choose another path")
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def work_dir_for(out: Path) -> Path:
+    """Scratch space beside the output (fine-tuning checkpoints), so --resume finds it again."""
+    return out.parent / f".{out.name}.work"
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def calibration_windows(tokenizer, corpus: Corpus, options: AnalysisOptions) -> torch.LongTensor:
+    """Windows of the calibration split; fewer tokens than asked is fine, less than one window is not."""
+    texts = corpus.split("calibration")
+    ids = tokenize_stream(tokenizer, texts, max_tokens=options.calib_tokens)
+    windows = make_windows(ids, options.seq_len, max_tokens=options.calib_tokens)
+    if len(windows) == 0:
+        raise UserError(
+            f"split 'calibration' has {len(ids)} tokens; --seq-len {options.seq_len} needs at least "
+            f"{options.seq_len}: lower --seq-len or give more data"
+        )
+    if len(windows) * options.seq_len < options.calib_tokens:
+        log.warning(
+            "calibration split gives %d tokens (%d windows of %d), fewer than --calib-tokens %d",
+            len(windows) * options.seq_len,
+            len(windows),
+            options.seq_len,
+            options.calib_tokens,
+        )
+    return windows
+
+
+def run_analysis(
+    model, tokenizer, corpus: Corpus, options: AnalysisOptions, *, model_name: str, progress=True
+):
+    from minigpts.analysis import analyze
+
+    windows = calibration_windows(tokenizer, corpus, options)
+    metadata = {
+        "model": model_name,
+        "data": corpus.source,
+        "seed": corpus.seed,
+        "seq_len": options.seq_len,
+        "calib_tokens_requested": options.calib_tokens,
+        "minigpts_version": __version__,
+    }
+    return analyze(model, windows, batch_size=options.batch_size, progress=progress, metadata=metadata)
+
+
+def domain_token_counts(tokenizer, corpus: Corpus | None, stats=None):
+    """Token frequencies over calibration + train (documents counted once), or the stats' own counts."""
+    from minigpts.vocab import count_tokens
+
+    if corpus is None:
+        if stats is None:
+            raise UserError("vocabulary pruning needs token counts: give --data (or stats from `analyze`)")
+        return stats.token_counts.numpy()
+    texts = list(dict.fromkeys(corpus.splits.get("train", []) + corpus.splits.get("calibration", [])))
+    if not texts:
+        raise UserError("vocabulary pruning needs the train or calibration split of --data")
+    return count_tokens(tokenizer, texts)
+
+
+def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus | None = None):
+    """Structured plan from the stats (+ the vocabulary selection when asked)."""
+    from minigpts.plan import LayerPlan, PruningPlan, make_plan
+
+    if not options.has_structure() and not options.has_vocab():
+        raise UserError(
+            "nothing to prune: give a plan (--mlp-ratio, --head-ratio, --hidden-ratio, --target-params, "
+            "--linear-threshold, --activation-threshold) and/or a vocabulary option (--embedding-threshold, "
+            "--vocab-min-count, --vocab-size)"
+        )
+    if options.has_structure():
+        if stats is None:
+            raise UserError("a structural plan needs activation statistics (run analysis or pass --stats)")
+        plan = make_plan(model, stats, **options.structure_kwargs())
+    else:
+        from minigpts.arch import get_adapter
+
+        adapter = get_adapter(model)
+        layers = []
+        for layer in adapter.layers(model):
+            n_heads, n_kv, _ = adapter.head_layout(layer)
+            layers.append(
+                LayerPlan(
+                    mlp_keep=list(range(adapter.mlp_out(layer).in_features)),
+                    heads_keep=list(range(n_heads)),
+                    kv_heads_keep=list(range(n_kv)),
+                )
+            )
+        plan = PruningPlan(family=adapter.family, layers=layers, criterion="none", settings={})
+    if options.has_vocab():
+        from minigpts.vocab import select_vocab
+
+        counts = domain_token_counts(tokenizer, corpus, stats)
+        selection = select_vocab(
+            tokenizer,
+            counts,
+            embedding_threshold=options.embedding_threshold,
+            min_count=options.vocab_min_count,
+            vocab_size=options.vocab_size,
+            model_config=model.config,
+            generation_config=getattr(model, "generation_config", None),
+        )
+        plan.vocab_keep = list(selection.keep_ids)
+        plan.summary["vocab"] = {
+            "before": selection.vocab_before,
+            "after": selection.vocab_after,
+            "mode": selection.mode,
+            "value": selection.value,
+            "kept_special": selection.kept_special,
+            "kept_byte": selection.kept_byte,
+            "kept_seen": selection.kept_seen,
+            "kept_closure": selection.kept_closure,
+        }
+        plan.settings.update(
+            embedding_threshold=options.embedding_threshold,
+            vocab_min_count=options.vocab_min_count,
+            vocab_size=options.vocab_size,
+        )
+    return plan
+
+
+def apply_full_plan(model, tokenizer, plan):
+    """Structure surgery, then vocabulary surgery; returns (model, tokenizer) — the model is modified."""
+    from minigpts.surgery import apply_plan
+
+    apply_plan(model, plan)
+    if plan.vocab_keep is not None:
+        from minigpts.vocab import slice_model_vocab, trim_tokenizer
+
+        slice_model_vocab(model, plan.vocab_keep)
+        tokenizer = trim_tokenizer(tokenizer, plan.vocab_keep)
+    return model, tokenizer
+
+
+def evaluate_stage(
+    model,
+    tokenizer,
+    corpus: Corpus,
+    options: EvalOptions,
+    *,
+    name: str,
+    model_path=None,
+    general: Corpus | None = None,
+    mcq_sets: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Held-out evaluation of one stage (+ general text and MCQ when given) as a JSON-ready dict."""
+    from minigpts.evaluation import evaluate
+
+    result = evaluate(
+        model,
+        tokenizer,
+        corpus.split(options.split),
+        model_name=name,
+        split=options.split,
+        seq_len=options.seq_len,
+        max_tokens=options.max_eval_tokens,
+        batch_size=options.batch_size,
+        model_path=model_path,
+        progress=progress,
+    ).to_dict()
+    result["vocab_size"] = len(tokenizer)
+    if general is not None:
+        g = evaluate(
+            model,
+            tokenizer,
+            general.split("test"),
+            model_name=name,
+            split="test",
+            seq_len=options.seq_len,
+            max_tokens=options.general_max_tokens or options.max_eval_tokens,
+            batch_size=options.batch_size,
+            progress=progress,
+        ).to_dict()
+        result["general"] = {k: g[k] for k in ("perplexity", "bits_per_byte", "eval_tokens", "eval_bytes")}
+        result["general"]["data"] = general.source
+    if mcq_sets:
+        from minigpts.mcq import evaluate_mcq
+
+        result["mcq"] = {
+            stem: evaluate_mcq(model, tokenizer, items, batch_size=max(1, options.batch_size * 2))
+            for stem, items in mcq_sets.items()
+        }
+    return result
+
+
+def load_mcq_sets(paths: list[str]) -> dict:
+    from minigpts.mcq import load_mcq
+
+    sets = {}
+    for path in paths:
+        stem = Path(path).stem
+        if stem in sets:
+            raise UserError(f"--mcq {path}: two MCQ files share the name {stem!r}; rename one")
+        sets[stem] = load_mcq(path)
+    return sets
+
+
+def validation_bpb_target(base_model, base_tokenizer, corpus: Corpus, options: FinetuneOptions) -> float:
+    """The unpruned model's validation bits-per-byte: the paper's stop rule, made tokenizer-fair."""
+    from minigpts.evaluation import evaluate
+
+    r = evaluate(
+        base_model,
+        base_tokenizer,
+        corpus.split("validation"),
+        model_name="base",
+        split="validation",
+        seq_len=options.seq_len,
+        max_tokens=options.max_val_tokens,
+        progress=False,
+    )
+    return r.bits_per_byte
+
+
+def run_finetune(
+    model,
+    tokenizer,
+    corpus: Corpus,
+    options: FinetuneOptions,
+    *,
+    work_dir: Path,
+    teacher=None,
+    teacher_vocab_keep=None,
+    stop_at_bpb: float | None = None,
+    progress: bool = True,
+):
+    """Recovery on the train split, validated on the validation split; returns (model, FinetuneResult)."""
+    from minigpts.evaluation import token_byte_lengths
+    from minigpts.recovery import finetune
+
+    train_ids = tokenize_stream(tokenizer, corpus.split("train"), max_tokens=options.max_train_tokens)
+    train_windows = make_windows(train_ids, options.seq_len)
+    val_ids = tokenize_stream(tokenizer, corpus.split("validation"), max_tokens=options.max_val_tokens)
+    val_windows = make_windows(val_ids, options.seq_len)
+    for name, ids, windows in (("train", train_ids, train_windows), ("validation", val_ids, val_windows)):
+        if len(windows) == 0:
+            raise UserError(
+                f"split '{name}' has {len(ids)} tokens; fine-tuning with --finetune-seq-len {options.seq_len} "
+                f"needs at least {options.seq_len}: lower --finetune-seq-len or give more data"
+            )
+    byte_lengths = token_byte_lengths(tokenizer)
+    stop_at_ppl = None
+    if stop_at_bpb is not None:
+        # bpb ≤ target  ⇔  mean NLL ≤ target·ln2·bytes/tokens on these validation windows
+        scored = val_windows[:, 1:]
+        n_bytes = int(byte_lengths[scored].sum())
+        stop_at_ppl = math.exp(stop_at_bpb * math.log(2) * n_bytes / scored.numel())
+    return finetune(
+        model,
+        tokenizer,
+        train_windows,
+        val_windows,
+        out_dir=work_dir,
+        method=options.method,
+        teacher=teacher,
+        teacher_vocab_keep=teacher_vocab_keep,
+        max_epochs=options.max_epochs,
+        max_steps=options.max_steps,
+        max_train_tokens=options.max_train_tokens,
+        max_minutes=options.max_minutes,
+        stop_at_ppl=stop_at_ppl,
+        early_stopping_patience=options.early_stopping_patience,
+        eval_every=options.eval_every,
+        lr=options.lr,
+        warmup_ratio=options.warmup_ratio,
+        batch_size=options.batch_size,
+        grad_accum=options.grad_accum,
+        seed=options.seed,
+        resume=options.resume,
+        lora_r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        distill_alpha=options.distill_alpha,
+        distill_temperature=options.distill_temperature,
+        byte_lengths=byte_lengths,
+        progress=progress,
+    )
+
+
+def random_plan_like(model, plan, seed: int = 0):
+    """A plan keeping exactly as many units of each kind per layer as ``plan``, chosen at random.
+
+    The control that any claim about a criterion must beat: same widths, same vocabulary, random units.
+    """
+    from minigpts.plan import LayerPlan, PruningPlan
+
+    generator = torch.Generator().manual_seed(seed)
+    from minigpts.arch import get_adapter
+
+    adapter = get_adapter(model)
+    layers = []
+    for layer, layer_plan in zip(adapter.layers(model), plan.layers, strict=True):
+        n_mlp = adapter.mlp_out(layer).in_features
+        n_heads, n_kv, _ = adapter.head_layout(layer)
+        group = n_heads // n_kv
+        mlp = sorted(torch.randperm(n_mlp, generator=generator)[: len(layer_plan.mlp_keep)].tolist())
+        kv = sorted(torch.randperm(n_kv, generator=generator)[: len(layer_plan.kv_heads_keep)].tolist())
+        per_group = len(layer_plan.heads_keep) // max(1, len(layer_plan.kv_heads_keep))
+        heads = []
+        for g in kv:
+            members = torch.randperm(group, generator=generator)[:per_group].tolist()
+            heads.extend(g * group + m for m in members)
+        layers.append(LayerPlan(mlp_keep=mlp, heads_keep=sorted(heads), kv_heads_keep=kv))
+    hidden = None
+    if plan.hidden_keep is not None:
+        size = adapter.hidden_size(model)
+        hidden = sorted(torch.randperm(size, generator=generator)[: len(plan.hidden_keep)].tolist())
+    return PruningPlan(
+        family=plan.family,
+        layers=layers,
+        hidden_keep=hidden,
+        vocab_keep=plan.vocab_keep,
+        layers_keep=plan.layers_keep,
+        layout=plan.layout,
+        criterion="random",
+        settings={**plan.settings, "control": "random units, same widths", "control_seed": seed},
+        summary=dict(plan.summary),
+    )
+
+
+def copy_model(model):
+    return copy.deepcopy(model)
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def timed(timings: dict, name: str):
+    """Context manager recording seconds spent in a stage."""
+
+    class _Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.start, 2)
+
+    return _Timer()
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole experiment (`minigpts run`)
+
+
+@dataclass
+class RunOptions:
+    model: str | None
+    data: str
+    out: str
+    text_field: str = "text"
+    encoding: str = "utf-8"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None
+    force: bool = False
+    finetune: str = "none"  # none | full | lora | distill
+    controls: bool = False
+    dry_run: bool = False
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    recovery: FinetuneOptions = field(default_factory=FinetuneOptions)
+
+
+def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=print, progress=True) -> dict:
+    """Run every stage and save the pruned (and recovered) model with report.json / report.md in --out."""
+    from minigpts.data import load_corpus
+    from minigpts.export import save_model
+    from minigpts.models import load_model
+
+    if options.finetune not in {"none", "full", "lora", "distill"}:
+        raise UserError(f"--finetune {options.finetune}: use none, full, lora or distill")
+    out = Path(options.out)
+    if not options.dry_run:
+        check_output_dir(out, options.force)
+    timings: dict[str, float] = {}
+    if corpus is None:
+        corpus = load_corpus(
+            options.data, text_field=options.text_field, encoding=options.encoding, seed=options.seed
+        )
+    general = None
+    if options.evaluation.general_data:
+        general = load_corpus(options.evaluation.general_data, seed=options.seed)
+    mcq_sets = load_mcq_sets(options.evaluation.mcq) if options.evaluation.mcq else None
+
+    with timed(timings, "load"):
+        loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+    base_model, base_tokenizer = loaded.model, loaded.tokenizer
+    say(f"model: {loaded.description}")
+
+    stats = None
+    if options.plan.has_structure():
+        say(
+            f"analysis: {options.analysis.calib_tokens:,} calibration tokens, windows of {options.analysis.seq_len}"
+        )
+        with timed(timings, "analyze"):
+            stats = run_analysis(
+                base_model,
+                base_tokenizer,
+                corpus,
+                options.analysis,
+                model_name=loaded.name,
+                progress=progress,
+            )
+    with timed(timings, "plan"):
+        plan = build_plan(base_model, base_tokenizer, stats, options.plan, corpus=corpus)
+    if options.dry_run:
+        return {"plan": plan, "timings": timings}
+
+    stages: dict[str, dict] = {}
+    eval_kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress)
+    with timed(timings, "eval_base"):
+        stages["base"] = evaluate_stage(
+            base_model,
+            base_tokenizer,
+            corpus,
+            options.evaluation,
+            name="base",
+            model_path=loaded.path,
+            **eval_kwargs,
+        )
+    say(
+        f"base: bits/byte {stages['base']['bits_per_byte']:.4f}, perplexity {stages['base']['perplexity']:.3f}"
+    )
+
+    with timed(timings, "prune"):
+        pruned, pruned_tokenizer = apply_full_plan(copy_model(base_model), base_tokenizer, plan)
+    with timed(timings, "eval_pruned"):
+        stages["pruned"] = evaluate_stage(
+            pruned, pruned_tokenizer, corpus, options.evaluation, name="pruned", **eval_kwargs
+        )
+    say(
+        f"pruned: bits/byte {stages['pruned']['bits_per_byte']:.4f}, perplexity {stages['pruned']['perplexity']:.3f}"
+    )
+
+    final_model, final_tokenizer = pruned, pruned_tokenizer
+    work = work_dir_for(out)
+    if options.finetune != "none":
+        recovery = copy.copy(options.recovery)
+        recovery.method = options.finetune
+        stop_at_bpb = None
+        if recovery.stop_at_base:
+            stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
+            say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
+        teacher = base_model if recovery.method == "distill" else None
+        with timed(timings, "finetune"):
+            final_model, result = run_finetune(
+                pruned,
+                pruned_tokenizer,
+                corpus,
+                recovery,
+                work_dir=work / "finetuned",
+                teacher=teacher,
+                teacher_vocab_keep=plan.vocab_keep,
+                stop_at_bpb=stop_at_bpb,
+                progress=progress,
+            )
+        with timed(timings, "eval_finetuned"):
+            stages["finetuned"] = evaluate_stage(
+                final_model, pruned_tokenizer, corpus, options.evaluation, name="finetuned", **eval_kwargs
+            )
+        stages["finetuned"]["finetune"] = result.to_dict()
+        say(f"finetuned: bits/byte {stages['finetuned']['bits_per_byte']:.4f} ({result.stopped_because})")
+
+        if options.controls:
+            with timed(timings, "control_base_finetuned"):
+                control, control_result = run_finetune(
+                    copy_model(base_model),
+                    base_tokenizer,
+                    corpus,
+                    recovery,
+                    work_dir=work / "control_base",
+                    teacher=teacher,
+                    stop_at_bpb=stop_at_bpb,
+                    progress=progress,
+                )
+                stages["control_base_finetuned"] = evaluate_stage(
+                    control,
+                    base_tokenizer,
+                    corpus,
+                    options.evaluation,
+                    name="control_base_finetuned",
+                    **eval_kwargs,
+                )
+                stages["control_base_finetuned"]["finetune"] = control_result.to_dict()
+                del control
+            with timed(timings, "control_random_finetuned"):
+                random_plan = random_plan_like(base_model, plan, seed=options.seed)
+                control, control_tok = apply_full_plan(copy_model(base_model), base_tokenizer, random_plan)
+                control, control_result = run_finetune(
+                    control,
+                    control_tok,
+                    corpus,
+                    recovery,
+                    work_dir=work / "control_random",
+                    teacher=teacher,
+                    teacher_vocab_keep=random_plan.vocab_keep,
+                    stop_at_bpb=stop_at_bpb,
+                    progress=progress,
+                )
+                stages["control_random_finetuned"] = evaluate_stage(
+                    control,
+                    control_tok,
+                    corpus,
+                    options.evaluation,
+                    name="control_random_finetuned",
+                    **eval_kwargs,
+                )
+                stages["control_random_finetuned"]["finetune"] = control_result.to_dict()
+                del control
+    elif options.controls:
+        with timed(timings, "control_random"):
+            random_plan = random_plan_like(base_model, plan, seed=options.seed)
+            control, control_tok = apply_full_plan(copy_model(base_model), base_tokenizer, random_plan)
+            stages["control_random"] = evaluate_stage(
+                control, control_tok, corpus, options.evaluation, name="control_random", **eval_kwargs
+            )
+            del control
+
+    report = {
+        "minigpts_version": __version__,
+        "model": loaded.name,
+        "model_description": loaded.description,
+        "data": corpus.source,
+        "splits": corpus.describe(),
+        "split": options.evaluation.split,
+        "seq_len": options.evaluation.seq_len,
+        "protocol": stages["base"]["protocol"],
+        "options": _options_dict(options),
+        "plan_summary": plan.summary,
+        "vocab": plan.summary.get("vocab"),
+        "stats": stats.metadata if stats is not None else None,
+        "stages": stages,
+        **stages,
+        "timings": timings,
+    }
+    with timed(timings, "save"):
+        metadata = {
+            "base_model": loaded.name,
+            "params_before": stages["base"]["params"],
+            "data": corpus.source,
+            "stats": stats.metadata if stats is not None else None,
+            "metrics": {
+                name: {k: s[k] for k in ("params", "perplexity", "bits_per_byte") if k in s}
+                for name, s in stages.items()
+            },
+            "finetune": stages.get("finetuned", {}).get("finetune"),
+        }
+        save_model(final_model, final_tokenizer, out, plan=plan, metadata=metadata, force=options.force)
+        if stats is not None:
+            stats.save(out / "stats.safetensors")
+    size_on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors") if f.name != "stats.safetensors")
+    last = "finetuned" if "finetuned" in stages else "pruned"
+    stages[last]["size_bytes"] = size_on_disk
+    stages[last]["size_source"] = "disk"
+    write_report(report, out)
+    cleanup(work)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    from minigpts.report import write_run_report
+
+    write_json_atomic(out / "report.json", report)
+    write_run_report(report, out)
+
+
+def _options_dict(options: RunOptions) -> dict:
+    from dataclasses import asdict
+
+    return asdict(options)

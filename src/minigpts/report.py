@@ -1,0 +1,709 @@
+"""Tables, plots and pages for ``minigpts run`` and ``minigpts sweep``.
+
+Every input is a plain JSON-like object (what ``report.json`` / ``sweep.json`` hold), so a report can
+be rebuilt from saved files without a model. Plots go through matplotlib's ``Figure`` with the Agg
+canvas: no pyplot state, no display needed. A missing value (None or NaN) prints as an en dash, never
+as "nan" or a crash, because partial runs (no MCQ, no controls, no general text) are the common case.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+DASH = "–"
+
+# Stage order of a `run` report; the table follows it whatever order the dict arrives in.
+STAGE_ORDER = ("base", "pruned", "finetuned", "control_base_finetuned", "control_random_finetuned")
+STAGE_LABELS = {
+    "base": "base",
+    "pruned": "pruned",
+    "finetuned": "pruned + recovered",
+    "control_base_finetuned": "control: base, same fine-tuning",
+    "control_random_finetuned": "control: random same size, recovered",
+}
+
+# The documented columns of sweep rows, in the order sweep.csv writes them (extra keys follow).
+SWEEP_COLUMNS = (
+    "model",
+    "domain",
+    "setting",
+    "relative_size",
+    "params",
+    "size_bytes",
+    "ppl_base",
+    "ppl_pruned",
+    "ppl_recovered",
+    "bpb_base",
+    "bpb_pruned",
+    "bpb_recovered",
+    "mcq_base",
+    "mcq_pruned",
+    "mcq_recovered",
+    "epochs",
+    "recovery_seconds",
+    "control_base_finetuned_bpb",
+    "control_random_bpb",
+)
+
+# The paper's linear/activation thresholds, drawn on the magnitude plot to show what each would cut.
+PAPER_THRESHOLDS = (1e-5, 1e-3, 1e-1)
+
+SWEEP_NOTE = (
+    "Bits per byte (bpb) on the held-out test split: lower is better, and unlike per-token perplexity it "
+    "stays comparable when the vocabulary is trimmed. Relative size = parameters / base parameters. "
+    "Δbpb compares the recovered model with the unpruned base. Controls: the unpruned model fine-tuned "
+    "with the same budget (base fine-tuned) and a random pruning of the same size recovered the same way "
+    "(random)."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _num(value: Any, digits: int) -> str:
+    return DASH if _is_missing(value) else f"{float(value):.{digits}f}"
+
+
+def _accuracy(value: Any) -> str:
+    return DASH if _is_missing(value) else f"{100 * float(value):.1f}%"
+
+
+def _count(n: Any) -> str:
+    """Parameter counts the way papers print them (134.52M), exact below a thousand."""
+    if _is_missing(n):
+        return DASH
+    n = float(n)
+    for scale, suffix, digits in ((1e9, "B", 2), (1e6, "M", 2), (1e3, "K", 1)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if _is_missing(a) or _is_missing(b) or float(b) == 0:
+        return DASH
+    return f"{float(a) / float(b):.2f}"
+
+
+def _plain(value: Any) -> str:
+    """Any JSON value as one short table cell."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if _is_missing(value):
+        return DASH
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def format_bytes(n: Any) -> str:
+    """Bytes as MiB with one decimal ("256.3 MiB"), the unit model sizes are compared in."""
+    return DASH if _is_missing(n) else f"{float(n) / 2**20:,.1f} MiB"
+
+
+def format_seconds(seconds: Any) -> str:
+    """A duration in the largest unit that keeps it readable (0.5 s, 42 s, 3.2 min, 1.5 h)."""
+    if _is_missing(seconds):
+        return DASH
+    s = float(seconds)
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def pct(a: Any, b: Any) -> str:
+    """Relative change of ``a`` against the reference ``b`` as a signed percentage ("-3.2%")."""
+    if _is_missing(a) or _is_missing(b) or float(b) == 0:
+        return DASH
+    return f"{100 * (float(a) / float(b) - 1):+.1f}%"
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], align: str, rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table; ``align`` holds one 'l' or 'r' per column."""
+    lines = [
+        "| " + " | ".join(_md_cell(h) for h in headers) + " |",
+        "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(headers: list[str], align: str, rows: list[list[str]]) -> str:
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(
+            f'<{tag} class="{"num" if a == "r" else "txt"}">{html.escape(str(v))}</{tag}>'
+            for v, a in zip(values, align)
+        )
+
+    body = "\n".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    return f"<table>\n<thead><tr>{cells('th', headers)}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+# --------------------------------------------------------------------------------------------------
+# One `minigpts run`
+
+
+def _ordered_stages(stages: Mapping[str, dict]) -> list[tuple[str, dict]]:
+    known = [(name, stages[name]) for name in STAGE_ORDER if name in stages]
+    return known + [(name, stage) for name, stage in stages.items() if name not in STAGE_ORDER]
+
+
+def _finetune_budget(finetune: Mapping | None) -> str:
+    if not finetune:
+        return DASH
+    parts = [
+        str(finetune.get("method") or DASH),
+        f"{_num(finetune.get('epochs'), 2)} ep",
+        f"{_plain(finetune.get('steps'))} steps",
+        f"{_count(finetune.get('train_tokens'))} tok",
+        format_seconds(finetune.get("seconds")),
+    ]
+    if finetune.get("stopped_because"):
+        parts.append(f"stopped: {finetune['stopped_because']}")
+    return " · ".join(parts)
+
+
+def _mcq_stems(stages: list[tuple[str, dict]]) -> list[str]:
+    stems: list[str] = []
+    for _, stage in stages:
+        stems += [stem for stem in (stage.get("mcq") or {}) if stem not in stems]
+    return stems
+
+
+def _run_columns(report: Mapping) -> list[tuple[str, str, Callable[[str, dict], str]]]:
+    """(header, alignment, cell function) for each column the report has data for."""
+    stages = _ordered_stages(report.get("stages") or {})
+    base = (report.get("stages") or {}).get("base") or {}
+    base_general = base.get("general") or {}
+
+    def bold(text: str) -> str:
+        return text if text == DASH else f"**{text}**"
+
+    columns: list[tuple[str, str, Callable[[str, dict], str]]] = [
+        ("stage", "l", lambda name, s: STAGE_LABELS.get(name, name)),
+        ("params", "r", lambda name, s: _count(s.get("params"))),
+        ("relative size", "r", lambda name, s: _ratio(s.get("params"), base.get("params"))),
+        (
+            "non-emb params (rel.)",
+            "r",
+            lambda name, s: (
+                f"{_count(s.get('params_non_embedding'))} "
+                f"({_ratio(s.get('params_non_embedding'), base.get('params_non_embedding'))})"
+            ),
+        ),
+        ("size on disk", "r", lambda name, s: format_bytes(s.get("size_bytes"))),
+        ("perplexity", "r", lambda name, s: _num(s.get("perplexity"), 2)),
+        ("**bits/byte**", "r", lambda name, s: bold(_num(s.get("bits_per_byte"), 4))),
+        ("Δbpb vs base", "r", lambda name, s: pct(s.get("bits_per_byte"), base.get("bits_per_byte"))),
+    ]
+    if any(not _is_missing(s.get("vocab_size")) for _, s in stages):
+        columns.append(("vocab", "r", lambda name, s: _plain(s.get("vocab_size"))))
+    if any(s.get("general") for _, s in stages):
+
+        def general(name: str, s: dict) -> str:
+            bpb = (s.get("general") or {}).get("bits_per_byte")
+            if _is_missing(bpb):
+                return DASH
+            return f"{_num(bpb, 4)} ({pct(bpb, base_general.get('bits_per_byte'))})"
+
+        columns.append(("general bpb (Δ)", "r", general))
+    for stem in _mcq_stems(stages):
+
+        def mcq(name: str, s: dict, stem: str = stem) -> str:
+            result = (s.get("mcq") or {}).get(stem)
+            if not result:
+                return DASH
+            return f"{_accuracy(result.get('accuracy'))} (norm {_accuracy(result.get('accuracy_norm'))})"
+
+        columns.append((f"MCQ {stem}", "r", mcq))
+    if any(s.get("finetune") for _, s in stages):
+        columns.append(("fine-tune budget", "l", lambda name, s: _finetune_budget(s.get("finetune"))))
+    return columns
+
+
+def run_table_markdown(report: Mapping) -> str:
+    """The stage table of one `run` report (base, pruned, recovered, controls) as Markdown."""
+    stages = _ordered_stages(report.get("stages") or {})
+    if not stages:
+        raise ValueError("run report has no stages to tabulate")
+    columns = _run_columns(report)
+    rows = [[cell(name, stage) for _, _, cell in columns] for name, stage in stages]
+    return _md_table([h for h, _, _ in columns], "".join(a for _, a, _ in columns), rows)
+
+
+def _protocol_line(report: Mapping) -> str:
+    stages = _ordered_stages(report.get("stages") or {})
+    first = stages[0][1] if stages else {}
+    scored = ""
+    if not _is_missing(first.get("eval_bytes")):
+        scored = (
+            f"; {stages[0][0]} scored {_plain(first.get('eval_tokens'))} tokens over "
+            f"{_plain(first.get('eval_bytes'))} UTF-8 bytes"
+        )
+    return (
+        f"**Protocol.** Held-out split `{report.get('split', DASH)}`, sequence length "
+        f"{_plain(report.get('seq_len'))}: {report.get('protocol') or DASH}{scored}."
+    )
+
+
+def _mcq_note(report: Mapping) -> str | None:
+    stages = _ordered_stages(report.get("stages") or {})
+    notes = []
+    for stem in _mcq_stems(stages):
+        result = next((s["mcq"][stem] for _, s in stages if stem in (s.get("mcq") or {})), {})
+        notes.append(
+            f"{stem}: chance {_accuracy(result.get('chance'))} over {_plain(result.get('questions'))} questions"
+        )
+    if not notes:
+        return None
+    return "MCQ cells: accuracy (length-normalised accuracy); " + "; ".join(notes) + "."
+
+
+def _plan_markdown(summary: Mapping) -> str:
+    """Scalars as a list; lists of dicts (per-layer widths) as tables, so any plan summary renders."""
+    lines = ["## Pruning plan", ""]
+    before, after = summary.get("params_before"), summary.get("params_after")
+    if not _is_missing(before) and not _is_missing(after):
+        lines.append(
+            f"- parameters: {_plain(before)} → {_plain(after)} ({_ratio(after, before)} of the base)"
+        )
+    tables = []
+    for key, value in summary.items():
+        if key in ("params_before", "params_after"):
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            tables.append((key, value))
+        else:
+            lines.append(f"- {key.replace('_', ' ')}: {_plain(value)}")
+    for key, items in tables:
+        keys: list[str] = []
+        for item in items:
+            keys += [k for k in item if k not in keys]
+        rows = [[str(i), *(_plain(item.get(k)) for k in keys)] for i, item in enumerate(items)]
+        lines += [
+            "",
+            f"{key.replace('_', ' ')} (per layer):",
+            "",
+            _md_table(["layer", *keys], "r" * (len(keys) + 1), rows),
+        ]
+    return "\n".join(lines)
+
+
+def run_report_markdown(report: Mapping) -> str:
+    """The whole report.md: title, stage table, protocol, vocabulary, timings and plan summary."""
+    parts = [
+        f"# minigpts run: {report.get('model', DASH)} on {report.get('data', DASH)}",
+        run_table_markdown(report),
+        _protocol_line(report),
+    ]
+    mcq_note = _mcq_note(report)
+    if mcq_note:
+        parts.append(mcq_note)
+    vocab = report.get("vocab") or {}
+    if not _is_missing(vocab.get("before")) and not _is_missing(vocab.get("after")):
+        parts.append(
+            f"**Vocabulary.** {_plain(vocab['before'])} → {_plain(vocab['after'])} tokens "
+            f"({_ratio(vocab['after'], vocab['before'])} kept)."
+        )
+    timings = report.get("timings") or {}
+    if timings:
+        parts.append(
+            "**Time per stage.** "
+            + " · ".join(f"{name} {format_seconds(seconds)}" for name, seconds in timings.items())
+        )
+    if report.get("plan_summary"):
+        parts.append(_plan_markdown(report["plan_summary"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_run_report(report: Mapping, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md for one `run` into ``out_dir``; returns {"markdown": path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text(run_report_markdown(report), encoding="utf-8")
+    return {"markdown": path}
+
+
+# --------------------------------------------------------------------------------------------------
+# A sweep: table, CSV, JSON
+
+
+def _several_models(rows: list[Mapping]) -> bool:
+    return len({row.get("model") for row in rows}) > 1
+
+
+def _series_label(row: Mapping, several_models: bool) -> str:
+    domain = str(row.get("domain", DASH))
+    return f"{row.get('model')} · {domain}" if several_models else domain
+
+
+def _arrow(row: Mapping, prefix: str, fmt: Callable[[Any], str]) -> str:
+    return " → ".join(fmt(row.get(f"{prefix}_{stage}")) for stage in ("base", "pruned", "recovered"))
+
+
+def _controls_cell(row: Mapping) -> str:
+    return (
+        f"base ft {_num(row.get('control_base_finetuned_bpb'), 4)} · "
+        f"random {_num(row.get('control_random_bpb'), 4)}"
+    )
+
+
+def _recovery_cell(row: Mapping) -> str:
+    return f"{_num(row.get('epochs'), 2)} ep / {format_seconds(row.get('recovery_seconds'))}"
+
+
+def sweep_table(rows: list[Mapping]) -> tuple[list[str], str, list[list[str]]]:
+    """(headers, alignment, cells) of the paper-like sweep table; shared by sweep.md and report.html."""
+    columns: list[tuple[str, str, Callable[[Mapping], str]]] = [
+        ("model", "l", lambda r: str(r.get("model", DASH))),
+        ("domain", "l", lambda r: str(r.get("domain", DASH))),
+        ("setting", "l", lambda r: str(r.get("setting", DASH))),
+        ("relative size", "r", lambda r: _num(r.get("relative_size"), 2)),
+        ("perplexity base → pruned → recovered", "r", lambda r: _arrow(r, "ppl", lambda v: _num(v, 2))),
+        ("bits/byte base → pruned → recovered", "r", lambda r: _arrow(r, "bpb", lambda v: _num(v, 4))),
+        ("Δbpb recovered vs base", "r", lambda r: pct(r.get("bpb_recovered"), r.get("bpb_base"))),
+    ]
+    if any(not _is_missing(r.get(f"mcq_{s}")) for r in rows for s in ("base", "pruned", "recovered")):
+        columns.append(("MCQ base → pruned → recovered", "r", lambda r: _arrow(r, "mcq", _accuracy)))
+    if any(
+        not _is_missing(r.get(k)) for r in rows for k in ("control_base_finetuned_bpb", "control_random_bpb")
+    ):
+        columns.append(("controls bpb", "r", _controls_cell))
+    columns.append(("epochs / time to recover", "r", _recovery_cell))
+    cells = [[cell(row) for _, _, cell in columns] for row in rows]
+    return [h for h, _, _ in columns], "".join(a for _, a, _ in columns), cells
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: arrays become lists, numpy scalars Python numbers, NaN becomes null."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return _jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _csv_value(value: Any) -> Any:
+    if _is_missing(value):
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(_jsonable(value), separators=(",", ":"))
+    return value
+
+
+def _write_csv(rows: list[Mapping], path: Path) -> None:
+    columns = list(SWEEP_COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+
+
+def read_sweep_inputs(directory: str | Path) -> dict[str, Any]:
+    """The keyword arguments of a written sweep report, so ``write_sweep_report(**inputs, out_dir=...)``
+    rebuilds it from files alone (sweep.json, plus sweep_figures.json when plots had data)."""
+    directory = Path(directory)
+    inputs = json.loads((directory / "sweep.json").read_text(encoding="utf-8"))
+    figures = directory / "sweep_figures.json"
+    if figures.exists():
+        inputs.update(json.loads(figures.read_text(encoding="utf-8")))
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (matplotlib Figure + Agg canvas, PNG)
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    """One colour per domain, the same in every plot."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    ordered = list(dict.fromkeys(labels))
+    return {label: palette[i % len(palette)] for i, label in enumerate(ordered)}
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def plot_neuron_magnitudes(magnitudes: Mapping[str, Any], path: str | Path, colors=None) -> Path:
+    """The paper's neuron-magnitude figure: per domain, every MLP channel's mean |activation| sorted
+    descending (log y), with the paper's thresholds drawn so one sees how much each would prune."""
+    import numpy as np
+
+    colors = colors or _colors(list(magnitudes))
+    fig, ax = _figure()
+    for domain, values in magnitudes.items():
+        v = np.asarray(values, dtype=float).ravel()
+        v = np.sort(v[np.isfinite(v)])[::-1]
+        if v.size == 0:
+            continue
+        zeros = int((v <= 0).sum())
+        label = f"{domain} ({zeros:,} channels at 0)" if zeros else domain
+        ax.plot(
+            np.arange(1, v.size + 1), np.where(v > 0, v, np.nan), color=colors[domain], lw=1.5, label=label
+        )
+    for eps in PAPER_THRESHOLDS:
+        ax.axhline(eps, color="0.55", ls=":", lw=0.9)
+        ax.text(
+            0.995,
+            eps,
+            f"ε = {eps:g}",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("MLP channel rank (all layers, sorted by magnitude)")
+    ax.set_ylabel("mean |activation| per token")
+    ax.set_title("Neuron magnitudes per domain")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_token_frequencies(token_frequencies: Mapping[str, Any], path: str | Path, colors=None) -> Path:
+    """Rank-frequency curves (log-log) of each domain's token counts; the legend gives the share of
+    the vocabulary the domain never uses, i.e. what embedding pruning at ε = 0 removes."""
+    import numpy as np
+
+    colors = colors or _colors(list(token_frequencies))
+    fig, ax = _figure()
+    for domain, values in token_frequencies.items():
+        counts = np.asarray(values, dtype=float).ravel()
+        total = counts.sum()
+        if counts.size == 0 or total <= 0:
+            continue
+        freq = np.sort(counts[counts > 0])[::-1] / total
+        unseen = float((counts <= 0).mean())
+        label = f"{domain}: {unseen:.1%} of {counts.size:,} tokens never seen"
+        ax.loglog(np.arange(1, freq.size + 1), freq, color=colors[domain], lw=1.5, label=label)
+    ax.set_xlabel("token rank")
+    ax.set_ylabel("normalized frequency")
+    ax.set_title("Token frequencies per domain")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return Path(path)
+
+
+def _points(rows: list[Mapping], x_key: str | None, y_key: str) -> tuple[list[float], list[float]]:
+    """(x, y) pairs with both present, sorted by x; ``x_key`` None pins x to 1 (the unpruned size)."""
+    pairs = sorted(
+        (1.0 if x_key is None else float(row[x_key]), float(row[y_key]))
+        for row in rows
+        if not _is_missing(row.get(y_key)) and (x_key is None or not _is_missing(row.get(x_key)))
+    )
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path:
+    """Relative size vs held-out bits-per-byte per domain: recovered (solid), pruned without recovery
+    (dashed), the base (dotted line and a marker at x = 1), controls as × (random same size) and ★
+    (base fine-tuned with the same budget)."""
+    from matplotlib.lines import Line2D
+
+    several = _several_models(rows)
+    groups: dict[str, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault(_series_label(row, several), []).append(row)
+    colors = colors or _colors(list(groups))
+    fig, ax = _figure()
+    drawn: set[str] = set()
+    ys: list[float] = []
+    for label, group in groups.items():
+        color = colors[label]
+        x, y = _points(group, "relative_size", "bpb_recovered")
+        if x:
+            ax.plot(x, y, "-o", color=color, lw=1.8, ms=5)
+            drawn.add("recovered")
+        ys += y
+        x, y = _points(group, "relative_size", "bpb_pruned")
+        if x:
+            ax.plot(x, y, "--", marker=".", color=color, lw=1.2)
+            drawn.add("pruned")
+        ys += y
+        _, base = _points(group, None, "bpb_base")
+        if base:
+            ax.axhline(base[0], color=color, ls=":", lw=1.1)
+            ax.plot([1.0], [base[0]], "o", color=color, mfc="white", ms=7, mew=1.5)
+            drawn.add("base")
+        ys += base
+        x, y = _points(group, "relative_size", "control_random_bpb")
+        if x:
+            ax.plot(x, y, "x", color=color, ms=9, mew=2)
+            drawn.add("random")
+        ys += y
+        x, y = _points(group, None, "control_base_finetuned_bpb")
+        if x:
+            ax.plot(x, y, "*", color=color, ms=13, mec="black", mew=0.6)
+            drawn.add("base_ft")
+        ys += y
+    positive = [y for y in ys if y > 0]
+    if positive and max(positive) / min(positive) > 3:
+        ax.set_yscale("log")  # an unrecovered pruning can sit far above; keep the recovered curves readable
+    ax.set_xlim(right=max(1.04, ax.get_xlim()[1]))
+    ax.set_xlabel("relative size (parameters / base parameters)")
+    ax.set_ylabel("bits per byte, held-out (lower is better)")
+    ax.set_title("Size vs bits-per-byte")
+    ax.grid(alpha=0.3)
+    domain_handles = [Line2D([], [], color=colors[label], lw=2, label=label) for label in groups]
+    ax.add_artist(ax.legend(handles=domain_handles, fontsize=8, loc="upper left"))
+    styles = {
+        "recovered": Line2D([], [], color="0.2", ls="-", marker="o", label="pruned + recovered"),
+        "pruned": Line2D([], [], color="0.2", ls="--", marker=".", label="pruned, no recovery"),
+        "base": Line2D([], [], color="0.2", ls=":", marker="o", mfc="white", label="unpruned base"),
+        "random": Line2D([], [], color="0.2", ls="", marker="x", mew=2, label="random same size, recovered"),
+        "base_ft": Line2D(
+            [], [], color="0.2", ls="", marker="*", ms=11, label="base fine-tuned, same budget"
+        ),
+    }
+    fig.legend(
+        handles=[h for k, h in styles.items() if k in drawn], loc="outside lower center", ncol=3, fontsize=8
+    )
+    fig.savefig(path)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep report
+
+
+def _html_page(title: str, notes: list[str], table: str, images: list[tuple[str, Path]]) -> str:
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode("ascii")}"><figcaption>{html.escape(caption)}'
+        "</figcaption></figure>"
+        for caption, path in images
+    )
+    paragraphs = "\n".join(f"<p>{html.escape(note)}</p>" for note in notes)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 0.3em 0.6em; }}
+th {{ background: #f4f4f4; }}
+td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
+td.txt, th.txt {{ text-align: left; }}
+figure {{ margin: 1.5em 0; }}
+img {{ max-width: 100%; }}
+figcaption {{ color: #555; font-size: 0.9em; }}
+</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+{paragraphs}
+{table}
+{figures}
+</body>
+</html>
+"""
+
+
+def write_sweep_report(
+    rows: list[Mapping],
+    out_dir: str | Path,
+    *,
+    magnitudes: Mapping[str, Any] | None = None,
+    token_frequencies: Mapping[str, Any] | None = None,
+    title: str = "minigpts sweep",
+    protocol: str | None = None,
+) -> dict[str, Path]:
+    """Write sweep.md, sweep.csv, sweep.json, the PNG plots and a self-contained report.html.
+
+    Returns paths under the keys markdown, csv, json, html, size_vs_bpb, and, when their data were
+    given, neuron_magnitudes, token_frequencies and figures_json (sweep_figures.json, their data, so
+    ``read_sweep_inputs`` can rebuild everything). NaN in rows is written to JSON as null.
+    """
+    if not rows:
+        raise ValueError("sweep report needs at least one row")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [dict(row) for row in rows]
+    labels = [_series_label(row, _several_models(rows)) for row in rows]
+    colors = _colors(labels + list(magnitudes or {}) + list(token_frequencies or {}))
+    paths: dict[str, Path] = {}
+
+    images: list[tuple[str, Path]] = []
+    if magnitudes:
+        paths["neuron_magnitudes"] = plot_neuron_magnitudes(magnitudes, out / "neuron_magnitudes.png", colors)
+        images.append(
+            ("Sorted mean absolute activation of MLP channels per domain", paths["neuron_magnitudes"])
+        )
+    if token_frequencies:
+        paths["token_frequencies"] = plot_token_frequencies(
+            token_frequencies, out / "token_frequencies.png", colors
+        )
+        images.append(("Token rank-frequency per domain", paths["token_frequencies"]))
+    paths["size_vs_bpb"] = plot_size_vs_bpb(rows, out / "size_vs_bpb.png", colors)
+    images.append(("Relative size vs held-out bits-per-byte", paths["size_vs_bpb"]))
+
+    headers, align, cells = sweep_table(rows)
+    notes = [SWEEP_NOTE] + ([f"Protocol: {protocol}"] if protocol else [])
+    markdown = [f"# {title}", *notes, _md_table(headers, align, cells)]
+    markdown += [f"![{caption}]({path.name})" for caption, path in images]
+    paths["markdown"] = out / "sweep.md"
+    paths["markdown"].write_text("\n\n".join(markdown) + "\n", encoding="utf-8")
+
+    paths["csv"] = out / "sweep.csv"
+    _write_csv(rows, paths["csv"])
+    paths["json"] = out / "sweep.json"
+    saved = {"title": title, "protocol": protocol, "rows": _jsonable(rows)}
+    paths["json"].write_text(json.dumps(saved, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    if magnitudes or token_frequencies:
+        paths["figures_json"] = out / "sweep_figures.json"
+        figures = {"magnitudes": _jsonable(magnitudes), "token_frequencies": _jsonable(token_frequencies)}
+        paths["figures_json"].write_text(json.dumps(figures, allow_nan=False), encoding="utf-8")
+
+    paths["html"] = out / "report.html"
+    page = _html_page(title, notes, _html_table(headers, align, cells), images)
+    paths["html"].write_text(page, encoding="utf-8")
+    return paths

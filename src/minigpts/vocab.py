@@ -1,0 +1,599 @@
+"""Vocabulary pruning that keeps the tokenizer lossless (DESIGN.md §2 "Vocabulary trimming").
+
+The paper zeroes embedding rows of tokens the domain never uses while the tokenizer keeps emitting
+them. Here the vocabulary itself shrinks: the tokenizer is rebuilt without the dropped tokens and
+the embedding / LM-head rows are sliced to match, so the model is smaller and every string still
+encodes. Losslessness comes from always keeping the byte alphabet (byte-level BPE) or the
+`<0xNN>` byte-fallback pieces (SentencePiece-style BPE), and from keeping every parent of a kept
+merge, so BPE can still build each kept token and falls back to bytes for everything else.
+
+Text that the original tokenizer encodes with kept tokens only is encoded identically after
+trimming: the trimmed merge list is a rank-preserving subset of the original that still contains
+every merge such an encoding uses, so BPE takes the same steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tokenizers.pre_tokenizers import ByteLevel
+from torch import nn
+from transformers import AutoTokenizer
+
+from minigpts.errors import UserError
+
+BYTE_LEVEL = "byte-level BPE"
+BYTE_FALLBACK = "SentencePiece-style BPE with byte fallback"
+
+# Config fields that hold token ids (an int or a list of ints); they must survive trimming.
+SPECIAL_ID_FIELDS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
+
+# Conversations rendered through the chat template so its scaffolding tokenizes as before.
+_TEMPLATE_PROBES = (
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": ""},
+    ],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+)
+
+
+@dataclass
+class VocabSelection:
+    """Which tokens survive (old ids, ascending = new-id order) and why each was kept.
+
+    Every kept token is counted under one reason, the first that applies in the order
+    special, byte, seen, closure; so the four counts add up to `vocab_after`.
+    """
+
+    keep_ids: list[int]
+    vocab_before: int
+    vocab_after: int
+    tokenizer_kind: str
+    mode: str  # "embedding_threshold" | "min_count" | "vocab_size"
+    value: float
+    kept_special: int  # added/special tokens, chat-template scaffolding, config ids
+    kept_byte: int  # byte alphabet / byte-fallback pieces and the pieces the pre-tokenizer needs
+    kept_seen: int  # chosen by the frequency criterion
+    kept_closure: int  # only needed as a parent of a kept merge
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VocabSelection:
+        return cls(**data)
+
+
+@dataclass
+class VocabSummary:
+    """Sizes before/after vocabulary slicing, for reports (computed before slicing)."""
+
+    vocab_before: int
+    vocab_after: int
+    embedding_rows_before: int  # can exceed vocab_before: models pad their embedding
+    embedding_rows_after: int
+    tied: bool
+    parameters_before: int
+    parameters_saved: int
+
+    @property
+    def parameters_after(self) -> int:
+        return self.parameters_before - self.parameters_saved
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "parameters_after": self.parameters_after}
+
+    def format(self) -> str:
+        removed = 1 - self.vocab_after / self.vocab_before
+        return (
+            f"vocabulary {self.vocab_before:,} → {self.vocab_after:,} tokens (−{removed:.1%}); "
+            f"parameters {self.parameters_before / 1e6:.1f}M → {self.parameters_after / 1e6:.1f}M "
+            f"(−{self.parameters_saved / 1e6:.1f}M in embedding{'' if self.tied else ' and LM head'})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Token statistics
+
+
+def count_tokens(tokenizer, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """How often each token id occurs when `texts` are encoded (no special tokens added)."""
+    backend = _backend(tokenizer)
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    for start in range(0, len(texts), batch_size):
+        encodings = backend.encode_batch_fast(
+            list(texts[start : start + batch_size]), add_special_tokens=False
+        )
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64)
+        counts += np.bincount(ids, minlength=len(counts))
+    return counts
+
+
+def _checked_counts(counts, size: int) -> np.ndarray:
+    """Counts as int64 of length `size`; accepts bincounts shorter or padded to the embedding size."""
+    counts = np.asarray(counts, dtype=np.int64).ravel()
+    if (counts < 0).any():
+        raise UserError("token counts contain negative values: recompute them with `minigpts analyze`")
+    if len(counts) > size and counts[size:].any():
+        raise UserError(
+            f"token counts name ids ≥ {size}, beyond this tokenizer's vocabulary: "
+            "they were computed with another tokenizer; re-run `minigpts analyze`"
+        )
+    return np.pad(counts[:size], (0, max(0, size - len(counts))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the tokenizer
+
+
+def _backend(tokenizer) -> Tokenizer:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(
+            f"vocabulary trimming needs a fast (tokenizers-backed) tokenizer; got {type(tokenizer).__name__}"
+        )
+    return backend
+
+
+@dataclass
+class _Bpe:
+    """The parts of a BPE tokenizer.json that trimming reads."""
+
+    data: dict[str, Any]  # the whole tokenizer.json
+    kind: str
+    vocab: dict[str, int]
+    merges: list[tuple[str, str]]
+    continuing_prefix: str
+
+    def merge_result(self, left: str, right: str) -> str:
+        prefix = self.continuing_prefix
+        return left + (right[len(prefix) :] if prefix and right.startswith(prefix) else right)
+
+
+def _read_bpe(tokenizer) -> _Bpe:
+    data = json.loads(_backend(tokenizer).to_str())
+    model = data["model"]
+    model_type = model.get("type")
+    if model_type != "BPE":
+        raise UserError(
+            f"vocabulary trimming supports byte-level BPE and BPE with byte fallback; this tokenizer is "
+            f"{model_type}: run without vocabulary pruning"
+        )
+    if _has_component(data.get("pre_tokenizer"), "ByteLevel"):
+        kind = BYTE_LEVEL
+    elif model.get("byte_fallback"):
+        kind = BYTE_FALLBACK
+    else:
+        raise UserError(
+            "vocabulary trimming needs a byte-level BPE or a BPE with byte_fallback; this BPE has neither, "
+            "so trimming would make characters unencodable: run without vocabulary pruning"
+        )
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return _Bpe(data, kind, model["vocab"], merges, model.get("continuing_subword_prefix") or "")
+
+
+def _components(node) -> Iterable[dict[str, Any]]:
+    """Every component of a (possibly nested Sequence) normalizer / pre-tokenizer / processor."""
+    if not isinstance(node, dict):
+        return
+    yield node
+    for key in ("normalizers", "pretokenizers", "processors", "decoders"):
+        for child in node.get(key) or []:
+            yield from _components(child)
+
+
+def _has_component(node, type_name: str) -> bool:
+    return any(c.get("type") == type_name for c in _components(node))
+
+
+def _byte_alphabet_ids(bpe: _Bpe) -> set[int]:
+    """Tokens without which some string would no longer encode losslessly."""
+    if bpe.kind == BYTE_LEVEL:
+        pieces = set(ByteLevel.alphabet())
+    else:
+        pieces = {f"<0x{b:02X}>" for b in range(256)}
+        pieces.add(bpe.data["model"].get("unk_token"))
+        # The space marker (▁) must stay a token: the decoder turns it back into a space only
+        # when it arrives as a piece, not when it arrives as three fallback bytes.
+        for c in itertools.chain(
+            _components(bpe.data.get("normalizer")), _components(bpe.data.get("pre_tokenizer"))
+        ):
+            pieces.update(
+                c.get(key) for key in ("replacement", "content", "prepend") if isinstance(c.get(key), str)
+            )
+    return {bpe.vocab[p] for p in pieces if p in bpe.vocab}
+
+
+def _template_ids(tokenizer) -> set[int]:
+    """Ids of the chat template's scaffolding, rendered around empty messages."""
+    templates = tokenizer.chat_template
+    if not templates:
+        return set()
+    if isinstance(templates, str):
+        templates = {"default": templates}
+    backend = _backend(tokenizer)
+    ids: set[int] = set()
+    for template, probe in itertools.product(templates.values(), _TEMPLATE_PROBES):
+        try:
+            text = tokenizer.apply_chat_template(
+                probe, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+        except jinja2.TemplateError:  # e.g. a template that refuses a system message
+            continue
+        ids.update(backend.encode(text, add_special_tokens=False).ids)
+    return ids
+
+
+def _config_ids(*configs) -> dict[str, int]:
+    """Token ids named by model / generation configs, as {"config.field": id}."""
+    named: dict[str, int] = {}
+    for config in configs:
+        if config is None:
+            continue
+        for field in SPECIAL_ID_FIELDS:
+            value = getattr(config, field, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for i, token_id in enumerate(v for v in values if v is not None):
+                named[f"{type(config).__name__}.{field}[{i}]"] = int(token_id)
+    return named
+
+
+def _special_ids(tokenizer, bpe: _Bpe) -> set[int]:
+    ids = {t["id"] for t in bpe.data["added_tokens"]}
+    ids.update(tokenizer.all_special_ids)
+    return ids
+
+
+def _merge_parents(bpe: _Bpe) -> dict[int, list[tuple[int, int]]]:
+    """result id → (left id, right id) of every merge producing it."""
+    parents: dict[int, list[tuple[int, int]]] = {}
+    vocab = bpe.vocab
+    for left, right in bpe.merges:
+        result = vocab[bpe.merge_result(left, right)]
+        parents.setdefault(result, []).append((vocab[left], vocab[right]))
+    return parents
+
+
+def _ancestors_missing(token_id: int, kept: set[int], parents: dict[int, list[tuple[int, int]]]) -> set[int]:
+    """`token_id` plus every merge ancestor of it that is not in `kept` yet."""
+    missing: set[int] = set()
+    stack = [token_id]
+    while stack:
+        current = stack.pop()
+        if current in kept or current in missing:
+            continue
+        missing.add(current)
+        for left, right in parents.get(current, ()):
+            stack += [left, right]
+    return missing
+
+
+def _with_ancestors(ids: set[int], parents: dict[int, list[tuple[int, int]]]) -> set[int]:
+    """`ids` closed under "a kept merge result needs both its parents"."""
+    closed: set[int] = set()
+    for token_id in ids:
+        closed |= _ancestors_missing(token_id, closed, parents)
+    return closed
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_vocab(
+    tokenizer,
+    counts,
+    *,
+    embedding_threshold: float | None = None,
+    min_count: int | None = None,
+    vocab_size: int | None = None,
+    model_config=None,
+    generation_config=None,
+) -> VocabSelection:
+    """Choose the tokens to keep from domain token counts; exactly one criterion must be given.
+
+    - `embedding_threshold E` (the paper's): tokens whose normalized frequency is ≤ E are pruned,
+      so `0` prunes exactly the unseen ones.
+    - `min_count N`: tokens seen fewer than N times are pruned.
+    - `vocab_size K`: the final vocabulary has exactly K tokens: the always-kept set first, then
+      the most frequent tokens (ties: lower id first) together with their merge ancestors, as
+      long as they fit. K smaller than the always-kept set is an error.
+
+    Always kept: added and special tokens, the chat template's scaffolding, ids named by the model
+    and generation configs, the byte alphabet, and (closure) every parent of a kept merge.
+    """
+    given = {
+        "embedding_threshold": embedding_threshold,
+        "min_count": min_count,
+        "vocab_size": vocab_size,
+    }
+    chosen = [(k, v) for k, v in given.items() if v is not None]
+    if len(chosen) != 1:
+        raise UserError(
+            "vocabulary pruning: give exactly one of --embedding-threshold, --vocab-min-count, --vocab-size"
+        )
+    mode, value = chosen[0]
+    size = len(tokenizer)
+    counts = _checked_counts(counts, size)
+    bpe = _read_bpe(tokenizer)
+    parents = _merge_parents(bpe)
+
+    special = _special_ids(tokenizer, bpe) | _template_ids(tokenizer)
+    for name, token_id in _config_ids(model_config, generation_config).items():
+        if not 0 <= token_id < size:
+            raise UserError(
+                f"{name} = {token_id} is outside the tokenizer's {size} tokens: the model config and "
+                "tokenizer do not match"
+            )
+        special.add(token_id)
+    byte = _byte_alphabet_ids(bpe)
+    forced = special | byte
+
+    if mode == "vocab_size":
+        seen = _fill_to_size(counts, forced, parents, _positive_int(value, "--vocab-size"))
+    else:
+        if mode == "embedding_threshold":
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"--embedding-threshold must be a number ≥ 0, got {value!r}")
+            total = int(counts.sum())
+            if total == 0:
+                raise UserError("no tokens were counted: the calibration corpus is empty")
+            selected = counts / total > value
+        else:
+            selected = counts >= _positive_int(value, "--vocab-min-count")
+        seen = set(np.flatnonzero(selected).tolist())
+
+    closure = _with_ancestors(forced | seen, parents) - forced - seen
+    keep_ids = sorted(forced | seen | closure)
+    return VocabSelection(
+        keep_ids=keep_ids,
+        vocab_before=size,
+        vocab_after=len(keep_ids),
+        tokenizer_kind=bpe.kind,
+        mode=mode,
+        value=float(value),
+        kept_special=len(special),
+        kept_byte=len(byte - special),
+        kept_seen=len(seen - forced),
+        kept_closure=len(closure),
+    )
+
+
+def _positive_int(value, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{flag} must be a whole number ≥ 1, got {value!r}")
+    return int(value)
+
+
+def _fill_to_size(counts: np.ndarray, forced: set[int], parents, target: int) -> set[int]:
+    """Most frequent tokens (with their ancestors) that fit next to `forced` in `target` slots."""
+    kept = _with_ancestors(forced, parents)
+    if len(kept) > target:
+        raise UserError(
+            f"--vocab-size {target} is smaller than the {len(kept)} tokens that must always be kept "
+            "(special tokens, byte alphabet and their merge parents): use at least that"
+        )
+    chosen: set[int] = set()
+    for token_id in np.lexsort((np.arange(len(counts)), -counts)).tolist():
+        if len(kept) == target:
+            break
+        missing = _ancestors_missing(token_id, kept, parents)
+        if missing and len(kept) + len(missing) <= target:
+            kept |= missing
+            chosen.add(token_id)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Id mapping
+
+
+def old_to_new(keep_ids: Sequence[int]) -> dict[int, int]:
+    """Old id → new id, for the ids in `keep_ids` (their position is their new id)."""
+    return {int(old): new for new, old in enumerate(keep_ids)}
+
+
+def remap_ids(ids, keep_ids: Sequence[int]):
+    """Old ids (an int or a sequence of ints) → new ids; a dropped id is an error."""
+    mapping = old_to_new(keep_ids)
+    if isinstance(ids, (int, np.integer)):
+        return _remap_one(int(ids), mapping, "token id")
+    return [_remap_one(int(i), mapping, "token id") for i in ids]
+
+
+def _remap_one(token_id: int, mapping: dict[int, int], what: str) -> int:
+    if token_id not in mapping:
+        raise UserError(
+            f"{what} {token_id} is not among the kept tokens: keep it in the vocabulary selection"
+        )
+    return mapping[token_id]
+
+
+def _checked_keep_ids(keep_ids: Sequence[int], size: int, *, ascending: bool) -> list[int]:
+    keep = [int(i) for i in keep_ids]
+    if not keep:
+        raise UserError("the vocabulary selection keeps no tokens")
+    if len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= size:
+        raise UserError(f"kept token ids must be distinct ids in [0, {size}); the vocabulary plan is corrupt")
+    if ascending and keep != sorted(keep):
+        raise UserError("kept token ids must be in ascending order for the tokenizer")
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer surgery
+
+
+def trim_tokenizer(tokenizer, keep_ids: Sequence[int]):
+    """A new tokenizer holding only `keep_ids` (ascending), renumbered densely in that order.
+
+    The tokenizer.json is rebuilt (vocab, merges, added tokens, post-processor and padding ids)
+    and loaded through `AutoTokenizer` from a saved copy of the original, so the result carries
+    the original's chat template and special-token settings and saves/loads with plain
+    transformers. Its class is the generic `TokenizersBackend`, which runs tokenizer.json as is
+    (a model-specific class would rebuild its own pipeline around the vocabulary).
+    """
+    bpe = _read_bpe(tokenizer)
+    keep = _checked_keep_ids(keep_ids, len(tokenizer), ascending=True)
+    mapping = old_to_new(keep)
+    required = _byte_alphabet_ids(bpe) | set(tokenizer.all_special_ids)
+    missing = sorted(required - mapping.keys())
+    if missing:
+        raise UserError(
+            f"the vocabulary selection drops {len(missing)} byte/special tokens (ids {missing[:5]}...): "
+            "build it with select_vocab so the tokenizer stays lossless"
+        )
+
+    data = bpe.data
+    vocab = {token: mapping[i] for token, i in bpe.vocab.items() if i in mapping}
+    data["model"]["vocab"] = vocab
+    data["model"]["merges"] = [
+        [left, right]
+        for left, right in bpe.merges
+        if left in vocab and right in vocab and bpe.merge_result(left, right) in vocab
+    ]
+    added = [dict(t, id=mapping[t["id"]]) for t in data["added_tokens"] if t["id"] in mapping]
+    data["added_tokens"] = sorted(added, key=lambda t: t["id"])
+    for processor in _components(data.get("post_processor")):
+        _remap_processor(processor, mapping)
+    if data.get("padding"):
+        data["padding"]["pad_id"] = _remap_one(data["padding"]["pad_id"], mapping, "padding token id")
+
+    old_tokens = tokenizer.convert_ids_to_tokens(keep)
+    with tempfile.TemporaryDirectory(prefix="minigpts-vocab-") as tmp:
+        _write_tokenizer_dir(tokenizer, data, Path(tmp))
+        trimmed = AutoTokenizer.from_pretrained(tmp)
+        trimmed.name_or_path = tokenizer.name_or_path
+    if len(trimmed) != len(keep) or trimmed.convert_ids_to_tokens(list(range(len(keep)))) != old_tokens:
+        raise RuntimeError("trimmed tokenizer does not number the kept tokens densely in keep order")
+    return trimmed
+
+
+def _remap_processor(processor: dict[str, Any], mapping: dict[int, int]) -> None:
+    """Fix the token ids a post-processor inserts (TemplateProcessing, Bert/Roberta)."""
+    if processor.get("type") == "TemplateProcessing":
+        for name, special in processor["special_tokens"].items():
+            special["ids"] = [
+                _remap_one(i, mapping, f"post-processor token {name!r} id") for i in special["ids"]
+            ]
+    for key in ("sep", "cls"):
+        if isinstance(processor.get(key), list):
+            token, token_id = processor[key]
+            processor[key] = [token, _remap_one(token_id, mapping, f"post-processor token {token!r} id")]
+
+
+def _write_tokenizer_dir(tokenizer, data: dict[str, Any], directory: Path) -> None:
+    """Save the original's settings, swap in the trimmed tokenizer.json, drop stale vocab files."""
+    tokenizer.save_pretrained(directory)
+    stale = set(getattr(tokenizer, "vocab_files_names", {}).values()) - {"tokenizer.json"}
+    for name in stale | {"vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json"}:
+        (directory / name).unlink(missing_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("added_tokens_decoder", "auto_map", "vocab_file", "merges_file", "tokenizer_file"):
+        config.pop(key, None)
+    config["tokenizer_class"] = "TokenizersBackend"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model surgery
+
+
+def vocab_summary(model, selection: VocabSelection) -> VocabSummary:
+    """Sizes before/after slicing `model` to `selection` (call before slice_model_vocab)."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    rows_before = embedding.weight.shape[0]
+    removed_rows = rows_before - selection.vocab_after
+    saved = removed_rows * embedding.weight.shape[1]
+    if head is not None and not tied:
+        saved += removed_rows * (head.weight.shape[1] + (1 if head.bias is not None else 0))
+    return VocabSummary(
+        vocab_before=selection.vocab_before,
+        vocab_after=selection.vocab_after,
+        embedding_rows_before=rows_before,
+        embedding_rows_after=selection.vocab_after,
+        tied=tied,
+        parameters_before=sum(p.numel() for p in model.parameters()),
+        parameters_saved=saved,
+    )
+
+
+def slice_model_vocab(model, keep_ids: Sequence[int]):
+    """Keep only the embedding / LM-head rows of `keep_ids`, in that order (in place; returns model).
+
+    Tied weights stay one tensor; `vocab_size` and the special-token ids of the model config and
+    generation config are updated to the new numbering.
+    """
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    old_rows = embedding.weight.shape[0]
+    keep = _checked_keep_ids(keep_ids, old_rows, ascending=False)
+    mapping = old_to_new(keep)
+    configs = [c for c in (model.config, getattr(model, "generation_config", None)) if c is not None]
+    # Remap every id before touching the model, so a dropped special token leaves it unchanged.
+    new_ids = [
+        (config, field, _remapped_field(config, field, mapping))
+        for config in configs
+        for field in SPECIAL_ID_FIELDS
+    ]
+
+    tied = head is not None and head.weight is embedding.weight
+    index = torch.as_tensor(keep, dtype=torch.long, device=embedding.weight.device)
+    with torch.no_grad():
+        embedding.weight = _sliced(embedding.weight, index)
+        if head is not None:
+            head.weight = embedding.weight if tied else _sliced(head.weight, index)
+            if head.bias is not None:
+                head.bias = _sliced(head.bias, index)
+            head.out_features = len(keep)
+    embedding.num_embeddings = len(keep)
+    if getattr(embedding, "padding_idx", None) is not None:
+        embedding.padding_idx = mapping.get(embedding.padding_idx)
+
+    for config, field, value in new_ids:
+        if value is not None:
+            setattr(config, field, value)
+    model.config.get_text_config().vocab_size = len(keep)
+    for module in model.modules():
+        if getattr(module, "vocab_size", None) == old_rows:
+            module.vocab_size = len(keep)
+    return model
+
+
+def _sliced(parameter: nn.Parameter, index: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(parameter.index_select(0, index).contiguous(), requires_grad=parameter.requires_grad)
+
+
+def _remapped_field(config, field: str, mapping: dict[int, int]):
+    value = getattr(config, field, None)
+    what = f"{type(config).__name__}.{field}"
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_remap_one(int(v), mapping, what) for v in value]
+    return _remap_one(int(value), mapping, what)
