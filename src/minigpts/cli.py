@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from minigpts import __version__
@@ -268,19 +265,6 @@ def print_splits(corpus) -> None:
         out.print(f"[dim]{note}[/dim]")
 
 
-def write_json(path: str, data, force: bool) -> None:
-    """Write JSON atomically; never replace an existing file without --force."""
-    target = Path(path)
-    if target.exists() and not force:
-        raise UserError(f"--json {path}: file exists; pass --force to overwrite or choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, target)
-
-
 def print_eval_table(rows: list[tuple[str, dict]], title: str) -> None:
     from rich.table import Table
 
@@ -361,7 +345,9 @@ def cmd_eval(args) -> int:
             f"({r['questions']} questions, chance {r['chance']:.3f})"
         )
     if args.json:
-        write_json(args.json, result, args.force)
+        from minigpts.pipeline import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return 0
 
 
@@ -394,7 +380,14 @@ def print_plan(plan) -> None:
         out.print(
             f"vocabulary: {vocab['before']:,} → {vocab['after']:,} tokens "
             f"(kept: {vocab['kept_seen']:,} seen, {vocab['kept_special']:,} special, "
-            f"{vocab['kept_byte']:,} byte, {vocab['kept_closure']:,} merge parents)"
+            f"{vocab['kept_byte']:,} byte, {vocab['kept_closure']:,} merge parents); "
+            f"{vocab['parameters_saved'] / 1e6:.2f}M parameters saved"
+        )
+    if "params_after_with_vocab" in plan.summary:
+        before = plan.summary["params_before"]
+        after = plan.summary["params_after_with_vocab"]
+        out.print(
+            f"with the vocabulary cut: {before / 1e6:.2f}M → {after / 1e6:.2f}M ({after / before:.1%} of the base)"
         )
 
 
@@ -559,6 +552,84 @@ def print_run_table(report: dict) -> None:
     out.print("[dim]perplexity is per token of each model's own tokenizer; compare models by bits/byte[/dim]")
 
 
+def cmd_sweep(args) -> int:
+    from minigpts.sweep import SweepOptions, run_sweep
+
+    options = SweepOptions(
+        model=args.model,
+        data=[resolve_data_spec(d) for d in args.data],
+        out=args.out,
+        target_params=list(args.target_params or []),
+        finetune=args.finetune,
+        controls=args.controls,
+        mcq=list(args.mcq or []),
+        text_field=args.text_field,
+        encoding=args.encoding,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        evaluation=eval_options(args),
+        analysis=analysis_options(args),
+        plan=plan_options(args),
+        recovery=finetune_options(args, args.finetune if args.finetune != "none" else "full"),
+    )
+    for value in options.target_params:
+        if not 0 < value <= 1:
+            raise UserError(f"--target-params {value}: each target must be a fraction in (0, 1]")
+    out = console()
+    result = run_sweep(options, say=out.print)
+    from minigpts.report import sweep_table
+
+    headers, _, cells = sweep_table(result["rows"])
+    from rich.table import Table
+
+    table = Table(title="sweep", title_justify="left")
+    for h in headers:
+        table.add_column(h)
+    for row in cells:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"tables, plots and report.html written to {args.out}")
+    return 0
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--config FILE`` (YAML): its keys (option names, dashes or underscores) become the defaults."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise UserError("--config needs a YAML file")
+    path = Path(argv[i + 1])
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = parser._subparsers._group_actions[0].choices.get(command) if command else None  # noqa: SLF001
+    if sub is None:
+        raise UserError("--config: put it after the subcommand, e.g. `minigpts sweep --config recipe.yaml`")
+    known = {action.dest for action in sub._actions}  # noqa: SLF001
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            raise UserError(f"--config {path}: unknown option {key!r}")
+        defaults[dest] = value
+    for action in sub._actions:  # noqa: SLF001
+        if action.dest in defaults:
+            action.required = False
+    sub.set_defaults(**defaults)
+    return argv[:i] + argv[i + 2 :]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minigpts",
@@ -628,6 +699,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="the paper's experiment: domains × pruning settings, with a report")
+    add_model_options(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", required=True, help="one corpus per domain (same forms as elsewhere)")
+    g.add_argument("--text-field", default="text", help="column(s) holding the text")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the files")
+    g.add_argument("--seed", type=int, default=0, help="seed for the document split (default 0)")
+    add_eval_options(p)
+    add_analysis_options(p, seq_len=False)
+    add_plan_options(p)
+    p.set_defaults(target_params=None)
+    for action in p._actions:  # noqa: SLF001 - sweep takes a list of targets
+        if action.dest == "target_params":
+            action.nargs = "+"
+            action.help = "target sizes (fractions of parameters) instead of the paper's threshold grid"
+    add_finetune_options(p, "--finetune")
+    p.add_argument("--split", default="test", help="held-out split to report (default test)")
+    p.add_argument("--finetune", default="full", help="recovery: full (default), lora, distill or none")
+    p.add_argument(
+        "--controls", action="store_true", help="add base-fine-tuned and random-same-size controls"
+    )
+    p.add_argument("--mcq", action="append", help="FILE for every domain or DOMAIN=FILE; repeatable")
+    p.add_argument("--general-data", help=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML recipe holding any of these options")
+    p.add_argument("--out", required=True, help="output directory for tables, plots and report")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -637,6 +736,11 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     parser = build_parser()
+    try:
+        argv = apply_config_file(parser, argv)
+    except UserError as err:
+        print(f"minigpts: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
     if not debug:

@@ -164,6 +164,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=_json_default)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -250,10 +251,33 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             "--linear-threshold, --activation-threshold) and/or a vocabulary option (--embedding-threshold, "
             "--vocab-min-count, --vocab-size)"
         )
+    selection = None
+    if options.has_vocab():
+        from minigpts.vocab import select_vocab
+
+        counts = domain_token_counts(tokenizer, corpus, stats)
+        selection = select_vocab(
+            tokenizer,
+            counts,
+            embedding_threshold=options.embedding_threshold,
+            min_count=options.vocab_min_count,
+            vocab_size=options.vocab_size,
+            model_config=model.config,
+            generation_config=getattr(model, "generation_config", None),
+        )
     if options.has_structure():
         if stats is None:
             raise UserError("a structural plan needs activation statistics (run analysis or pass --stats)")
-        plan = make_plan(model, stats, **options.structure_kwargs())
+        kwargs = options.structure_kwargs()
+        vocab_saved = vocab_parameters_saved(model, selection) if selection is not None else 0
+        if kwargs["target_params"] is not None and vocab_saved:
+            # --target-params counts the whole model: what the vocabulary cut saves, the structure need not
+            total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+            kwargs["target_params"] = min(1.0, kwargs["target_params"] + vocab_saved / total)
+        plan = make_plan(model, stats, **kwargs)
+        if vocab_saved:
+            plan.summary["params_after_with_vocab"] = plan.summary["params_after"] - vocab_saved
+            plan.settings["target_params"] = options.target_params
     else:
         from minigpts.arch import get_adapter
 
@@ -269,19 +293,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
                 )
             )
         plan = PruningPlan(family=adapter.family, layers=layers, criterion="none", settings={})
-    if options.has_vocab():
-        from minigpts.vocab import select_vocab
-
-        counts = domain_token_counts(tokenizer, corpus, stats)
-        selection = select_vocab(
-            tokenizer,
-            counts,
-            embedding_threshold=options.embedding_threshold,
-            min_count=options.vocab_min_count,
-            vocab_size=options.vocab_size,
-            model_config=model.config,
-            generation_config=getattr(model, "generation_config", None),
-        )
+    if selection is not None:
         plan.vocab_keep = list(selection.keep_ids)
         plan.summary["vocab"] = {
             "before": selection.vocab_before,
@@ -292,6 +304,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             "kept_byte": selection.kept_byte,
             "kept_seen": selection.kept_seen,
             "kept_closure": selection.kept_closure,
+            "parameters_saved": vocab_parameters_saved(model, selection),
         }
         plan.settings.update(
             embedding_threshold=options.embedding_threshold,
@@ -299,6 +312,12 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             vocab_size=options.vocab_size,
         )
     return plan
+
+
+def vocab_parameters_saved(model, selection) -> int:
+    from minigpts.vocab import vocab_summary
+
+    return vocab_summary(model, selection).parameters_saved
 
 
 def apply_full_plan(model, tokenizer, plan):
