@@ -96,7 +96,15 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-ratio", type=float, help="fraction of attention heads to remove, in [0, 1)")
     g.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels to remove")
     g.add_argument(
-        "--target-params", type=float, help="fraction of all parameters to keep; the planner spreads it"
+        "--target-params",
+        type=float,
+        help="fraction of all parameters to keep (vocabulary cut included); the planner spreads the rest "
+        "over --target-groups",
+    )
+    g.add_argument(
+        "--target-groups",
+        default="mlp,heads",
+        help="groups --target-params may shrink: any of mlp, heads, hidden (default mlp,heads)",
     )
     g.add_argument("--linear-threshold", type=float, help="paper: prune heads/hidden channels with score ≤ E")
     g.add_argument("--activation-threshold", type=float, help="paper: prune MLP channels with score ≤ E")
@@ -125,7 +133,9 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
         help="paper: prune tokens whose domain frequency is ≤ E (0 = exactly the unseen tokens)",
     )
     v.add_argument("--vocab-min-count", type=int, help="prune tokens seen fewer than N times")
-    v.add_argument("--vocab-size", type=int, help="keep the K most frequent tokens (+ the always-kept ones)")
+    v.add_argument(
+        "--vocab-size", type=int, help="keep exactly K tokens: the always-kept ones, then the most frequent"
+    )
 
 
 def add_finetune_options(p: argparse.ArgumentParser, method_flag: str) -> None:
@@ -184,6 +194,14 @@ def analysis_options(args):
     return AnalysisOptions(calib_tokens=args.calib_tokens, seq_len=args.seq_len, batch_size=args.batch_size)
 
 
+def parse_target_groups(value: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in value.split(",") if g.strip())
+    unknown = [g for g in groups if g not in {"mlp", "heads", "hidden"}]
+    if unknown or not groups:
+        raise UserError(f"--target-groups {value}: use a comma-separated subset of mlp, heads, hidden")
+    return groups
+
+
 def plan_options(args):
     from minigpts.pipeline import PlanOptions
 
@@ -199,6 +217,7 @@ def plan_options(args):
         min_mlp=args.min_mlp,
         round_to=args.round_to,
         seed=args.plan_seed,
+        target_groups=parse_target_groups(args.target_groups),
         embedding_threshold=args.embedding_threshold,
         vocab_min_count=args.vocab_min_count,
         vocab_size=args.vocab_size,
@@ -372,9 +391,9 @@ def cmd_analyze(args) -> int:
 def print_plan(plan) -> None:
     from minigpts.plan import describe_plan
 
-    table = describe_plan(plan)
     out = console()
-    out.print(table)
+    if plan.criterion != "none":  # a vocabulary-only plan has no structure to tabulate
+        out.print(describe_plan(plan))
     vocab = plan.summary.get("vocab")
     if vocab:
         out.print(
@@ -411,7 +430,7 @@ def cmd_prune(args) -> int:
         console().print("[dim]--dry-run: nothing written[/dim]")
         return 0
     model, tokenizer = apply_full_plan(loaded.model, loaded.tokenizer, plan)
-    metadata = {"base_model": loaded.name, "stats": stats.metadata if stats is not None else None}
+    metadata = {"base_model": loaded.source_id, "stats": stats.metadata if stats is not None else None}
     metadata["params_before"] = plan.summary.get("params_before")
     save_model(model, tokenizer, args.out, plan=plan, metadata=metadata, force=args.force)
     console().print(f"pruned model written to {args.out}")
@@ -442,7 +461,13 @@ def cmd_finetune(args) -> int:
             raise UserError(
                 f"--model {args.model}: no unpruned model is recorded in its minigpts.json; pass --teacher MODEL"
             )
-        base = load_model(teacher_name, device=args.device, dtype=args.dtype)
+        try:
+            base = load_model(teacher_name, device=args.device, dtype=args.dtype)
+        except UserError as err:
+            raise UserError(
+                f"the unpruned model recorded in {args.model}/minigpts.json ({teacher_name}) cannot be loaded "
+                f"({err}); pass --teacher MODEL"
+            ) from err
     stop_at_bpb = (
         validation_bpb_target(base.model, base.tokenizer, corpus, options) if options.stop_at_base else None
     )
@@ -595,7 +620,11 @@ def cmd_sweep(args) -> int:
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """``--config FILE`` (YAML): its keys (option names, dashes or underscores) become the defaults."""
+    """``--config FILE`` (YAML): its keys (option names, dashes or underscores) become command-line flags.
+
+    They go through argparse like typed flags (types, lists, repeatable options), placed before the
+    real command line so that flags given there win.
+    """
     if "--config" not in argv:
         return argv
     i = argv.index("--config")
@@ -616,18 +645,32 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[
     sub = parser._subparsers._group_actions[0].choices.get(command) if command else None  # noqa: SLF001
     if sub is None:
         raise UserError("--config: put it after the subcommand, e.g. `minigpts sweep --config recipe.yaml`")
-    known = {action.dest for action in sub._actions}  # noqa: SLF001
-    defaults = {}
+    actions = {action.dest: action for action in sub._actions if action.option_strings}  # noqa: SLF001
+    tokens: list[str] = []
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in {"help", "config"}:
             raise UserError(f"--config {path}: unknown option {key!r}")
-        defaults[dest] = value
-    for action in sub._actions:  # noqa: SLF001
-        if action.dest in defaults:
-            action.required = False
-    sub.set_defaults(**defaults)
-    return argv[:i] + argv[i + 2 :]
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            if value not in (True, False):
+                raise UserError(f"--config {path}: {key} must be true or false")
+            tokens += [flag] if value else []
+            continue
+        values = value if isinstance(value, list) else [value]
+        if action.nargs in ("+", "*"):
+            tokens += [flag, *map(str, values)]
+        elif isinstance(action, argparse._AppendAction):  # noqa: SLF001
+            for v in values:
+                tokens += [flag, str(v)]
+        elif isinstance(value, list):
+            raise UserError(f"--config {path}: {key} takes one value, not a list")
+        else:
+            tokens += [flag, str(value)]
+    # The recipe's options come right after the subcommand, so flags on the command line win.
+    position = argv.index(command) + 1
+    argv = argv[:i] + argv[i + 2 :]
+    return argv[:position] + tokens + argv[position:]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -722,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--controls", action="store_true", help="add base-fine-tuned and random-same-size controls"
     )
     p.add_argument("--mcq", action="append", help="FILE for every domain or DOMAIN=FILE; repeatable")
-    p.add_argument("--general-data", help=argparse.SUPPRESS)
+    p.add_argument("--general-data", help="off-domain corpus evaluated at every stage (its test split)")
     p.add_argument("--config", help="YAML recipe holding any of these options")
     p.add_argument("--out", required=True, help="output directory for tables, plots and report")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")

@@ -41,6 +41,15 @@ class LoadedModel:
     path: Path | None  # directory the weights were read from (None for hub ids)
     description: str
 
+    @property
+    def source_id(self) -> str:
+        """What to record so a later process can load the same model: aliases and hub ids as given,
+        local paths made absolute (a relative path would break from another working directory)."""
+        if self.name in ALIASES or self.path is None:
+            return self.name
+        local = Path(self.name).expanduser()
+        return str(local.resolve()) if local.exists() else self.name
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MINIGPTS_CACHE", Path.home() / ".cache" / "minigpts")).expanduser()

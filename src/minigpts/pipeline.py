@@ -8,6 +8,8 @@ user can keep (stats, plan, model directory, report).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -63,6 +65,7 @@ class PlanOptions:
     min_mlp: int = 8
     round_to: int = 8
     seed: int = 0
+    target_groups: tuple[str, ...] = ("mlp", "heads")
     embedding_threshold: float | None = None
     vocab_min_count: int | None = None
     vocab_size: int | None = None
@@ -94,6 +97,7 @@ class PlanOptions:
             "min_mlp": self.min_mlp,
             "round_to": self.round_to,
             "seed": self.seed,
+            "target_groups": self.target_groups,
         }
 
 
@@ -478,6 +482,41 @@ def run_finetune(
     )
 
 
+def recover_stage(
+    model,
+    tokenizer,
+    name: str,
+    work_dir: Path,
+    teacher_vocab_keep,
+    *,
+    corpus: Corpus,
+    evaluation: EvalOptions,
+    recovery: FinetuneOptions,
+    teacher,
+    stop_at_bpb: float | None,
+    eval_kwargs: dict,
+):
+    """Fine-tune one model under the shared budget, evaluate it, and drop its checkpoints.
+
+    Returns (model, stage dict with the evaluation keys and a ``finetune`` object).
+    """
+    model, result = run_finetune(
+        model,
+        tokenizer,
+        corpus,
+        recovery,
+        work_dir=work_dir,
+        teacher=teacher,
+        teacher_vocab_keep=teacher_vocab_keep,
+        stop_at_bpb=stop_at_bpb,
+        progress=eval_kwargs.get("progress", True),
+    )
+    stage = evaluate_stage(model, tokenizer, corpus, evaluation, name=name, **eval_kwargs)
+    stage["finetune"] = result.to_dict()
+    cleanup(work_dir)
+    return model, stage
+
+
 def random_plan_like(model, plan, seed: int = 0):
     """A plan keeping exactly as many units of each kind per layer as ``plan``, chosen at random.
 
@@ -637,87 +676,61 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
 
     final_model, final_tokenizer = pruned, pruned_tokenizer
     work = work_dir_for(out)
+    recovery = dataclasses.replace(options.recovery, method=options.finetune)
+    stop_at_bpb = None
+    if options.finetune != "none" and recovery.stop_at_base:
+        stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
+        say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
+    recover = functools.partial(
+        recover_stage,
+        corpus=corpus,
+        evaluation=options.evaluation,
+        recovery=recovery,
+        teacher=base_model if recovery.method == "distill" else None,
+        stop_at_bpb=stop_at_bpb,
+        eval_kwargs=eval_kwargs,
+    )
     if options.finetune != "none":
-        recovery = copy.copy(options.recovery)
-        recovery.method = options.finetune
-        stop_at_bpb = None
-        if recovery.stop_at_base:
-            stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
-            say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
-        teacher = base_model if recovery.method == "distill" else None
         with timed(timings, "finetune"):
-            final_model, result = run_finetune(
-                pruned,
-                pruned_tokenizer,
-                corpus,
-                recovery,
-                work_dir=work / "finetuned",
-                teacher=teacher,
-                teacher_vocab_keep=plan.vocab_keep,
-                stop_at_bpb=stop_at_bpb,
-                progress=progress,
+            final_model, stages["finetuned"] = recover(
+                pruned, pruned_tokenizer, "finetuned", work / "finetuned", plan.vocab_keep
             )
-        with timed(timings, "eval_finetuned"):
-            stages["finetuned"] = evaluate_stage(
-                final_model, pruned_tokenizer, corpus, options.evaluation, name="finetuned", **eval_kwargs
-            )
-        stages["finetuned"]["finetune"] = result.to_dict()
-        say(f"finetuned: bits/byte {stages['finetuned']['bits_per_byte']:.4f} ({result.stopped_because})")
-
-        if options.controls:
+        say(
+            f"finetuned: bits/byte {stages['finetuned']['bits_per_byte']:.4f} "
+            f"({stages['finetuned']['finetune']['stopped_because']})"
+        )
+    if options.controls:
+        if options.finetune != "none":
             with timed(timings, "control_base_finetuned"):
-                control, control_result = run_finetune(
+                _, stages["control_base_finetuned"] = recover(
                     copy_model(base_model),
                     base_tokenizer,
-                    corpus,
-                    recovery,
-                    work_dir=work / "control_base",
-                    teacher=teacher,
-                    stop_at_bpb=stop_at_bpb,
-                    progress=progress,
+                    "control_base_finetuned",
+                    work / "control_base",
+                    None,
                 )
-                stages["control_base_finetuned"] = evaluate_stage(
-                    control,
-                    base_tokenizer,
-                    corpus,
-                    options.evaluation,
-                    name="control_base_finetuned",
-                    **eval_kwargs,
-                )
-                stages["control_base_finetuned"]["finetune"] = control_result.to_dict()
-                del control
+        random_plan = random_plan_like(base_model, plan, seed=options.seed)
+        control, control_tokenizer = apply_full_plan(copy_model(base_model), base_tokenizer, random_plan)
+        if options.finetune != "none":
             with timed(timings, "control_random_finetuned"):
-                random_plan = random_plan_like(base_model, plan, seed=options.seed)
-                control, control_tok = apply_full_plan(copy_model(base_model), base_tokenizer, random_plan)
-                control, control_result = run_finetune(
+                _, stages["control_random_finetuned"] = recover(
                     control,
-                    control_tok,
-                    corpus,
-                    recovery,
-                    work_dir=work / "control_random",
-                    teacher=teacher,
-                    teacher_vocab_keep=random_plan.vocab_keep,
-                    stop_at_bpb=stop_at_bpb,
-                    progress=progress,
+                    control_tokenizer,
+                    "control_random_finetuned",
+                    work / "control_random",
+                    random_plan.vocab_keep,
                 )
-                stages["control_random_finetuned"] = evaluate_stage(
+        else:
+            with timed(timings, "control_random"):
+                stages["control_random"] = evaluate_stage(
                     control,
-                    control_tok,
+                    control_tokenizer,
                     corpus,
                     options.evaluation,
-                    name="control_random_finetuned",
+                    name="control_random",
                     **eval_kwargs,
                 )
-                stages["control_random_finetuned"]["finetune"] = control_result.to_dict()
-                del control
-    elif options.controls:
-        with timed(timings, "control_random"):
-            random_plan = random_plan_like(base_model, plan, seed=options.seed)
-            control, control_tok = apply_full_plan(copy_model(base_model), base_tokenizer, random_plan)
-            stages["control_random"] = evaluate_stage(
-                control, control_tok, corpus, options.evaluation, name="control_random", **eval_kwargs
-            )
-            del control
+        del control
 
     report = {
         "minigpts_version": __version__,
@@ -738,7 +751,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     }
     with timed(timings, "save"):
         metadata = {
-            "base_model": loaded.name,
+            "base_model": loaded.source_id,
             "params_before": stages["base"]["params"],
             "data": corpus.source,
             "stats": stats.metadata if stats is not None else None,

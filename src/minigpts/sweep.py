@@ -28,8 +28,8 @@ from minigpts.pipeline import (
     evaluate_stage,
     load_mcq_sets,
     random_plan_like,
+    recover_stage,
     run_analysis,
-    run_finetune,
     validation_bpb_target,
     work_dir_for,
     write_json_atomic,
@@ -124,6 +124,9 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         d: load_corpus(spec, text_field=options.text_field, encoding=options.encoding, seed=options.seed)
         for d, spec in zip(domains, options.data)
     }
+    general = None
+    if options.evaluation.general_data:
+        general = load_corpus(options.evaluation.general_data, seed=options.seed)
     mcq_paths = _mcq_for_domains(options.mcq, domains)
     mcq_sets = {d: load_mcq_sets(paths) if paths else None for d, paths in mcq_paths.items()}
     grid = settings_grid(options)
@@ -146,7 +149,7 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         magnitudes[domain] = torch.cat(stats.mlp_l1).tolist()
         frequencies[domain] = stats.token_counts.tolist()
         stats.save(out / f"stats-{domain}.safetensors")
-        kwargs = dict(mcq_sets=mcq_sets[domain], progress=progress)
+        kwargs = dict(general=general, mcq_sets=mcq_sets[domain], progress=progress)
         base_eval = evaluate_stage(
             base_model, base_tokenizer, corpus, options.evaluation, name="base", **kwargs
         )
@@ -159,20 +162,19 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
             stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
         control_base = None
         if options.controls and options.finetune != "none":
-            control_model, _ = run_finetune(
+            _, control_base = recover_stage(
                 copy.deepcopy(base_model),
                 base_tokenizer,
-                corpus,
-                recovery,
-                work_dir=work / f"{domain}-control-base",
+                "control_base_finetuned",
+                work / f"{domain}-control-base",
+                None,
+                corpus=corpus,
+                evaluation=options.evaluation,
+                recovery=recovery,
                 teacher=base_model if recovery.method == "distill" else None,
                 stop_at_bpb=stop_at_bpb,
-                progress=progress,
+                eval_kwargs=kwargs,
             )
-            control_base = evaluate_stage(
-                control_model, base_tokenizer, corpus, options.evaluation, name="control_base", **kwargs
-            )
-            del control_model
         domain_runs = runs.setdefault(
             domain, {"base": base_eval, "control_base_finetuned": control_base, "settings": {}}
         )
@@ -265,21 +267,17 @@ def _prune_recover(
     model, tokenizer = apply_full_plan(copy.deepcopy(base_model), base_tokenizer, plan)
     stage = {"pruned": evaluate_stage(model, tokenizer, corpus, options.evaluation, name="pruned", **kwargs)}
     if options.finetune != "none":
-        model, result = run_finetune(
+        _, stage["finetuned"] = recover_stage(
             model,
             tokenizer,
-            corpus,
-            recovery,
-            work_dir=work,
+            "finetuned",
+            work,
+            plan.vocab_keep,
+            corpus=corpus,
+            evaluation=options.evaluation,
+            recovery=recovery,
             teacher=base_model if recovery.method == "distill" else None,
-            teacher_vocab_keep=plan.vocab_keep,
             stop_at_bpb=stop_at_bpb,
-            progress=kwargs.get("progress", True),
+            eval_kwargs=kwargs,
         )
-        stage["finetuned"] = evaluate_stage(
-            model, tokenizer, corpus, options.evaluation, name="finetuned", **kwargs
-        )
-        stage["finetuned"]["finetune"] = result.to_dict()
-        cleanup(work)
-    del model
     return stage

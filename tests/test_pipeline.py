@@ -1,0 +1,655 @@
+"""End-to-end runs of the command-line stages on a tiny random Llama and the bundled economics sample.
+
+Each stage is run in-process through ``minigpts.cli.main`` with tiny token budgets, and what it
+leaves on disk (stats file, model directories, reports) is loaded back and checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from minigpts.cli import main, sample_data_dir
+
+CPU = ["--device", "cpu"]
+EVAL = ["--seq-len", "64", "--max-eval-tokens", "512"]
+CALIB = ["--calib-tokens", "1024"]
+TRAIN = ["--finetune-seq-len", "64", "--max-steps", "2", "--max-val-tokens", "256"]
+CALIB_TOKENS = 1024
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machines have 2 shared cores; one thread keeps the tiny runs from contending."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sample_texts(name: str) -> list[str]:
+    path = sample_data_dir() / name
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with a 500-token byte-level BPE, saved to disk.
+
+    The tokenizer learns from the economics train split plus off-domain text, so some of its merges
+    are words the economics domain never uses: vocabulary trimming has something to remove.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    off_domain = ["Quokkas juggle xylophones in Zanzibar; 東京の寿司 🍣 zwölf Jämmerlich. " * 2000]
+    texts = sample_texts("economics.train.jsonl") + off_domain
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    model = make_tiny_llama(len(tokenizer), max_position_embeddings=256)
+    with torch.no_grad():  # layer 0's MLP is used less, so the per-layer layout gives it fewer channels
+        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    path = tmp_path_factory.mktemp("models") / "base"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stats_file(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("stats") / "stats.safetensors"
+    code = main(
+        [
+            "analyze",
+            "--model",
+            str(model_dir),
+            "--data",
+            "sample",
+            *CPU,
+            "--seq-len",
+            "64",
+            *CALIB,
+            "--out",
+            str(path),
+        ]
+    )
+    assert code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(model_dir, stats_file, tmp_path_factory):
+    """Half the MLP and half the heads, uniform layout (plain transformers loads it)."""
+    out = tmp_path_factory.mktemp("pruned") / "half"
+    args = ["prune", "--model", model_dir, "--stats", stats_file, "--mlp-ratio", "0.5", "--head-ratio", "0.5"]
+    code = main([str(a) for a in [*args, *CPU, "--out", out]])
+    assert code == 0
+    return out
+
+
+def config_of(path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# analyze
+
+
+def test_analyze_writes_loadable_stats_and_refuses_to_overwrite(capsys, model_dir, stats_file):
+    from minigpts.analysis import ActivationStats
+
+    stats = ActivationStats.load(stats_file)
+    assert stats.n_tokens == CALIB_TOKENS  # 16 windows of 64 tokens
+    assert stats.metadata["windows"] == CALIB_TOKENS // 64
+    assert int(stats.token_counts.sum()) == CALIB_TOKENS
+    assert [t.numel() for t in stats.mlp_l1] == [64, 64]
+    code, _, err = run_cli(
+        capsys,
+        "analyze",
+        "--model",
+        model_dir,
+        "--data",
+        "sample",
+        *CPU,
+        "--seq-len",
+        "64",
+        *CALIB,
+        "--out",
+        stats_file,
+    )
+    assert code == 2 and "--force" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# prune
+
+
+def test_prune_dry_run_prints_plan_and_writes_nothing(capsys, tmp_path, model_dir, stats_file):
+    out = tmp_path / "never"
+    code, stdout, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        model_dir,
+        "--stats",
+        stats_file,
+        "--mlp-ratio",
+        "0.5",
+        "--head-ratio",
+        "0.5",
+        "--dry-run",
+        *CPU,
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    assert "MLP channels" in stdout and "nothing written" in stdout
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_prune_uniform_loads_with_plain_transformers(pruned_dir, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    config = config_of(pruned_dir)
+    assert "auto_map" not in config
+    assert config["intermediate_size"] == config_of(model_dir)["intermediate_size"] // 2
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    assert model.model.layers[0].mlp.down_proj.in_features == 32
+    assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] in (1, 2)
+    assert model.model.layers[0].self_attn.o_proj.in_features == 2 * config["head_dim"]
+    info = json.loads((pruned_dir / "minigpts.json").read_text())
+    assert info["layout"] == "uniform" and info["metadata"]["base_model"] == str(model_dir)
+    assert "Pruned" in (pruned_dir / "README.md").read_text()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_prune_per_layer_loads_with_remote_code_and_same_logits(capsys, tmp_path, model_dir, stats_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import minigpts
+    from minigpts.analysis import ActivationStats
+    from minigpts.pipeline import PlanOptions, apply_full_plan, build_plan
+
+    out = tmp_path / "per-layer"
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        model_dir,
+        "--stats",
+        stats_file,
+        "--mlp-ratio",
+        "0.5",
+        "--layout",
+        "per-layer",
+        *CPU,
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    config = config_of(out)
+    assert "auto_map" in config and (out / "modeling_minigpts.py").is_file()
+    overrides = config["per_layer_config"]  # {layer index: fields that differ from the top level}
+    widths = [
+        overrides.get(str(i), {}).get("intermediate_size", config["intermediate_size"]) for i in range(2)
+    ]
+    assert widths[0] < widths[1] and all(w % 8 == 0 for w in widths)
+    assert abs(sum(widths) - 64) <= 8  # half of 2 × 64 channels, spread by score, rounded to 8 per layer
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert [layer.mlp.down_proj.in_features for layer in remote.model.layers] == widths
+    loaded, tokenizer = minigpts.load(out)
+
+    # the same plan applied in memory gives the same model
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    plan = build_plan(
+        base,
+        AutoTokenizer.from_pretrained(model_dir),
+        ActivationStats.load(stats_file),
+        PlanOptions(mlp_ratio=0.5, layout="per-layer"),
+    )
+    in_memory, _ = apply_full_plan(base, None, plan)
+    ids = torch.tensor([tokenizer.encode("The price of goods rises when demand grows.")])
+    with torch.no_grad():
+        expected = in_memory(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(remote(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_prune_refuses_non_empty_out_without_force(capsys, model_dir, stats_file, pruned_dir):
+    before = sorted(p.name for p in pruned_dir.iterdir())
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        model_dir,
+        "--stats",
+        stats_file,
+        "--mlp-ratio",
+        "0.25",
+        *CPU,
+        "--out",
+        pruned_dir,
+    )
+    assert code == 2 and "--force" in err and err.count("\n") == 1
+    assert sorted(p.name for p in pruned_dir.iterdir()) == before
+
+
+def test_prune_vocabulary_only_keeps_tokenizer_lossless(capsys, tmp_path, model_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "vocab"
+    code, stdout, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        model_dir,
+        "--embedding-threshold",
+        "0",
+        "--data",
+        "sample",
+        *CPU,
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    assert "vocabulary:" in stdout
+    before, after = config_of(model_dir)["vocab_size"], config_of(out)["vocab_size"]
+    assert after < before
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == after
+    for text in ["Zürich 東京 🚀", "Supply and demand\n\tdetermine prices.", "<|endoftext|>"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert max(ids) < after
+        assert tokenizer.decode(ids) == text
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+
+
+STAGE_KEYS = ("params", "perplexity", "bits_per_byte", "eval_tokens", "general")
+
+
+def test_run_with_controls_writes_report_and_model(capsys, tmp_path, model_dir):
+    import minigpts
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        model_dir,
+        "--data",
+        "sample",
+        *CPU,
+        *EVAL,
+        *CALIB,
+        *TRAIN,
+        "--mlp-ratio",
+        "0.5",
+        "--finetune",
+        "full",
+        "--controls",
+        "--general-data",
+        "sample-medical",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    stages = report["stages"]
+    assert list(stages) == [
+        "base",
+        "pruned",
+        "finetuned",
+        "control_base_finetuned",
+        "control_random_finetuned",
+    ]
+    for name, stage in stages.items():
+        for key in STAGE_KEYS:
+            assert key in stage, (name, key)
+        assert 0 < stage["eval_tokens"] <= 512
+        assert stage["general"]["bits_per_byte"] > 0
+        assert report[name] == stage
+    assert stages["finetuned"]["finetune"]["steps"] == 2
+    assert stages["control_base_finetuned"]["finetune"]["steps"] == 2
+    assert stages["pruned"]["params"] < stages["base"]["params"]
+    assert stages["finetuned"]["params"] == stages["pruned"]["params"]
+    assert stages["control_random_finetuned"]["params"] == stages["finetuned"]["params"]
+    assert stages["control_base_finetuned"]["params"] == stages["base"]["params"]
+    assert "bits/byte" in (out / "report.md").read_text()
+    assert not (tmp_path / ".run.work").exists()
+    model, tokenizer = minigpts.load(out)
+    assert (
+        sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        == stages["finetuned"]["params"]
+    )
+    assert "bits/byte" in stdout
+
+
+def test_run_dry_run_writes_nothing(capsys, tmp_path, model_dir):
+    out = tmp_path / "dry"
+    code, stdout, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        model_dir,
+        "--data",
+        "sample",
+        *CPU,
+        *EVAL,
+        *CALIB,
+        "--mlp-ratio",
+        "0.5",
+        "--dry-run",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    assert "MLP channels" in stdout and "nothing written" in stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_rejects_unknown_finetune_method(capsys, tmp_path, model_dir):
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        model_dir,
+        "--data",
+        "sample",
+        *CPU,
+        "--mlp-ratio",
+        "0.5",
+        "--finetune",
+        "banana",
+        "--out",
+        tmp_path / "x",
+    )
+    assert code == 2 and "--finetune banana" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_with_mcq_scores_every_stage(capsys, tmp_path, model_dir):
+    mcq = tmp_path / "econ_quiz.jsonl"
+    questions = [
+        {
+            "question": "What happens to price when demand rises?",
+            "choices": ["It rises", "It falls"],
+            "answer": 0,
+        },
+        {
+            "context": "Opportunity cost.",
+            "question": "Opportunity cost is the value of the",
+            "choices": ["next best alternative", "chosen option", "tax paid"],
+            "answer": 0,
+        },
+        {"question": "GDP measures", "choices": ["output", "rainfall", "height", "speed"], "answer": 0},
+    ]
+    mcq.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        model_dir,
+        "--data",
+        "sample",
+        *CPU,
+        *EVAL,
+        *CALIB,
+        "--mlp-ratio",
+        "0.5",
+        "--mcq",
+        mcq,
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert list(stages) == ["base", "pruned"]
+    for stage in stages.values():
+        result = stage["mcq"]["econ_quiz"]
+        assert result["questions"] == 3
+        assert result["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+        assert 3 * result["accuracy"] == pytest.approx(round(3 * result["accuracy"]))
+        assert 0 <= result["accuracy_norm"] <= 1
+    assert "mcq econ_quiz" in stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# finetune
+
+
+def test_finetune_full_writes_model_and_no_work_dir(capsys, tmp_path, pruned_dir):
+    import minigpts
+
+    out = tmp_path / "D2"
+    code, stdout, err = run_cli(
+        capsys, "finetune", "--model", pruned_dir, "--data", "sample", *CPU, *TRAIN, "--out", out
+    )
+    assert code == 0, err
+    assert "2 steps" in stdout
+    assert not (tmp_path / ".D2.work").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D2"]
+    model, _ = minigpts.load(out)
+    info = json.loads((out / "minigpts.json").read_text())
+    assert info["metadata"]["finetune"]["steps"] == 2
+    assert info["plan"] == json.loads((pruned_dir / "minigpts.json").read_text())["plan"]
+    assert model.config.intermediate_size == config_of(pruned_dir)["intermediate_size"]
+    tuned = dict(model.named_parameters())
+    from transformers import AutoModelForCausalLM
+
+    pruned = dict(AutoModelForCausalLM.from_pretrained(pruned_dir).named_parameters())
+    assert any(not torch.equal(tuned[name], pruned[name]) for name in pruned)  # training moved weights
+
+
+def test_finetune_distill_uses_recorded_base_model(capsys, tmp_path, pruned_dir, model_dir):
+    out = tmp_path / "distilled"
+    code, stdout, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        pruned_dir,
+        "--data",
+        "sample",
+        *CPU,
+        *TRAIN,
+        "--method",
+        "distill",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    assert "distill" in stdout
+    info = json.loads((out / "minigpts.json").read_text())
+    assert info["metadata"]["base_model"] == str(model_dir)
+    assert info["metadata"]["finetune"]["method"] == "distill"
+    assert not (tmp_path / ".distilled.work").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# sweep
+
+
+@pytest.fixture(scope="module")
+def second_corpus(tmp_path_factory):
+    """A small pre-split domain corpus ("retail") in JSON Lines."""
+    root = tmp_path_factory.mktemp("retail")
+    words = ["shop", "price", "basket", "discount", "customer", "store", "shelf", "sale", "stock", "order"]
+    for split, n in (("train", 24), ("valid", 4), ("test", 4)):
+        docs = [
+            " ".join(words[(i + j) % len(words)] for j in range(60)) + f" Receipt number {i}."
+            for i in range(n)
+        ]
+        (root / f"retail.{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return root / "retail.*.jsonl"
+
+
+SWEEP_OUTPUTS = [
+    "sweep.md",
+    "sweep.csv",
+    "sweep.json",
+    "report.html",
+    "size_vs_bpb.png",
+    "neuron_magnitudes.png",
+    "token_frequencies.png",
+]
+
+
+SWEEP_OPTIONS = {  # as a YAML recipe holds them; the flags are the same values as strings
+    "target-params": [0.8, 0.6],
+    "seq-len": 64,
+    "max-eval-tokens": 512,
+    "calib-tokens": 1024,
+    "finetune": "full",
+    "max-steps": 1,
+    "finetune-seq-len": 64,
+    "max-val-tokens": 256,
+    "device": "cpu",
+}
+DETERMINISTIC_COLUMNS = [
+    "domain",
+    "setting",
+    "params",
+    "relative_size",
+    "bpb_base",
+    "bpb_pruned",
+    "bpb_recovered",
+]
+
+
+def read_sweep(out) -> list[dict]:
+    """Check every sweep output exists and return the CSV rows: 2 domains × 2 targets."""
+    for name in SWEEP_OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert len(json.loads((out / "sweep.json").read_text())["rows"]) == 4
+    assert not (out.parent / f".{out.name}.work").exists()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sweep_rows(model_dir, second_corpus, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("sweep") / "S"
+    flags = [
+        x
+        for key, value in SWEEP_OPTIONS.items()
+        for x in [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    ]
+    code = main(
+        [
+            "sweep",
+            "--model",
+            str(model_dir),
+            "--data",
+            "sample",
+            str(second_corpus),
+            *flags,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return read_sweep(out)
+
+
+def test_sweep_two_domains_two_targets(sweep_rows):
+    assert sorted((r["domain"], r["setting"]) for r in sweep_rows) == [
+        ("economics", "target=0.6"),
+        ("economics", "target=0.8"),
+        ("retail", "target=0.6"),
+        ("retail", "target=0.8"),
+    ]
+    size = {(r["domain"], r["setting"]): float(r["relative_size"]) for r in sweep_rows}
+    for domain in ("economics", "retail"):
+        assert size[(domain, "target=0.6")] < size[(domain, "target=0.8")] < 1
+    for r in sweep_rows:
+        assert float(r["bpb_recovered"]) > 0 and float(r["bpb_pruned"]) > 0
+
+
+def test_sweep_from_yaml_recipe_matches_flags(capsys, tmp_path, model_dir, second_corpus, sweep_rows):
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    options = {"model": str(model_dir), "data": ["sample", str(second_corpus)], **SWEEP_OPTIONS}
+    options["calib_tokens"] = options.pop("calib-tokens")  # underscores are accepted too
+    recipe.write_text(yaml.safe_dump(options))
+    out = tmp_path / "S"
+    code, _, err = run_cli(capsys, "sweep", "--config", recipe, "--out", out)
+    assert code == 0, err
+    rows = read_sweep(out)
+    project = lambda table: [[r[c] for c in DETERMINISTIC_COLUMNS] for r in table]  # noqa: E731
+    assert project(rows) == project(sweep_rows)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text() + "banana-ratio: 0.5\n")
+    code, _, err = run_cli(capsys, "sweep", "--config", bad, "--out", tmp_path / "S2")
+    assert code == 2 and "banana-ratio" in err and err.count("\n") == 1
+    assert not (tmp_path / "S2").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# bad plans
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        (["--mlp-ratio", "1.0"], "--mlp-ratio 1.0"),
+        (["--target-params", "0"], "--target-params 0"),
+        ([], "nothing to prune"),
+    ],
+)
+def test_bad_plans_are_one_line_exit_2(capsys, tmp_path, model_dir, stats_file, plan, message):
+    out = tmp_path / "never"
+    code, _, err = run_cli(
+        capsys, "prune", "--model", model_dir, "--stats", stats_file, *plan, *CPU, "--out", out
+    )
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_yaml_scalars_become_typed_flags_and_the_command_line_wins(tmp_path):
+    """A scalar where a list is allowed, a quoted number, and a CLI flag overriding the recipe."""
+    import yaml
+
+    from minigpts.cli import apply_config_file, build_parser
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"data": "sample", "target-params": "0.8", "max-steps": 3, "controls": True})
+    )
+    parser = build_parser()
+    argv = apply_config_file(parser, ["sweep", "--config", str(recipe), "--out", "o", "--max-steps", "5"])
+    args = parser.parse_args(argv)
+    assert args.data == ["sample"]
+    assert args.target_params == [0.8]
+    assert args.controls is True
+    assert args.max_steps == 5
