@@ -21,6 +21,7 @@ from torch import nn
 import minigpts
 from minigpts.arch import get_adapter
 from minigpts.errors import UserError
+from minigpts.evaluation import count_parameters
 from minigpts.plan import PruningPlan
 from minigpts.surgery import layer_widths
 
@@ -81,11 +82,6 @@ def modeling_source(model: nn.Module) -> tuple[str, str]:
     return class_name, source
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding/LM head counts once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def save_model(
     model: nn.Module,
     tokenizer: Any,
@@ -136,7 +132,7 @@ def _write(model: nn.Module, tokenizer: Any, path: Path, plan: PruningPlan | Non
         "minigpts_version": minigpts.__version__,
         "layout": layout,
         "trust_remote_code": remote,
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(model)[0],
         "plan": plan.to_dict() if plan is not None else None,
         "metadata": metadata,
     }
@@ -170,7 +166,7 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
     adapter = get_adapter(model)
     widths = layer_widths(model)
     base = metadata.get("base_model") or (plan.settings.get("model") if plan else None)
-    params_after = count_parameters(model)
+    params_after = count_parameters(model)[0]
     params_before = metadata.get("params_before") or (plan.summary.get("params_before") if plan else None)
     lines = [
         "---",
