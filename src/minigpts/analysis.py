@@ -24,7 +24,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +278,7 @@ def analyze(
         "seconds": round(seconds, 3),
         "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None,
         "minigpts_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     provenance.update(metadata or {})
 
