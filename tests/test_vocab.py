@@ -449,6 +449,28 @@ def test_config_ids_are_forced(byte_case):
         select_vocab(tokenizer, byte_case.counts, min_count=1, model_config=LlamaConfig(bos_token_id=10**6))
 
 
+def test_keep_general_adds_the_first_merges_and_stays_closed(byte_case):
+    tokenizer = byte_case.original
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in spec["merges"]]
+    n = len(merges) // 2
+    general = {spec["vocab"][a + b] for a, b in merges[:n]}
+    selection = select_vocab(tokenizer, byte_case.counts, embedding_threshold=0, keep_general=n)
+    kept = set(selection.keep_ids)
+    assert general <= kept
+    assert kept == set(byte_case.selection.keep_ids) | general
+    assert selection.kept_special + selection.kept_byte + selection.kept_seen + selection.kept_closure == len(
+        kept
+    )
+    trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
+    text = "general tokens 東京 🚀"
+    assert trimmed.decode(trimmed(text, add_special_tokens=False)["input_ids"]) == text
+    with pytest.raises(UserError, match="--vocab-keep-general"):
+        select_vocab(tokenizer, byte_case.counts, embedding_threshold=0, keep_general=-1)
+    with pytest.raises(UserError, match="does not combine"):
+        select_vocab(tokenizer, byte_case.counts, vocab_size=len(kept), keep_general=3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(threshold=st.floats(0, 0.01), factor=st.floats(1, 10))
 def test_thresholds_are_monotone(byte_case, threshold, factor):

@@ -134,6 +134,14 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--vocab-min-count", type=int, help="prune tokens seen fewer than N times")
     v.add_argument(
+        "--vocab-keep-general",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also keep the tokenizer's first N BPE merges (its most general tokens), so held-out words "
+        "keep their usual spelling",
+    )
+    v.add_argument(
         "--vocab-size", type=int, help="keep exactly K tokens: the always-kept ones, then the most frequent"
     )
 
@@ -221,6 +229,7 @@ def plan_options(args):
         embedding_threshold=args.embedding_threshold,
         vocab_min_count=args.vocab_min_count,
         vocab_size=args.vocab_size,
+        vocab_keep_general=args.vocab_keep_general,
     )
 
 

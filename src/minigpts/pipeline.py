@@ -69,6 +69,7 @@ class PlanOptions:
     embedding_threshold: float | None = None
     vocab_min_count: int | None = None
     vocab_size: int | None = None
+    vocab_keep_general: int = 0
 
     def has_structure(self) -> bool:
         values = [
@@ -266,6 +267,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             embedding_threshold=options.embedding_threshold,
             min_count=options.vocab_min_count,
             vocab_size=options.vocab_size,
+            keep_general=options.vocab_keep_general,
             model_config=model.config,
             generation_config=getattr(model, "generation_config", None),
         )
@@ -314,6 +316,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             embedding_threshold=options.embedding_threshold,
             vocab_min_count=options.vocab_min_count,
             vocab_size=options.vocab_size,
+            vocab_keep_general=options.vocab_keep_general,
         )
     return plan
 
