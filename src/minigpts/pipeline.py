@@ -7,6 +7,7 @@ user can keep (stats, plan, model directory, report).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -569,17 +570,14 @@ def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
 def timed(timings: dict, name: str):
-    """Context manager recording seconds spent in a stage."""
-
-    class _Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc):
-            timings[name] = round(time.perf_counter() - self.start, 2)
-
-    return _Timer()
+    """Record the seconds spent in a stage under ``timings[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - start, 2)
 
 
 # --------------------------------------------------------------------------------------------------
