@@ -390,7 +390,7 @@ def cmd_analyze(args) -> int:
     corpus = load_data(args)
     print_splits(corpus)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    stats = run_analysis(loaded.model, loaded.tokenizer, corpus, options, model_name=loaded.name)
+    stats = run_analysis(loaded.model, loaded.tokenizer, corpus, options, model_name=loaded.source_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)
     console().print(f"statistics of {stats.n_tokens:,} calibration tokens written to {out}")

@@ -641,7 +641,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
                 base_tokenizer,
                 corpus,
                 options.analysis,
-                model_name=loaded.name,
+                model_name=loaded.source_id,
                 progress=progress,
             )
     with timed(timings, "plan"):

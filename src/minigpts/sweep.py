@@ -144,7 +144,12 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         corpus = corpora[domain]
         say(f"[bold]{domain}[/bold]: {len(grid)} settings")
         stats = run_analysis(
-            base_model, base_tokenizer, corpus, options.analysis, model_name=loaded.name, progress=progress
+            base_model,
+            base_tokenizer,
+            corpus,
+            options.analysis,
+            model_name=loaded.source_id,
+            progress=progress,
         )
         magnitudes[domain] = torch.cat(stats.mlp_l1).tolist()
         frequencies[domain] = stats.token_counts.tolist()
