@@ -96,3 +96,42 @@ def test_smollm2_byte_lengths_match_utf8(smollm2):
     ids = tokenize_stream(smollm2.tokenizer, texts)
     lengths = token_byte_lengths(smollm2.tokenizer)
     assert int(lengths[ids].sum()) == len("\n\n".join(texts).encode("utf-8"))
+
+
+def test_chunked_head_equals_full_logits_and_restores_the_head(tiny_tokenizer, tiny_llama, monkeypatch):
+    import minigpts.evaluation as evaluation
+
+    head = tiny_llama.get_output_embeddings()
+    monkeypatch.setattr(evaluation, "LOGIT_CHUNK_ELEMENTS", 7 * head.out_features)  # 7 positions per chunk
+    result = evaluate(tiny_llama, tiny_tokenizer, TEXTS, model_name="t", seq_len=33, progress=False)
+    nll, tokens, _ = independent_nll_and_bytes(tiny_llama, tiny_tokenizer, TEXTS, 33)
+    assert result.eval_tokens == tokens
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+    assert tiny_llama.get_output_embeddings() is head
+    assert tiny_llama.lm_head.weight is tiny_llama.model.embed_tokens.weight  # still tied
+
+
+def test_models_that_transform_their_logits_are_scored_on_the_real_logits(tiny_tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from minigpts.evaluation import deferred_head
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=0.5,  # logits = 0.5 * tanh(head / 0.5): far from the raw head output
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    probe = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad(), deferred_head(model, probe) as head:
+        assert head is None  # soft-capping detected: the full logits are used
+    result = evaluate(model, tiny_tokenizer, TEXTS, model_name="g", seq_len=16, progress=False)
+    nll, _, _ = independent_nll_and_bytes(model, tiny_tokenizer, TEXTS, 16)
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)

@@ -8,8 +8,7 @@ forward pre-hooks on the projections that *consume* each group's activations:
 - hidden channel j: input column j of every projection reading the (normed) residual stream.
 
 Per unit we keep the sums of ``|a|`` and ``a²`` over every token, in float64, streamed batch by
-batch (each batch is first reduced to per-channel sums in its own dtype, float32 for 16-bit
-activations), so memory stays at one float64 vector per hooked projection. ``mean |a|`` is the
+batch (each batch is first reduced to per-channel float32 sums, in cache-sized blocks on CPU), so memory stays at one float64 vector per hooked projection. ``mean |a|`` is the
 paper's score; ``sqrt(mean a²)`` is Wanda's ``‖X_j‖₂ / √N``. The token counts of the
 calibration windows are kept too, so vocabulary trimming can reuse this pass.
 
@@ -170,25 +169,66 @@ class ActivationStats:
         )
 
 
+class _Scratch:
+    """One scratch buffer shared by every hook of a pass, grown on demand.
+
+    Reducing an activation in cache-sized row blocks through this buffer (|x| in place, sum, square
+    in place, sum) reads it once instead of allocating two full-size temporaries: on a 2-core CPU
+    that is 3× faster than ``x.abs().sum(0)`` + ``(x * x).sum(0)`` for SmolLM2's MLP activations.
+    """
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """A [rows, width] view: float64 for float64 activations, float32 for every other dtype."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        needed = rows * width
+        buffer = self.buffer
+        if buffer is None or buffer.numel() < needed or buffer.device != like.device or buffer.dtype != dtype:
+            self.buffer = buffer = torch.empty(needed, dtype=dtype, device=like.device)
+        return buffer[:needed].view(rows, width)
+
+
+CPU_BLOCK_ROWS = 1024  # 6 MB blocks for a 1536-wide MLP: fits the caches of small CPUs
+
+
 class _ChannelSums:
     """Running float64 sums of |a| and a² per channel (last dim) of the tensors it is given.
 
-    Each batch is reduced in its own dtype (float32 for 16-bit activations, whose sums over
-    thousands of tokens would lose the small channels), then added in float64. Scratch buffers and
-    a matrix-vector form of the sums were measured too: faster in isolation, no faster inside the
-    forward, where reading the activation once dominates (hooks ≈ 3% of a SmolLM2 forward on CPU).
+    Each batch is reduced in float32 (float64 activations in float64; 16-bit ones are widened
+    first: their sums over thousands of tokens would lose the small channels), block by block on
+    CPU, then added in float64.
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device):
+    def __init__(self, shape: tuple[int, ...], device: torch.device, scratch: _Scratch):
         self.abs_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.square_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.scratch = scratch
 
     def add(self, x: torch.Tensor, row: int | tuple = ()) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        self.abs_sum[row] += x.abs().sum(0).to(self.abs_sum.device)
-        self.square_sum[row] += (x * x).sum(0).to(self.square_sum.device)
+        abs_sum, square_sum = _reduce(x, self.scratch)
+        self.abs_sum[row] += abs_sum.to(self.abs_sum.device)
+        self.square_sum[row] += square_sum.to(self.square_sum.device)
+
+
+def _reduce(x: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sums of |x| and x² over every row of ``x`` [..., channels] (float32, or float64)."""
+    x = x.reshape(-1, x.shape[-1])
+    rows, width = x.shape
+    block = CPU_BLOCK_ROWS if x.device.type == "cpu" else rows
+    buffer = scratch.get(min(block, rows), width, x)
+    abs_sum = torch.zeros(width, dtype=buffer.dtype, device=x.device)
+    square_sum = torch.zeros(width, dtype=buffer.dtype, device=x.device)
+    for start in range(0, rows, block):
+        chunk = x[start : start + block]
+        work = buffer[: chunk.shape[0]]
+        work.copy_(chunk)
+        work.abs_()
+        abs_sum += work.sum(0)
+        work.mul_(work)
+        square_sum += work.sum(0)
+    return abs_sum, square_sum
 
 
 def _check_windows(windows: torch.Tensor, vocab_size: int) -> torch.LongTensor:
@@ -234,10 +274,13 @@ def analyze(
     sums_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
     layers = adapter.layers(model)
 
-    mlp = [_ChannelSums((adapter.mlp_out(layer).in_features,), sums_device) for layer in layers]
-    attn = [_ChannelSums((adapter.attn_out(layer).in_features,), sums_device) for layer in layers]
+    scratch = _Scratch()
+    mlp = [_ChannelSums((adapter.mlp_out(layer).in_features,), sums_device, scratch) for layer in layers]
+    attn = [_ChannelSums((adapter.attn_out(layer).in_features,), sums_device, scratch) for layer in layers]
     readers = [adapter.residual_readers(layer) for layer in layers]
-    reader_sums = [_ChannelSums((len(modules), modules[0].in_features), sums_device) for modules in readers]
+    reader_sums = [
+        _ChannelSums((len(modules), modules[0].in_features), sums_device, scratch) for modules in readers
+    ]
 
     def hook(sums: _ChannelSums, row: int | tuple = ()):
         return lambda module, args: sums.add(args[0], row)

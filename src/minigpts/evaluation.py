@@ -10,6 +10,7 @@ so models with different tokenizers can be compared on the same text.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -148,6 +149,63 @@ def model_size(model, path: str | Path | None = None) -> tuple[int, str]:
     return size, "memory"
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits at a time (341 positions of a 49k vocabulary)
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for the LM head so the model returns its final hidden states as "logits"."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextlib.contextmanager
+def deferred_head(model, probe: torch.Tensor):
+    """Yield the model's LM head while the model returns hidden states instead of logits, or None.
+
+    Full-vocabulary logits of a [4, 1024] batch are 800 MB in float32 (more than SmolLM2's weights),
+    and cross-entropy doubles that; applying the head to a few hundred positions at a time keeps
+    evaluation memory at the size of the activations. Checked on ``probe`` (a few token ids): if
+    the model post-processes its logits (soft-capping, scaling) the head is not deferred (None).
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        yield None
+        return
+    expected = model(input_ids=probe, use_cache=False).logits.float()
+    model.set_output_embeddings(_PassThrough())
+    try:
+        hidden = model(input_ids=probe, use_cache=False).logits
+        same = hidden.shape[-1] == head.in_features and torch.allclose(
+            head(hidden).float(), expected, rtol=1e-3, atol=1e-3
+        )
+        if not same:
+            model.set_output_embeddings(head)
+            yield None
+            return
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
+def _nll_sum(model, head, ids: torch.Tensor) -> float:
+    """Summed next-token NLL (nats) of a [B, L] batch, the head applied in chunks when deferred."""
+    targets = ids[:, 1:].reshape(-1)
+    if head is None:
+        logits = model(input_ids=ids, use_cache=False).logits
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets, reduction="sum"
+        ).item()
+    hidden = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
+    total = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start : start + chunk]).float()
+        total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum").item()
+    return total
+
+
 @torch.inference_mode()
 def evaluate_windows(model, windows, byte_lengths, batch_size: int = 4, progress=None) -> dict:
     """Sum of next-token NLL (nats) over every token but each window's first, with tokens and bytes.
@@ -163,24 +221,22 @@ def evaluate_windows(model, windows, byte_lengths, batch_size: int = 4, progress
     was_training = model.training
     model.eval()
     try:
-        i = 0
-        while i < len(windows):
-            length = len(windows[i])
-            batch = [windows[i]]
-            i += 1
-            while i < len(windows) and len(batch) < batch_size and len(windows[i]) == length:
-                batch.append(windows[i])
+        probe = windows[0][:8].unsqueeze(0).to(device) if windows else None
+        with deferred_head(model, probe) if probe is not None else contextlib.nullcontext() as head:
+            i = 0
+            while i < len(windows):
+                length = len(windows[i])
+                batch = [windows[i]]
                 i += 1
-            ids = torch.stack(batch).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            nll_sum += loss.item()
-            tokens += ids[:, 1:].numel()
-            n_bytes += int(byte_lengths[ids[:, 1:].cpu()].sum())
-            if progress is not None:
-                progress(ids.numel())
+                while i < len(windows) and len(batch) < batch_size and len(windows[i]) == length:
+                    batch.append(windows[i])
+                    i += 1
+                ids = torch.stack(batch).to(device)
+                nll_sum += _nll_sum(model, head, ids)
+                tokens += ids[:, 1:].numel()
+                n_bytes += int(byte_lengths[ids[:, 1:].cpu()].sum())
+                if progress is not None:
+                    progress(ids.numel())
     finally:
         model.train(was_training)
     return {"nll_sum": nll_sum, "tokens": tokens, "bytes": n_bytes}

@@ -665,8 +665,19 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         f"base: bits/byte {stages['base']['bits_per_byte']:.4f}, perplexity {stages['base']['perplexity']:.3f}"
     )
 
+    recovery = dataclasses.replace(options.recovery, method=options.finetune)
+    stop_at_bpb = None
+    if options.finetune != "none" and recovery.stop_at_base:
+        stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
+        say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
+    # The unpruned model is only needed later as a teacher or to build the controls; otherwise it is
+    # pruned in place, so the run never holds two models (peak memory ≈ one model + activations).
+    keep_base = options.controls or recovery.method == "distill"
     with timed(timings, "prune"):
-        pruned, pruned_tokenizer = apply_full_plan(copy_model(base_model), base_tokenizer, plan)
+        target = copy_model(base_model) if keep_base else base_model
+        pruned, pruned_tokenizer = apply_full_plan(target, base_tokenizer, plan)
+        if not keep_base:
+            base_model = loaded.model = None
     with timed(timings, "eval_pruned"):
         stages["pruned"] = evaluate_stage(
             pruned, pruned_tokenizer, corpus, options.evaluation, name="pruned", **eval_kwargs
@@ -677,11 +688,6 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
 
     final_model, final_tokenizer = pruned, pruned_tokenizer
     work = work_dir_for(out)
-    recovery = dataclasses.replace(options.recovery, method=options.finetune)
-    stop_at_bpb = None
-    if options.finetune != "none" and recovery.stop_at_base:
-        stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
-        say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
     recover = functools.partial(
         recover_stage,
         corpus=corpus,
