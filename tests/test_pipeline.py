@@ -286,6 +286,25 @@ def test_prune_vocabulary_only_keeps_tokenizer_lossless(capsys, tmp_path, model_
         assert tokenizer.decode(ids) == text
 
 
+def test_prune_vocabulary_keep_expected_keeps_more_tokens(capsys, tmp_path, model_dir):
+    seen_only, with_expected = tmp_path / "seen", tmp_path / "expected"
+    for out, extra in ((seen_only, []), (with_expected, ["--vocab-keep-expected", "60"])):
+        code, _, err = run_cli(
+            capsys, "prune", "--model", model_dir, "--embedding-threshold", "0", *extra,
+            "--data", "sample", *CPU, "--out", out,
+        )  # fmt: skip
+        assert code == 0, err
+    before = config_of(model_dir)["vocab_size"]
+    assert config_of(seen_only)["vocab_size"] < config_of(with_expected)["vocab_size"] < before
+    recorded = json.loads((with_expected / "minigpts.json").read_text())
+    assert '"vocab_keep_expected": 60' in json.dumps(recorded)
+    code, _, err = run_cli(
+        capsys, "prune", "--model", model_dir, "--vocab-keep-expected", "60", "--mlp-ratio", "0.5",
+        "--data", "sample", *CPU, "--out", tmp_path / "lonely",
+    )  # fmt: skip
+    assert code == 2 and "add --embedding-threshold" in err and err.count("\n") == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # run
 

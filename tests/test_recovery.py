@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from minigpts.data import make_windows, tokenize_stream
 from minigpts.errors import UserError
 from minigpts.evaluation import evaluate_windows, token_byte_lengths
-from minigpts.recovery import add_lora, distillation_loss, finetune, merge_lora
+from minigpts.recovery import add_lora, distillation_loss, finetune, merge_lora, schedule_factor
 
 SEQ_LEN = 32
 BATCH = 4
@@ -215,6 +215,47 @@ def test_max_minutes_stops_the_run_and_says_why(tiny_tokenizer, windows, tmp_pat
     assert result.stopped_because == "max_minutes" and result.steps == 1
     assert result.val_history[-1][0] == 1  # the stop evaluates ...
     assert (tmp_path / "checkpoints" / "checkpoint-1").is_dir()  # ... and saves, so it can be resumed
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_follows_whichever_budget_is_further_spent(kind):
+    def lr(step, elapsed=0.0, max_seconds=None):
+        return schedule_factor(step, 1000, elapsed, max_seconds, 0.1, kind)
+
+    assert lr(0) == 0 and lr(50) == pytest.approx(0.5) and lr(100) == pytest.approx(1.0)  # warm-up
+    assert lr(1000) == pytest.approx(0.0, abs=1e-12)  # annealed at the step horizon
+    steps = [lr(s) for s in range(100, 1001, 50)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # monotone decay after warm-up
+    # a minute budget that ends long before the step horizon: warm-up and decay fit into it
+    assert lr(5, elapsed=6, max_seconds=120) == pytest.approx(0.5)  # 5% of the minutes: mid warm-up
+    assert lr(40, elapsed=120, max_seconds=120) == pytest.approx(0.0, abs=1e-12)
+    assert lr(40, elapsed=66, max_seconds=120) == pytest.approx(lr(550))  # 55% of the minutes = step 550
+    assert lr(600, elapsed=6, max_seconds=120) == pytest.approx(lr(600))  # steps further spent: they lead
+    assert schedule_factor(500, 1000, 0, None, 0.1, "constant_with_warmup") == 1.0
+
+
+def test_a_minute_budget_anneals_the_learning_rate(tiny_tokenizer, windows, tmp_path, monkeypatch):
+    """With --max-minutes far shorter than the step horizon, the last step runs at a decayed rate."""
+    import minigpts.recovery as recovery
+
+    seen = []
+    factor = recovery.schedule_factor
+
+    def spy(step, total_steps, elapsed, max_seconds, warmup_ratio, kind):
+        value = factor(step, total_steps, elapsed, max_seconds, warmup_ratio, kind)
+        seen.append((step, total_steps, max_seconds, value))
+        return value
+
+    monkeypatch.setattr(recovery, "schedule_factor", spy)
+    train, val = windows
+    finetune(
+        make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, train, val, out_dir=tmp_path, max_steps=10_000,
+        max_epochs=None, max_minutes=0.05, progress=False,
+    )  # fmt: skip
+    assert seen and all(total == 10_000 and seconds == 3.0 for _, total, seconds, _ in seen)
+    last_step, _, _, last = seen[-1]
+    assert last_step < 1_000  # far from the step horizon: a step-only cosine would still be warming up
+    assert last < factor(last_step, 10_000, 0.0, None, 0.05, "cosine")
 
 
 def test_stop_at_ppl_stops_as_soon_as_validation_reaches_the_target(tiny_tokenizer, windows, tmp_path):

@@ -471,6 +471,51 @@ def test_keep_general_adds_the_first_merges_and_stays_closed(byte_case):
         select_vocab(tokenizer, byte_case.counts, vocab_size=len(kept), keep_general=3)
 
 
+def test_keep_expected_adds_the_most_expected_tokens_and_stays_closed(byte_case):
+    tokenizer = byte_case.original
+    rng = np.random.default_rng(0)
+    expected = rng.random(len(tokenizer) + 5)  # padded like a model's logits: the tail is ignored
+    k = 40
+    top = set(np.argsort(-expected[: len(tokenizer)], kind="stable")[:k].tolist())
+    selection = select_vocab(
+        tokenizer, byte_case.counts, embedding_threshold=0, expected=expected, keep_expected=k
+    )
+    kept = set(selection.keep_ids)
+    assert top <= kept
+    parents = {tokenizer.convert_tokens_to_ids(a + b): (a, b) for a, b in merge_pairs(tokenizer)}
+    for token_id in kept:  # every kept merge result keeps both parents: the BPE stays valid
+        if token_id in parents:
+            assert set(tokenizer.convert_tokens_to_ids(list(parents[token_id]))) <= kept
+    trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
+    text = "expected tokens 東京 🚀"
+    assert trimmed.decode(trimmed(text, add_special_tokens=False)["input_ids"]) == text
+    with pytest.raises(UserError, match="needs the model's expected"):
+        select_vocab(tokenizer, byte_case.counts, embedding_threshold=0, keep_expected=3)
+    with pytest.raises(UserError, match="does not combine"):
+        select_vocab(tokenizer, byte_case.counts, vocab_size=len(kept), expected=expected, keep_expected=3)
+    with pytest.raises(UserError, match="--vocab-keep-expected"):
+        select_vocab(tokenizer, byte_case.counts, embedding_threshold=0, expected=expected, keep_expected=-2)
+
+
+def merge_pairs(tokenizer) -> list[tuple[str, str]]:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+
+
+def test_expected_token_counts_are_summed_next_token_probabilities(byte_case):
+    from minigpts.vocab import expected_token_counts
+
+    tokenizer = byte_case.original
+    model = tiny_model("llama", len(tokenizer), tokenizer, tied=True)
+    windows = torch.randint(0, len(tokenizer), (3, 12), generator=torch.Generator().manual_seed(1))
+    expected = expected_token_counts(model, windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        reference = torch.softmax(model(windows).logits.double(), -1).sum((0, 1))
+    assert expected.shape == (len(tokenizer),)
+    assert expected.sum() == pytest.approx(windows.numel(), rel=1e-6)
+    assert np.allclose(expected, reference.numpy(), rtol=1e-4, atol=1e-6)
+
+
 @settings(max_examples=30, deadline=None)
 @given(threshold=st.floats(0, 0.01), factor=st.floats(1, 10))
 def test_thresholds_are_monotone(byte_case, threshold, factor):

@@ -142,6 +142,14 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
         "keep their usual spelling",
     )
     v.add_argument(
+        "--vocab-keep-expected",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also keep the K tokens the model expects most in the domain text (its summed next-token "
+        "probabilities over 16,384 calibration tokens): domain words the sample never showed",
+    )
+    v.add_argument(
         "--vocab-size", type=int, help="keep exactly K tokens: the always-kept ones, then the most frequent"
     )
 
@@ -230,6 +238,7 @@ def plan_options(args):
         vocab_min_count=args.vocab_min_count,
         vocab_size=args.vocab_size,
         vocab_keep_general=args.vocab_keep_general,
+        vocab_keep_expected=args.vocab_keep_expected,
     )
 
 

@@ -71,6 +71,7 @@ class PlanOptions:
     vocab_min_count: int | None = None
     vocab_size: int | None = None
     vocab_keep_general: int = 0
+    vocab_keep_expected: int = 0
 
     def has_structure(self) -> bool:
         values = [
@@ -247,7 +248,23 @@ def domain_token_counts(tokenizer, corpus: Corpus | None, stats=None):
     return count_tokens(tokenizer, texts)
 
 
-def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus | None = None):
+EXPECTED_COUNT_TOKENS = 16_384  # calibration tokens behind --vocab-keep-expected (~1 min on 2 CPU cores)
+
+
+def domain_expected_counts(model, tokenizer, corpus: Corpus | None, *, progress=True):
+    """The model's expected token counts over the first calibration windows (see --vocab-keep-expected)."""
+    from minigpts.vocab import expected_token_counts
+
+    if corpus is None:
+        raise UserError("--vocab-keep-expected runs the model over the domain text: give --data")
+    positions = getattr(model.config, "max_position_embeddings", None) or 1024
+    windows = calibration_windows(
+        tokenizer, corpus, AnalysisOptions(calib_tokens=EXPECTED_COUNT_TOKENS, seq_len=min(1024, positions))
+    )
+    return expected_token_counts(model, windows, progress=progress)
+
+
+def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus | None = None, progress=True):
     """Structured plan from the stats (+ the vocabulary selection when asked)."""
     from minigpts.plan import LayerPlan, PruningPlan, make_plan
 
@@ -257,11 +274,19 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             "--linear-threshold, --activation-threshold) and/or a vocabulary option (--embedding-threshold, "
             "--vocab-min-count, --vocab-size)"
         )
+    if not options.has_vocab() and (options.vocab_keep_general or options.vocab_keep_expected):
+        raise UserError(
+            "--vocab-keep-general / --vocab-keep-expected widen a vocabulary cut: add --embedding-threshold "
+            "or --vocab-min-count"
+        )
     selection = None
     if options.has_vocab():
         from minigpts.vocab import select_vocab
 
         counts = domain_token_counts(tokenizer, corpus, stats)
+        expected = None
+        if options.vocab_keep_expected:
+            expected = domain_expected_counts(model, tokenizer, corpus, progress=progress)
         selection = select_vocab(
             tokenizer,
             counts,
@@ -269,6 +294,8 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             min_count=options.vocab_min_count,
             vocab_size=options.vocab_size,
             keep_general=options.vocab_keep_general,
+            expected=expected,
+            keep_expected=options.vocab_keep_expected,
             model_config=model.config,
             generation_config=getattr(model, "generation_config", None),
         )
@@ -318,6 +345,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             vocab_min_count=options.vocab_min_count,
             vocab_size=options.vocab_size,
             vocab_keep_general=options.vocab_keep_general,
+            vocab_keep_expected=options.vocab_keep_expected,
         )
     return plan
 
@@ -645,7 +673,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
                 progress=progress,
             )
     with timed(timings, "plan"):
-        plan = build_plan(base_model, base_tokenizer, stats, options.plan, corpus=corpus)
+        plan = build_plan(base_model, base_tokenizer, stats, options.plan, corpus=corpus, progress=progress)
     if options.dry_run:
         return {"plan": plan, "timings": timings}
 

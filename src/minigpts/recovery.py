@@ -148,7 +148,59 @@ def distillation_loss(
     return loss, ce.detach(), kl.detach()
 
 
-class _DistillTrainer(Trainer):
+def schedule_factor(
+    step: int, total_steps: int, elapsed: float, max_seconds: float | None, warmup_ratio: float, kind: str
+) -> float:
+    """Learning-rate multiplier at a point of the run, on whichever budget is further spent.
+
+    Progress is max(step / total_steps, elapsed / max_seconds): a run bounded by ``--max-minutes``
+    warms up and anneals within its minutes. On a step horizon alone, a 3-minute CPU run that stops
+    after 50 of 840 planned steps spends 42 of them warming up and never decays.
+    """
+    progress = step / max(1, total_steps)
+    if max_seconds:
+        progress = max(progress, elapsed / max_seconds)
+    progress = min(1.0, progress)
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return progress / warmup_ratio
+    if kind.startswith("constant"):
+        return 1.0
+    rest = (progress - warmup_ratio) / max(1e-12, 1 - warmup_ratio)
+    if kind == "linear":
+        return max(0.0, 1 - rest)
+    return 0.5 * (1 + math.cos(math.pi * rest))  # cosine
+
+
+BUDGET_AWARE_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+class _BudgetScheduleMixin:
+    """Trainer mixin: the learning-rate schedule follows the step budget *and* the minute budget."""
+
+    clock = None
+    max_seconds: float | None = None
+    warmup_ratio: float = 0.0
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        kind = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+        if self.lr_scheduler is not None or kind not in BUDGET_AWARE_SCHEDULES:
+            return super().create_scheduler(num_training_steps, optimizer)
+        clock, max_seconds, warmup = self.clock, self.max_seconds, self.warmup_ratio
+
+        def factor(step: int) -> float:  # a plain function: LambdaLR does not pickle it into checkpoints
+            elapsed = clock.elapsed() if clock is not None else 0.0
+            return schedule_factor(step, num_training_steps, elapsed, max_seconds, warmup, kind)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+class _Trainer(_BudgetScheduleMixin, Trainer):
+    pass
+
+
+class _DistillTrainer(_BudgetScheduleMixin, Trainer):
     """Trainer whose training loss mixes CE with KL to a frozen teacher; validation stays plain CE."""
 
     loss_is_scaled_for_ga = False  # per-batch means: Trainer divides by the accumulation steps
@@ -418,9 +470,10 @@ def finetune(
 
     Budgets (any combination, first hit wins): ``max_epochs``, ``max_steps``, ``max_train_tokens``
     (turned into steps of batch_size·grad_accum·devices·seq_len tokens; the smallest of these three
-    is the cosine schedule's horizon), ``max_minutes`` (training wall clock, summed over resumed
-    runs), ``stop_at_ppl`` (the paper's rule: stop once validation perplexity ≤ it; checked before
-    the first step too, so a model already there is not trained), ``early_stopping_patience``
+    is the schedule's step horizon), ``max_minutes`` (training wall clock, summed over resumed
+    runs; warm-up and decay follow it too, see `schedule_factor`), ``stop_at_ppl`` (the paper's
+    rule: stop once validation perplexity ≤ it; checked before the first step too, so a model
+    already there is not trained), ``early_stopping_patience``
     (evaluations without a new best validation loss; the best checkpoint is then loaded back).
     Validation runs before training, every ``eval_every`` steps (default: ~10 per run, at least one
     per epoch) and at the end; a checkpoint is saved at every evaluation.
@@ -533,14 +586,15 @@ def finetune(
             temperature=distill_temperature,
         )
     else:
-        trainer = Trainer(**common)
+        trainer = _Trainer(**common)
+    max_seconds = None if max_minutes is None else max_minutes * 60
+    trainer.clock, trainer.max_seconds, trainer.warmup_ratio = clock, max_seconds, warmup_ratio
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
 
     scale = _ValScale(
         scored_tokens=val_windows[:, 1:].numel(),
         scored_bytes=None if byte_lengths is None else int(byte_lengths[val_windows[:, 1:]].sum()),
     )
-    max_seconds = None if max_minutes is None else max_minutes * 60
     with _without_transformers_bars():
         if resume_from is None:
             initial_eval = (0, trainer.evaluate()["eval_loss"])

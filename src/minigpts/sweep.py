@@ -186,7 +186,9 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         for index, (label, plan_options) in enumerate(grid):
             say(f"  {domain} · {label}")
             try:
-                plan = build_plan(base_model, base_tokenizer, stats, plan_options, corpus=corpus)
+                plan = build_plan(
+                    base_model, base_tokenizer, stats, plan_options, corpus=corpus, progress=progress
+                )
             except UserError as err:  # e.g. a threshold that would remove every unit: record and go on
                 say(f"  [yellow]skipped: {err}[/yellow]")
                 domain_runs["settings"][label] = {"skipped": str(err)}
