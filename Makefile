@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/minigpts run --data sample --out $(DEMO_OUT) --force \
 		--mlp-ratio 0.5 --head-ratio 0.34 --embedding-threshold 0 \
 		--calib-tokens 16384 --max-eval-tokens 8192 \
-		--finetune full --max-minutes 3 --finetune-seq-len 256 \
+		--finetune full --max-minutes 3 --finetune-seq-len 256 --lr 3e-4 --max-val-tokens 4096 \
 		--general-data sample-medical
 
 test: $(STAMP)
