@@ -306,6 +306,16 @@ def test_run_report_with_every_stage(tmp_path):
     assert "finetune 3.2 min" in markdown
 
 
+def test_plan_section_leads_with_the_whole_model_when_the_vocabulary_is_cut():
+    """A structural summary alone would claim 0.60 of the base while the model holds 0.45 of it."""
+    report = run_report(["base", "pruned"])
+    report["plan_summary"]["params_after_with_vocab"] = 450_000
+    section = run_report_markdown(report).split("## Pruning plan")[1]
+    assert "1,000,000 → 450,000 (0.45 of the base, vocabulary included" in section
+    assert "the structural cut alone keeps 600,000, 0.60" in section
+    assert "params after with vocab" not in section  # shown once, in the headline
+
+
 def test_run_report_with_base_and_pruned_only(tmp_path):
     report = run_report(["base", "pruned"])
     del report["stages"]["base"]["mcq"]

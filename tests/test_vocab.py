@@ -459,8 +459,14 @@ def test_keep_general_adds_the_first_merges_and_stays_closed(byte_case):
     kept = set(selection.keep_ids)
     assert general <= kept
     assert kept == set(byte_case.selection.keep_ids) | general
-    assert selection.kept_special + selection.kept_byte + selection.kept_seen + selection.kept_closure == len(
-        kept
+    assert selection.kept_seen == byte_case.selection.kept_seen
+    assert (
+        selection.kept_special
+        + selection.kept_byte
+        + selection.kept_seen
+        + selection.kept_widened
+        + selection.kept_closure
+        == len(kept)
     )
     trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
     text = "general tokens 東京 🚀"
@@ -482,6 +488,19 @@ def test_keep_expected_adds_the_most_expected_tokens_and_stays_closed(byte_case)
     )
     kept = set(selection.keep_ids)
     assert top <= kept
+    plain = select_vocab(tokenizer, byte_case.counts, embedding_threshold=0)
+    # the reasons stay honest: the criterion's tokens are still "seen", the rest counted as widened
+    assert selection.kept_seen == plain.kept_seen
+    # widened: the top-k not chosen by the criterion (some may have been merge parents before)
+    assert 0 < len(top - set(plain.keep_ids)) <= selection.kept_widened <= k
+    assert (
+        selection.kept_special
+        + selection.kept_byte
+        + selection.kept_seen
+        + selection.kept_widened
+        + selection.kept_closure
+        == len(kept)
+    )
     parents = {tokenizer.convert_tokens_to_ids(a + b): (a, b) for a, b in merge_pairs(tokenizer)}
     for token_id in kept:  # every kept merge result keeps both parents: the BPE stays valid
         if token_id in parents:

@@ -416,7 +416,8 @@ def print_plan(plan) -> None:
     if vocab:
         out.print(
             f"vocabulary: {vocab['before']:,} → {vocab['after']:,} tokens "
-            f"(kept: {vocab['kept_seen']:,} seen, {vocab['kept_special']:,} special, "
+            f"(kept: {vocab['kept_seen']:,} seen, {vocab.get('kept_widened', 0):,} expected/general, "
+            f"{vocab['kept_special']:,} special, "
             f"{vocab['kept_byte']:,} byte, {vocab['kept_closure']:,} merge parents); "
             f"{vocab['parameters_saved'] / 1e6:.2f}M parameters saved"
         )

@@ -337,6 +337,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             "kept_special": selection.kept_special,
             "kept_byte": selection.kept_byte,
             "kept_seen": selection.kept_seen,
+            "kept_widened": selection.kept_widened,
             "kept_closure": selection.kept_closure,
             "parameters_saved": vocab_parameters_saved(model, selection),
         }

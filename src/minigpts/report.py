@@ -292,13 +292,20 @@ def _plan_markdown(summary: Mapping) -> str:
     """Scalars as a list; lists of dicts (per-layer widths) as tables, so any plan summary renders."""
     lines = ["## Pruning plan", ""]
     before, after = summary.get("params_before"), summary.get("params_after")
-    if not _is_missing(before) and not _is_missing(after):
+    with_vocab = summary.get("params_after_with_vocab")
+    if not _is_missing(before) and not _is_missing(with_vocab):
+        lines.append(
+            f"- parameters: {_plain(before)} → {_plain(with_vocab)} ({_ratio(with_vocab, before)} of the base, "
+            f"vocabulary included; the structural cut alone keeps {_plain(after)}, {_ratio(after, before)}, "
+            "and the figures below are its own)"
+        )
+    elif not _is_missing(before) and not _is_missing(after):
         lines.append(
             f"- parameters: {_plain(before)} → {_plain(after)} ({_ratio(after, before)} of the base)"
         )
     tables = []
     for key, value in summary.items():
-        if key in ("params_before", "params_after"):
+        if key in ("params_before", "params_after", "params_after_with_vocab"):
             continue
         if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
             tables.append((key, value))

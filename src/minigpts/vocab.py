@@ -63,7 +63,7 @@ class VocabSelection:
     """Which tokens survive (old ids, ascending = new-id order) and why each was kept.
 
     Every kept token is counted under one reason, the first that applies in the order
-    special, byte, seen, closure; so the four counts add up to `vocab_after`.
+    special, byte, seen, widened, closure; so the five counts add up to `vocab_after`.
     """
 
     keep_ids: list[int]
@@ -74,8 +74,9 @@ class VocabSelection:
     value: float
     kept_special: int  # added/special tokens, chat-template scaffolding, config ids
     kept_byte: int  # byte alphabet / byte-fallback pieces and the pieces the pre-tokenizer needs
-    kept_seen: int  # chosen by the frequency criterion (or kept as general, see keep_general)
+    kept_seen: int  # chosen by the frequency criterion
     kept_closure: int  # only needed as a parent of a kept merge
+    kept_widened: int = 0  # not chosen by the criterion, kept by --vocab-keep-general / --vocab-keep-expected
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -427,9 +428,10 @@ def select_vocab(
             selected = counts >= _positive_int(value, "--vocab-min-count")
         seen = set(np.flatnonzero(selected).tolist())
 
-    seen |= general - forced
-    closure = _with_ancestors(forced | seen, parents) - forced - seen
-    keep_ids = sorted(forced | seen | closure)
+    widened = general - forced - seen
+    chosen = seen | widened
+    closure = _with_ancestors(forced | chosen, parents) - forced - chosen
+    keep_ids = sorted(forced | chosen | closure)
     return VocabSelection(
         keep_ids=keep_ids,
         vocab_before=size,
@@ -441,6 +443,7 @@ def select_vocab(
         kept_byte=len(byte - special),
         kept_seen=len(seen - forced),
         kept_closure=len(closure),
+        kept_widened=len(widened),
     )
 
 
