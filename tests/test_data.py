@@ -133,7 +133,7 @@ def test_encoding_override_reads_latin1(tmp_path):
 def test_missing_split_says_what_there_is(tmp_path):
     write_jsonl(tmp_path / "w.test.jsonl", DOCS[:3])
     corpus = load_corpus(str(tmp_path / "w.test.jsonl"))
-    with pytest.raises(UserError, match=r"split 'train' is empty.*test \(3 docs\)"):
+    with pytest.raises(UserError, match=r"split 'train' is empty.*test \(3 docs\).*split 80/10/10"):
         corpus.split("train")
 
 

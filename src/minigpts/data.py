@@ -55,8 +55,14 @@ class Corpus:
         docs = self.splits.get(name) or []
         if not docs:
             have = ", ".join(f"{k} ({len(v)} docs)" for k, v in self.splits.items() if v) or "none"
+            hint = ""
+            if self.presplit:
+                hint = (
+                    " (the splits come from the source's split names, e.g. law.test.jsonl: add the missing "
+                    "split, or give text whose names carry no split to have it split 80/10/10 by document)"
+                )
             raise UserError(
-                f"--data {self.source}: split '{name}' is empty or missing; splits present: {have}"
+                f"--data {self.source}: split '{name}' is empty or missing; splits present: {have}{hint}"
             )
         return docs
 
