@@ -425,11 +425,17 @@ def reference_keep(tokenizer, counts, model_config=None) -> set[int]:
     return keep
 
 
+def reasons_add_up(s) -> bool:
+    """Every kept token is counted under exactly one reason."""
+    reasons = s.kept_special + s.kept_byte + s.kept_seen + s.kept_widened + s.kept_closure
+    return reasons == s.vocab_after == len(s.keep_ids)
+
+
 def test_threshold_zero_keeps_seen_forced_and_closure(byte_case, sp_case):
     for case in (byte_case, sp_case):
         assert set(case.selection.keep_ids) == reference_keep(case.original, case.counts)
         s = case.selection
-        assert s.kept_special + s.kept_byte + s.kept_seen + s.kept_closure == s.vocab_after == len(s.keep_ids)
+        assert reasons_add_up(s) and s.kept_widened == 0
         assert s.keep_ids == sorted(s.keep_ids)
         assert s.kept_closure > 0
         assert json.loads(json.dumps(s.to_dict())) == s.to_dict()
@@ -460,14 +466,7 @@ def test_keep_general_adds_the_first_merges_and_stays_closed(byte_case):
     assert general <= kept
     assert kept == set(byte_case.selection.keep_ids) | general
     assert selection.kept_seen == byte_case.selection.kept_seen
-    assert (
-        selection.kept_special
-        + selection.kept_byte
-        + selection.kept_seen
-        + selection.kept_widened
-        + selection.kept_closure
-        == len(kept)
-    )
+    assert reasons_add_up(selection)
     trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
     text = "general tokens 東京 🚀"
     assert trimmed.decode(trimmed(text, add_special_tokens=False)["input_ids"]) == text
@@ -493,14 +492,7 @@ def test_keep_expected_adds_the_most_expected_tokens_and_stays_closed(byte_case)
     assert selection.kept_seen == plain.kept_seen
     # widened: the top-k not chosen by the criterion (some may have been merge parents before)
     assert 0 < len(top - set(plain.keep_ids)) <= selection.kept_widened <= k
-    assert (
-        selection.kept_special
-        + selection.kept_byte
-        + selection.kept_seen
-        + selection.kept_widened
-        + selection.kept_closure
-        == len(kept)
-    )
+    assert reasons_add_up(selection)
     parents = {tokenizer.convert_tokens_to_ids(a + b): (a, b) for a, b in merge_pairs(tokenizer)}
     for token_id in kept:  # every kept merge result keeps both parents: the BPE stays valid
         if token_id in parents:
