@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from minigpts.data import tokenize_stream
+from minigpts.data import text_within_token_budget, tokenize_stream
 from minigpts.evaluation import count_parameters, evaluate, token_byte_lengths
 
 TEXTS = [
@@ -135,3 +138,56 @@ def test_models_that_transform_their_logits_are_scored_on_the_real_logits(tiny_t
     nll, _, _ = independent_nll_and_bytes(model, tiny_tokenizer, TEXTS, 16)
     assert result.nll_sum == pytest.approx(nll, rel=1e-5)
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token budgets fixed as text: models with different vocabularies score the same bytes
+
+documents = st.lists(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=40), min_size=1, max_size=5
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(docs=documents, budget=st.integers(min_value=0, max_value=120))
+def test_token_budget_becomes_a_prefix_of_the_text(tiny_tokenizer, docs, budget):
+    full = "\n\n".join(docs)
+    kept = text_within_token_budget(tiny_tokenizer, docs, budget)
+    assert full.startswith("\n\n".join(kept))
+    ids = tokenize_stream(tiny_tokenizer, kept)
+    whole = tokenize_stream(tiny_tokenizer, docs)
+    if budget >= len(whole):
+        assert kept == docs
+    # a cut inside a character that several byte tokens spell keeps the whole character
+    assert min(budget, len(whole)) <= len(ids) <= min(budget, len(whole)) + 3
+
+
+def test_token_budget_is_exact_on_plain_text(tiny_tokenizer):
+    whole = tokenize_stream(tiny_tokenizer, TEXTS)
+    for budget in range(0, len(whole) + 3):
+        ids = tokenize_stream(tiny_tokenizer, text_within_token_budget(tiny_tokenizer, TEXTS, budget))
+        assert torch.equal(ids, whole[:budget])
+
+
+def test_a_budget_tokenizer_fixes_the_text_for_a_coarser_tokenizer(tiny_tokenizer, tiny_llama):
+    """A model whose tokenizer needs more tokens per byte is scored on the budget tokenizer's text."""
+    from minigpts.vocab import count_tokens, select_vocab, slice_model_vocab, trim_tokenizer
+
+    selection = select_vocab(tiny_tokenizer, count_tokens(tiny_tokenizer, TEXTS[:1]), embedding_threshold=0)
+    trimmed = trim_tokenizer(tiny_tokenizer, selection.keep_ids)
+    model = slice_model_vocab(copy.deepcopy(tiny_llama), selection.keep_ids)
+    budget = 60
+    common = dict(model_name="t", seq_len=256, max_tokens=budget, progress=False)
+    base = evaluate(tiny_llama, tiny_tokenizer, TEXTS, **common)
+    own = evaluate(model, trimmed, TEXTS, **common)
+    fixed = evaluate(model, trimmed, TEXTS, budget_tokenizer=tiny_tokenizer, **common)
+    text = text_within_token_budget(tiny_tokenizer, TEXTS, budget)
+    explicit = evaluate(model, trimmed, text, model_name="t", seq_len=256, progress=False)
+    assert own.eval_tokens == base.eval_tokens == budget - 1  # its own budget: less text
+    assert own.eval_bytes < base.eval_bytes
+    assert fixed.eval_tokens > base.eval_tokens
+    assert (fixed.eval_tokens, fixed.eval_bytes) == (explicit.eval_tokens, explicit.eval_bytes)
+    assert fixed.nll_sum == pytest.approx(explicit.nll_sum, rel=1e-6)
+    first_piece = len(trimmed.decode(tokenize_stream(trimmed, text)[:1]).encode())
+    assert fixed.eval_bytes + first_piece == len("\n\n".join(text).encode())
+    assert "reference (unpruned) tokenizer" in fixed.protocol

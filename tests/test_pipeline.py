@@ -369,6 +369,60 @@ def test_run_with_controls_writes_report_and_model(capsys, tmp_path, model_dir):
     assert "bits/byte" in stdout
 
 
+def test_run_scores_a_trimmed_vocabulary_on_the_same_text_as_the_base(capsys, tmp_path, model_dir):
+    """--max-eval-tokens counts the unpruned model's tokens: the trimmed model needs more of its own."""
+    off_domain = tmp_path / "zoo.test.jsonl"  # words the economics domain never uses
+    doc = "Quokkas juggle xylophones in Zanzibar; 東京の寿司 🍣 zwölf Jämmerlich. " * 10
+    off_domain.write_text("\n".join(json.dumps({"text": doc}) for _ in range(20)))
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        capsys, "run", "--model", model_dir, "--data", "sample", *CPU, *EVAL,
+        "--embedding-threshold", "0", "--general-data", off_domain, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    base, pruned = report["base"], report["pruned"]
+    assert pruned["vocab_size"] < base["vocab_size"]
+    assert pruned["eval_tokens"] >= base["eval_tokens"]
+    assert pruned["general"]["eval_tokens"] > base["general"]["eval_tokens"]  # its words fall apart
+    for b, p in ((base, pruned), (base["general"], pruned["general"])):
+        # same text; only the unscored first token of each window differs
+        assert abs(p["eval_bytes"] - b["eval_bytes"]) <= 8 * 16
+    assert "reference (unpruned) tokenizer" in report["protocol"]
+
+
+def test_eval_counts_the_budget_in_the_recorded_base_tokens(capsys, tmp_path, model_dir):
+    off_domain = tmp_path / "zoo.test.jsonl"
+    doc = "Quokkas juggle xylophones in Zanzibar; 東京の寿司 🍣 zwölf Jämmerlich. " * 10
+    off_domain.write_text("\n".join(json.dumps({"text": doc}) for _ in range(20)))
+    trimmed = tmp_path / "trimmed"
+    code, _, err = run_cli(
+        capsys, "prune", "--model", model_dir, "--embedding-threshold", "0", "--data", "sample",
+        *CPU, "--out", trimmed,
+    )  # fmt: skip
+    assert code == 0, err
+    results = {}
+    for name, model, extra in (
+        ("base", model_dir, []),
+        ("trimmed", trimmed, []),
+        ("own", trimmed, ["--budget-tokenizer", trimmed]),
+    ):
+        path = tmp_path / f"{name}.json"
+        code, out, err = run_cli(
+            capsys, "eval", "--model", model, "--data", off_domain, *CPU, *EVAL, *extra, "--json", path
+        )
+        assert code == 0, err
+        results[name] = json.loads(path.read_text())
+    base, fixed, own = results["base"], results["trimmed"], results["own"]
+    assert abs(fixed["eval_bytes"] - base["eval_bytes"]) <= 8 * 16 < base["eval_bytes"] - own["eval_bytes"]
+    assert fixed["eval_tokens"] > base["eval_tokens"] == own["eval_tokens"]
+    code, _, err = run_cli(
+        capsys, "eval", "--model", trimmed, "--data", off_domain, *CPU, *EVAL,
+        "--budget-tokenizer", tmp_path / "nope",
+    )  # fmt: skip
+    assert code == 2 and "error: --budget-tokenizer" in err and err.count("\n") == 1
+
+
 def test_run_dry_run_writes_nothing(capsys, tmp_path, model_dir):
     out = tmp_path / "dry"
     code, stdout, err = run_cli(

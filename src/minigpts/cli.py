@@ -338,6 +338,36 @@ def print_eval_table(rows: list[tuple[str, dict]], title: str) -> None:
 # Subcommands
 
 
+def eval_budget_tokenizer(spec: str | None, loaded):
+    """The tokenizer that --max-eval-tokens counts in: --budget-tokenizer, else the recorded base.
+
+    Counting in the unpruned model's tokens keeps a trimmed-vocabulary model on the base's text.
+    """
+    import json as _json
+
+    from minigpts.models import load_tokenizer
+
+    if spec is not None:
+        tokenizer = load_tokenizer(spec, flag="--budget-tokenizer")
+    else:
+        info_file = loaded.path / "minigpts.json" if loaded.path is not None else None
+        if info_file is None or not info_file.exists():
+            return None
+        spec = (_json.loads(info_file.read_text()).get("metadata") or {}).get("base_model")
+        if spec is None:
+            return None
+        try:
+            tokenizer = load_tokenizer(spec, flag="--budget-tokenizer")
+        except UserError as err:
+            console().print(
+                f"[yellow]--max-eval-tokens counts this model's own tokens: {err}; pass "
+                "--budget-tokenizer MODEL to score the same text as the unpruned model[/yellow]"
+            )
+            return None
+    console().print(f"--max-eval-tokens counted in the tokens of {spec}")
+    return tokenizer
+
+
 def cmd_eval(args) -> int:
     from minigpts.data import normalize_split_name
     from minigpts.evaluation import evaluate
@@ -355,6 +385,9 @@ def cmd_eval(args) -> int:
     print_splits(corpus)
     texts = corpus.split(split)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    budget_tokenizer = None
+    if args.max_eval_tokens is not None:
+        budget_tokenizer = eval_budget_tokenizer(args.budget_tokenizer, loaded)
     result = evaluate(
         loaded.model,
         loaded.tokenizer,
@@ -365,6 +398,7 @@ def cmd_eval(args) -> int:
         max_tokens=args.max_eval_tokens,
         batch_size=args.batch_size,
         model_path=loaded.path,
+        budget_tokenizer=budget_tokenizer,
     ).to_dict()
     result["data"] = corpus.source
     if args.mcq:
@@ -499,6 +533,7 @@ def cmd_finetune(args) -> int:
         teacher=base.model if options.method == "distill" else None,
         teacher_vocab_keep=plan.get("vocab_keep"),
         stop_at_bpb=stop_at_bpb,
+        budget_tokenizer=base.tokenizer if base is not None else None,
     )
     metadata = dict(info.get("metadata") or {})
     metadata["finetune"] = result.to_dict()
@@ -707,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(p)
     p.add_argument("--split", default="test", help="split to score: test (default), validation, train")
     p.add_argument("--mcq", action="append", help="multiple-choice set (paper JSON or JSONL); repeatable")
+    p.add_argument(
+        "--budget-tokenizer",
+        default=None,
+        metavar="MODEL",
+        help="count --max-eval-tokens in this model's tokens, so models with different vocabularies "
+        "score the same text (default: the unpruned model named in the model's minigpts.json, "
+        "else the model's own)",
+    )
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)

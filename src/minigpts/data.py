@@ -383,6 +383,38 @@ def tokenize_stream(
     return torch.tensor(ids, dtype=torch.long)
 
 
+def text_within_token_budget(
+    tokenizer, texts: list[str], max_tokens: int | None, separator: str = DOCUMENT_SEPARATOR
+) -> list[str]:
+    """The documents that the first ``max_tokens`` tokens of ``tokenizer`` cover, the last one cut.
+
+    A token budget has to become a fixed *text* before models with different vocabularies are
+    compared: counted in each model's own tokens, a trimmed vocabulary (more tokens per byte)
+    would be scored on less, and different, text. ``tokenize_stream`` of the result with the same
+    tokenizer gives (up to a merge across the cut) the first ``max_tokens`` ids.
+    """
+    if max_tokens is None:
+        return list(texts)
+    kept: list[str] = []
+    used = 0
+    for i, doc in enumerate(texts):
+        piece = doc if i == len(texts) - 1 else doc + separator
+        encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        room = max_tokens - used
+        if len(encoded["input_ids"]) < room:
+            kept.append(doc)
+            used += len(encoded["input_ids"])
+            continue
+        if len(encoded["input_ids"]) == room:  # ends exactly here (with its separator, if any)
+            kept.append(piece)
+            break
+        end = max(end for _, end in encoded["offset_mapping"][:room]) if room > 0 else 0
+        if end > 0:
+            kept.append(piece[:end])
+        break
+    return kept
+
+
 def make_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.LongTensor:
     """Non-overlapping windows of ``seq_len`` tokens [N, seq_len]; the remainder is dropped."""
     if seq_len < 2:

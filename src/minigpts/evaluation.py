@@ -3,7 +3,9 @@
 Protocol (printed with every result): each document of the split, followed by a blank line
 ("\\n\\n") except the last, is tokenized on its own without special tokens; the ids are
 concatenated and cut into non-overlapping windows of ``seq_len`` tokens (the last, shorter window
-included); every token but the first of each window is scored.
+included); every token but the first of each window is scored. A token budget (``max_tokens``)
+keeps the text that the first N tokens of one tokenizer cover, so every model compared under the
+same budget tokenizer is scored on the same text.
 Bits-per-byte divides the total NLL (in bits) by the UTF-8 bytes that the scored tokens stand for,
 so models with different tokenizers can be compared on the same text.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minigpts.data import DOCUMENT_SEPARATOR, tokenize_stream
+from minigpts.data import DOCUMENT_SEPARATOR, text_within_token_budget, tokenize_stream
 from minigpts.errors import UserError
 
 PROTOCOL = (
@@ -260,14 +262,25 @@ def evaluate(
     batch_size: int = 4,
     model_path: str | Path | None = None,
     progress: bool = True,
+    budget_tokenizer=None,
 ) -> EvalResult:
-    """Perplexity and bits-per-byte of ``model`` on ``texts`` under the protocol in this module's doc."""
+    """Perplexity and bits-per-byte of ``model`` on ``texts`` under the protocol in this module's doc.
+
+    ``max_tokens`` is counted in ``budget_tokenizer``'s tokens (default: the model's own) and then
+    fixed as text, so models whose vocabularies differ are scored on the same bytes when they
+    share a budget tokenizer (``run`` and ``sweep`` use the unpruned model's).
+    """
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len}: must be at least 2")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         raise UserError(f"--seq-len {seq_len}: the model accepts at most {max_positions} positions")
-    ids = tokenize_stream(tokenizer, texts, DOCUMENT_SEPARATOR, max_tokens=max_tokens)
+    texts = text_within_token_budget(budget_tokenizer or tokenizer, texts, max_tokens, DOCUMENT_SEPARATOR)
+    budget_note = ""
+    if max_tokens is not None:
+        whose = "the model's own" if budget_tokenizer is None else "the reference (unpruned)"
+        budget_note = f"; text = what the first {max_tokens} tokens of {whose} tokenizer cover"
+    ids = tokenize_stream(tokenizer, texts, DOCUMENT_SEPARATOR)
     windows = stream_windows(ids, seq_len)
     if not windows:
         raise UserError(
@@ -305,5 +318,5 @@ def evaluate(
         size_source=size_source,
         tokens_per_second=total / seconds if seconds > 0 else float("nan"),
         seconds=seconds,
-        protocol=PROTOCOL.format(seq_len=seq_len),
+        protocol=PROTOCOL.format(seq_len=seq_len) + budget_note,
     )

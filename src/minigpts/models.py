@@ -159,6 +159,49 @@ def _check_causal(config, name: str) -> None:
         )
 
 
+def _resolve_source(spec: str, flag: str = "--model") -> tuple[str, Path | None, str]:
+    """Where ``spec`` (alias, GGUF file, model directory or hub id) is read from: (source, path, description).
+
+    Aliases and GGUF files are converted once into the cache.
+    """
+    description = spec
+    if spec in ALIASES:
+        info = ALIASES[spec]
+        path = _gguf_cache_path(Path(info["gguf"]), info["cache_name"])
+        if not (path / "config.json").exists():
+            convert_gguf(_find_alias_gguf(spec), path)
+        description = info["description"]
+    else:
+        local = Path(spec).expanduser()
+        if local.suffix == ".gguf":
+            if not local.is_file():
+                raise UserError(f"{flag} {spec}: no such GGUF file")
+            path = _gguf_cache_path(local)
+            if not (path / "config.json").exists():
+                convert_gguf(local, path)
+        elif local.exists():
+            if not (local / "config.json").exists():
+                raise UserError(f"{flag} {spec}: a directory without config.json is not a Hugging Face model")
+            path = local
+        elif spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
+            path = None  # a hub id
+        else:
+            raise UserError(f"{flag} {spec}: no such file or directory")
+    return (str(path) if path is not None else spec), path, description
+
+
+def load_tokenizer(spec: str | None = None, flag: str = "--model"):
+    """Only the tokenizer of ``spec`` (e.g. the unpruned model's, to fix an evaluation's text)."""
+    from transformers import AutoTokenizer
+
+    source, path, _ = _resolve_source(spec or DEFAULT_MODEL, flag)
+    trust = path is not None and (path / "minigpts.json").exists()
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {spec}: cannot load its tokenizer ({str(err).splitlines()[0]})") from err
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -171,32 +214,7 @@ def load_model(
     spec = spec or DEFAULT_MODEL
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    description = spec
-    if spec in ALIASES:
-        info = ALIASES[spec]
-        path = _gguf_cache_path(Path(info["gguf"]), info["cache_name"])
-        if not (path / "config.json").exists():
-            convert_gguf(_find_alias_gguf(spec), path)
-        description = info["description"]
-    else:
-        local = Path(spec).expanduser()
-        if local.suffix == ".gguf":
-            if not local.is_file():
-                raise UserError(f"--model {spec}: no such GGUF file")
-            path = _gguf_cache_path(local)
-            if not (path / "config.json").exists():
-                convert_gguf(local, path)
-        elif local.exists():
-            if not (local / "config.json").exists():
-                raise UserError(
-                    f"--model {spec}: a directory without config.json is not a Hugging Face model"
-                )
-            path = local
-        elif spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
-            path = None  # a hub id
-        else:
-            raise UserError(f"--model {spec}: no such file or directory")
-    source = str(path) if path is not None else spec
+    source, path, description = _resolve_source(spec)
     trust = path is not None and (path / "minigpts.json").exists()  # our own per-layer models
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from minigpts import __version__
-from minigpts.data import Corpus, make_windows, tokenize_stream
+from minigpts.data import Corpus, make_windows, text_within_token_budget, tokenize_stream
 from minigpts.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -381,8 +381,13 @@ def evaluate_stage(
     general: Corpus | None = None,
     mcq_sets: dict | None = None,
     progress: bool = True,
+    budget_tokenizer=None,
 ) -> dict:
-    """Held-out evaluation of one stage (+ general text and MCQ when given) as a JSON-ready dict."""
+    """Held-out evaluation of one stage (+ general text and MCQ when given) as a JSON-ready dict.
+
+    ``budget_tokenizer`` (the unpruned model's) fixes the text that the token budgets cover, so
+    stages with trimmed vocabularies are scored on the same bytes as the base.
+    """
     from minigpts.evaluation import evaluate
 
     result = evaluate(
@@ -396,6 +401,7 @@ def evaluate_stage(
         batch_size=options.batch_size,
         model_path=model_path,
         progress=progress,
+        budget_tokenizer=budget_tokenizer,
     ).to_dict()
     result["vocab_size"] = len(tokenizer)
     if general is not None:
@@ -409,6 +415,7 @@ def evaluate_stage(
             max_tokens=options.general_max_tokens or options.max_eval_tokens,
             batch_size=options.batch_size,
             progress=progress,
+            budget_tokenizer=budget_tokenizer,
         ).to_dict()
         result["general"] = {k: g[k] for k in ("perplexity", "bits_per_byte", "eval_tokens", "eval_bytes")}
         result["general"]["data"] = general.source
@@ -462,14 +469,22 @@ def run_finetune(
     teacher_vocab_keep=None,
     stop_at_bpb: float | None = None,
     progress: bool = True,
+    budget_tokenizer=None,
 ):
-    """Recovery on the train split, validated on the validation split; returns (model, FinetuneResult)."""
+    """Recovery on the train split, validated on the validation split; returns (model, FinetuneResult).
+
+    ``--max-val-tokens`` is counted in ``budget_tokenizer``'s tokens (the unpruned model's, as in
+    ``validation_bpb_target``) so the stop rule compares bits-per-byte on the same text.
+    """
     from minigpts.evaluation import token_byte_lengths
     from minigpts.recovery import finetune
 
     train_ids = tokenize_stream(tokenizer, corpus.split("train"), max_tokens=options.max_train_tokens)
     train_windows = make_windows(train_ids, options.seq_len)
-    val_ids = tokenize_stream(tokenizer, corpus.split("validation"), max_tokens=options.max_val_tokens)
+    val_texts = text_within_token_budget(
+        budget_tokenizer or tokenizer, corpus.split("validation"), options.max_val_tokens
+    )
+    val_ids = tokenize_stream(tokenizer, val_texts)
     val_windows = make_windows(val_ids, options.seq_len)
     for name, ids, windows in (("train", train_ids, train_windows), ("validation", val_ids, val_windows)):
         if len(windows) == 0:
@@ -543,6 +558,7 @@ def recover_stage(
         teacher_vocab_keep=teacher_vocab_keep,
         stop_at_bpb=stop_at_bpb,
         progress=eval_kwargs.get("progress", True),
+        budget_tokenizer=eval_kwargs.get("budget_tokenizer"),
     )
     stage = evaluate_stage(model, tokenizer, corpus, evaluation, name=name, **eval_kwargs)
     stage["finetune"] = result.to_dict()
@@ -679,7 +695,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         return {"plan": plan, "timings": timings}
 
     stages: dict[str, dict] = {}
-    eval_kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress)
+    eval_kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress, budget_tokenizer=base_tokenizer)
     with timed(timings, "eval_base"):
         stages["base"] = evaluate_stage(
             base_model,

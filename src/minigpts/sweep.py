@@ -154,7 +154,9 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         magnitudes[domain] = torch.cat(stats.mlp_l1).tolist()
         frequencies[domain] = stats.token_counts.tolist()
         stats.save(out / f"stats-{domain}.safetensors")
-        kwargs = dict(general=general, mcq_sets=mcq_sets[domain], progress=progress)
+        kwargs = dict(
+            general=general, mcq_sets=mcq_sets[domain], progress=progress, budget_tokenizer=base_tokenizer
+        )
         base_eval = evaluate_stage(
             base_model, base_tokenizer, corpus, options.evaluation, name="base", **kwargs
         )
