@@ -388,7 +388,8 @@ def test_run_scores_a_trimmed_vocabulary_on_the_same_text_as_the_base(capsys, tm
     for b, p in ((base, pruned), (base["general"], pruned["general"])):
         # same text; only the unscored first token of each window differs
         assert abs(p["eval_bytes"] - b["eval_bytes"]) <= 8 * 16
-    assert "reference (unpruned) tokenizer" in report["protocol"]
+    assert "reference tokenizer" in report["protocol"]
+    assert report["budget_tokenizer"] == str(model_dir.resolve())
 
 
 def test_eval_counts_the_budget_in_the_recorded_base_tokens(capsys, tmp_path, model_dir):
@@ -416,11 +417,16 @@ def test_eval_counts_the_budget_in_the_recorded_base_tokens(capsys, tmp_path, mo
     base, fixed, own = results["base"], results["trimmed"], results["own"]
     assert abs(fixed["eval_bytes"] - base["eval_bytes"]) <= 8 * 16 < base["eval_bytes"] - own["eval_bytes"]
     assert fixed["eval_tokens"] > base["eval_tokens"] == own["eval_tokens"]
+    assert fixed["budget_tokenizer"] == str(model_dir.resolve()) and base["budget_tokenizer"] is None
     code, _, err = run_cli(
         capsys, "eval", "--model", trimmed, "--data", off_domain, *CPU, *EVAL,
         "--budget-tokenizer", tmp_path / "nope",
     )  # fmt: skip
     assert code == 2 and "error: --budget-tokenizer" in err and err.count("\n") == 1
+    code, _, err = run_cli(
+        capsys, "eval", "--model", trimmed, "--data", off_domain, *CPU, "--budget-tokenizer", model_dir
+    )
+    assert code == 2 and "only meaningful with --max-eval-tokens" in err and err.count("\n") == 1
 
 
 def test_run_dry_run_writes_nothing(capsys, tmp_path, model_dir):

@@ -339,7 +339,7 @@ def print_eval_table(rows: list[tuple[str, dict]], title: str) -> None:
 
 
 def eval_budget_tokenizer(spec: str | None, loaded):
-    """The tokenizer that --max-eval-tokens counts in: --budget-tokenizer, else the recorded base.
+    """(tokenizer, name) that --max-eval-tokens counts in: --budget-tokenizer, else the recorded base.
 
     Counting in the unpruned model's tokens keeps a trimmed-vocabulary model on the base's text.
     """
@@ -352,10 +352,10 @@ def eval_budget_tokenizer(spec: str | None, loaded):
     else:
         info_file = loaded.path / "minigpts.json" if loaded.path is not None else None
         if info_file is None or not info_file.exists():
-            return None
+            return None, None
         spec = (_json.loads(info_file.read_text()).get("metadata") or {}).get("base_model")
         if spec is None:
-            return None
+            return None, None
         try:
             tokenizer = load_tokenizer(spec, flag="--budget-tokenizer")
         except UserError as err:
@@ -363,9 +363,9 @@ def eval_budget_tokenizer(spec: str | None, loaded):
                 f"[yellow]--max-eval-tokens counts this model's own tokens: {err}; pass "
                 "--budget-tokenizer MODEL to score the same text as the unpruned model[/yellow]"
             )
-            return None
+            return None, None
     console().print(f"--max-eval-tokens counted in the tokens of {spec}")
-    return tokenizer
+    return tokenizer, spec
 
 
 def cmd_eval(args) -> int:
@@ -376,6 +376,10 @@ def cmd_eval(args) -> int:
     positive_int("--seq-len", args.seq_len)
     positive_int("--max-eval-tokens", args.max_eval_tokens)
     positive_int("--batch-size", args.batch_size)
+    if args.budget_tokenizer is not None and args.max_eval_tokens is None:
+        raise UserError(
+            "--budget-tokenizer: only meaningful with --max-eval-tokens N (the whole split is scored)"
+        )
     split = normalize_split_name(args.split)
     if args.json:
         from minigpts.pipeline import check_output_file
@@ -385,9 +389,9 @@ def cmd_eval(args) -> int:
     print_splits(corpus)
     texts = corpus.split(split)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    budget_tokenizer = None
+    budget_tokenizer, budget_name = None, None
     if args.max_eval_tokens is not None:
-        budget_tokenizer = eval_budget_tokenizer(args.budget_tokenizer, loaded)
+        budget_tokenizer, budget_name = eval_budget_tokenizer(args.budget_tokenizer, loaded)
     result = evaluate(
         loaded.model,
         loaded.tokenizer,
@@ -401,6 +405,7 @@ def cmd_eval(args) -> int:
         budget_tokenizer=budget_tokenizer,
     ).to_dict()
     result["data"] = corpus.source
+    result["budget_tokenizer"] = budget_name
     if args.mcq:
         from minigpts.mcq import evaluate_mcq
         from minigpts.pipeline import load_mcq_sets

@@ -399,7 +399,10 @@ def text_within_token_budget(
     used = 0
     for i, doc in enumerate(texts):
         piece = doc if i == len(texts) - 1 else doc + separator
-        encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        try:
+            encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow (Python) tokenizers have no offsets
+            encoded = tokenizer(piece, add_special_tokens=False)
         room = max_tokens - used
         if len(encoded["input_ids"]) < room:
             kept.append(doc)
@@ -408,11 +411,27 @@ def text_within_token_budget(
         if len(encoded["input_ids"]) == room:  # ends exactly here (with its separator, if any)
             kept.append(piece)
             break
-        end = max(end for _, end in encoded["offset_mapping"][:room]) if room > 0 else 0
+        end = _end_of_first_tokens(tokenizer, piece, encoded, room)
         if end > 0:
             kept.append(piece[:end])
         break
     return kept
+
+
+def _end_of_first_tokens(tokenizer, text: str, encoded, count: int) -> int:
+    """Characters of ``text`` that its first ``count`` tokens cover (offsets; decoding for slow tokenizers)."""
+    if count <= 0:
+        return 0
+    offsets = encoded.get("offset_mapping")
+    if offsets is not None:
+        return max(end for _, end in offsets[:count])
+    prefix = tokenizer.decode(encoded["input_ids"][:count])
+    if not text.startswith(prefix):
+        raise UserError(
+            f"tokenizer {type(tokenizer).__name__} gives no offsets and does not decode to its input; "
+            "evaluate the whole split (drop --max-eval-tokens / --max-val-tokens) or use a fast tokenizer"
+        )
+    return len(prefix)
 
 
 def make_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.LongTensor:

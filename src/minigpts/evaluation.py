@@ -278,7 +278,7 @@ def evaluate(
     texts = text_within_token_budget(budget_tokenizer or tokenizer, texts, max_tokens, DOCUMENT_SEPARATOR)
     budget_note = ""
     if max_tokens is not None:
-        whose = "the model's own" if budget_tokenizer is None else "the reference (unpruned)"
+        whose = "the model's own" if budget_tokenizer is None else "the reference"
         budget_note = f"; text = what the first {max_tokens} tokens of {whose} tokenizer cover"
     ids = tokenize_stream(tokenizer, texts, DOCUMENT_SEPARATOR)
     windows = stream_windows(ids, seq_len)

@@ -793,6 +793,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         "split": options.evaluation.split,
         "seq_len": options.evaluation.seq_len,
         "protocol": stages["base"]["protocol"],
+        "budget_tokenizer": loaded.source_id,  # the tokenizer the token budgets are counted in
         "options": _options_dict(options),
         "plan_summary": plan.summary,
         "vocab": plan.summary.get("vocab"),
