@@ -51,5 +51,18 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
+# llama.cpp for the GGUF checks (benchmarks/bench_gguf.py, the llama.cpp arm of bench_generate.py and the
+# llama.cpp tests of tests/test_gguf.py): llama-cpp-python compiles it from its PyPI source into the venv,
+# once (10-60 min on 2 cores); LLAVA_BUILD=OFF skips the multimodal library nothing here uses.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+.PHONY: llama-cpp bench-gguf
+llama-cpp: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 19 $(PY) -m pip install "$(LLAMA_CPP)"
+
+bench-gguf: llama-cpp
+	$(PY) benchmarks/bench_gguf.py
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,21 +1,32 @@
-"""Generation speed of a uniformly pruned model vs its base, measured in one run on the same machine.
+"""Decode speed of pruned SmolLM2 against its base and against what the bytes allow, measured in one run.
 
-    python benchmarks/bench_generate.py [--model smollm2-135m] [--mlp-ratio 0.5] [--tokens 128]
+    python benchmarks/bench_generate.py [--model smollm2-135m] [--tokens 128] [--repeats 5] [--no-llama-cpp]
 
-Greedy decoding of --tokens new tokens from the same prompt with the KV cache; best of --repeats
-rounds that alternate base and pruned.
-The issue's target: a 50%-MLP uniform SmolLM2 generates ≥ 1.3× faster than the base on CPU.
+A decode step of a small model on CPU streams every weight once (the KV cache of a short context is
+small beside them), so the attainable speed-up of a cut is about
 
-`--vocab-size K` adds a third arm, the same cut with the vocabulary trimmed to K tokens (the prompt's
-tokens and the K - n lowest other ids; which rows go does not matter for speed): what `run` with a
-vocabulary criterion produces, as decoding also reads the whole (tied) LM head every token.
+    bound = bytes of weights read per token (base) / bytes read per token (pruned),
+
+counting each tensor once, the token embedding as one gathered row unless it is also the (tied) LM head.
+For each cumulative cut — the MLP (--mlp-ratio), + attention heads (--head-ratio, GQA-legal), + the
+vocabulary (--vocab-size tokens kept, chosen on the bundled sample corpus by frequency with merge
+parents, as `prune --vocab-size` does), + depth (--depth-ratio of the layers dropped) — it reports
+the measured speed-up over the base, the bound and their quotient (target ≥ 0.9), for transformers
+(greedy `generate`, fp32, --tokens new tokens) and, when `llama-cpp-python` is installed
+(`make llama-cpp`), for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the
+decode steps after the prompt). Times are the best of --repeats rounds that alternate the models.
+The defaults make the "+ vocabulary" cut a half-size SmolLM2 (≤ 50 % of the parameters, vocabulary
+included); its llama.cpp target is ≥ 1.7× the base at the same quantisation.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,21 +34,103 @@ from minigpts.arch import get_adapter
 from minigpts.models import load_model
 from minigpts.plan import LayerPlan, PruningPlan
 from minigpts.surgery import apply_plan
-from minigpts.vocab import remap_ids, slice_model_vocab
+from minigpts.vocab import count_tokens, select_vocab, slice_model_vocab, trim_tokenizer
 
 PROMPT = "The law of demand states that, other things being equal,"
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "minigpts" / "sample_data" / "economics.train.jsonl"
+
+
+def cut_plan(
+    model,
+    mlp_ratio: float,
+    head_ratio: float = 0.0,
+    depth_ratio: float = 0.0,
+    vary: bool = False,
+) -> PruningPlan:
+    """Keep the first channels / heads (which ones does not matter for speed).
+
+    vary=True spreads the MLP ratio over mlp_ratio ± 0.25 from the first layer to the last and
+    alternates the query heads kept per KV group: a per-layer layout of the same mean size.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    plans = []
+    for index, layer in enumerate(layers):
+        width = adapter.mlp_out(layer).in_features
+        ratio = mlp_ratio
+        if vary and len(layers) > 1:
+            ratio = min(0.95, max(0.0, mlp_ratio - 0.25 + 0.5 * index / (len(layers) - 1)))
+        keep = max(8, int(round(width * (1 - ratio) / 8)) * 8)
+        n_heads, n_kv, _ = adapter.head_layout(layer)
+        group = n_heads // n_kv
+        per_group = max(1, int(round(group * (1 - head_ratio))))
+        if vary and head_ratio > 0:
+            per_group = max(1, min(group, per_group + (index % 3) - 1))
+        heads = [k * group + h for k in range(n_kv) for h in range(per_group)]
+        plans.append(LayerPlan(list(range(keep)), heads, list(range(n_kv))))
+    layers_keep = None
+    if depth_ratio > 0:
+        drop = int(round(len(layers) * depth_ratio))
+        # keep the first and last layers; drop evenly spaced ones in between
+        middle = list(range(1, len(layers) - 1))
+        step = len(middle) / max(drop, 1)
+        dropped = {middle[int(i * step + step / 2)] for i in range(drop)}
+        layers_keep = [i for i in range(len(layers)) if i not in dropped]
+    layout = "per-layer" if vary else "uniform"
+    return PruningPlan(
+        family=adapter.family, layers=plans, layers_keep=layers_keep, layout=layout, criterion="first"
+    )
 
 
 def uniform_mlp_plan(model, ratio: float) -> PruningPlan:
-    """Keep the first (1 - ratio) of every layer's MLP channels (which ones does not matter for speed)."""
-    adapter = get_adapter(model)
-    layers = []
-    for layer in adapter.layers(model):
-        width = adapter.mlp_out(layer).in_features
-        keep = max(8, int(round(width * (1 - ratio) / 8)) * 8)
-        n_heads, n_kv, _ = adapter.head_layout(layer)
-        layers.append(LayerPlan(list(range(keep)), list(range(n_heads)), list(range(n_kv))))
-    return PruningPlan(family=adapter.family, layers=layers, layout="uniform", criterion="first")
+    """Keep the first (1 - ratio) of every layer's MLP channels."""
+    return cut_plan(model, ratio)
+
+
+def sample_texts() -> list[str]:
+    return [json.loads(line)["text"] for line in SAMPLE.open()]
+
+
+def trim_vocabulary(model, tokenizer, size: int):
+    """(model, tokenizer) with `size` tokens: the most frequent in the sample corpus, lossless."""
+    counts = count_tokens(tokenizer, sample_texts())
+    selection = select_vocab(tokenizer, counts, vocab_size=size, model_config=model.config)
+    return slice_model_vocab(model, selection.keep_ids), trim_tokenizer(tokenizer, selection.keep_ids)
+
+
+def build_cuts(base, tokenizer, args, vary: bool = False) -> dict[str, tuple]:
+    """name -> (model, tokenizer), cumulative: base, MLP, + heads, + vocabulary, + depth."""
+    cuts = {"base": (base, tokenizer)}
+    mlp = apply_plan(copy.deepcopy(base), cut_plan(base, args.mlp_ratio, vary=vary))
+    cuts["MLP"] = (mlp, tokenizer)
+    heads = apply_plan(copy.deepcopy(base), cut_plan(base, args.mlp_ratio, args.head_ratio, vary=vary))
+    cuts["MLP + heads"] = (heads, tokenizer)
+    if args.vocab_size:
+        cuts["+ vocabulary"] = trim_vocabulary(copy.deepcopy(heads), tokenizer, args.vocab_size)
+    if args.depth_ratio:
+        deep = apply_plan(
+            copy.deepcopy(base), cut_plan(base, args.mlp_ratio, args.head_ratio, args.depth_ratio, vary=vary)
+        )
+        if args.vocab_size:
+            deep, deep_tokenizer = trim_vocabulary(deep, tokenizer, args.vocab_size)
+        else:
+            deep_tokenizer = tokenizer
+        cuts["+ depth"] = (deep, deep_tokenizer)
+    return cuts
+
+
+def unique_parameters(model) -> list[torch.nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def torch_bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every parameter once; an untied embedding only one row."""
+    total = sum(p.numel() * p.element_size() for p in unique_parameters(model))
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embedding:
+        total -= (embedding.shape[0] - 1) * embedding.shape[1] * embedding.element_size()
+    return total
 
 
 def generate_seconds(model, ids, tokens: int) -> float:
@@ -49,19 +142,45 @@ def generate_seconds(model, ids, tokens: int) -> float:
     return seconds
 
 
-def best_interleaved(models: dict, prompts: dict, tokens: int, repeats: int) -> dict[str, float]:
-    """Best time of each model over ``repeats`` rounds that alternate the models.
+def best_interleaved(runners: dict, repeats: int) -> dict[str, float]:
+    """Best time of each runner (a callable returning seconds) over `repeats` alternating rounds.
 
     Alternating (instead of all base runs, then all pruned runs) keeps a neighbour process that
     slows the machine for a while from landing on one side only.
     """
-    for name, model in models.items():  # warm-up: allocator, kernels, lazy inits
-        generate_seconds(model, prompts[name], 4)
-    best = dict.fromkeys(models, float("inf"))
+    for run in runners.values():  # warm-up: allocator, kernels, lazy inits
+        run()
+    best = dict.fromkeys(runners, float("inf"))
     for _ in range(repeats):
-        for name, model in models.items():
-            best[name] = min(best[name], generate_seconds(model, prompts[name], tokens))
+        for name, run in runners.items():
+            best[name] = min(best[name], run())
     return best
+
+
+def report(title: str, cuts: dict, params: dict, nbytes: dict, seconds: dict, tokens: int) -> list[dict]:
+    print(f"\n{title}")
+    print(
+        f"{'cut':14} {'params':>9} {'bytes/token':>12} {'tok/s':>7} {'speed-up':>9} {'bound':>7} {'quotient':>9}"
+    )
+    rows = []
+    for name in cuts:
+        speed = seconds["base"] / seconds[name]
+        bound = nbytes["base"] / nbytes[name]
+        rows.append(
+            dict(
+                cut=name,
+                params=params[name],
+                bytes=nbytes[name],
+                tok_s=tokens / seconds[name],
+                speedup=speed,
+                bound=bound,
+            )
+        )
+        print(
+            f"{name:14} {params[name] / 1e6:8.2f}M {nbytes[name] / 2**20:9.1f} MiB {tokens / seconds[name]:7.1f} "
+            f"{speed:8.2f}x {bound:6.2f}x {speed / bound:9.2f}"
+        )
+    return rows
 
 
 def main() -> None:
@@ -70,38 +189,82 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--mlp-ratio", type=float, default=0.5)
+    parser.add_argument("--head-ratio", type=float, default=0.34, help="query heads removed (GQA-legal)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=12288, help="tokens kept by the vocabulary cut (0: none)"
+    )
+    parser.add_argument(
+        "--depth-ratio", type=float, default=0.2, help="layers dropped by the depth cut (0: none)"
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--vocab-size", type=int, default=None, help="also time the cut with K tokens")
+    parser.add_argument("--outtype", default="q8_0", help="GGUF type of the llama.cpp arm")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="time transformers only")
+    parser.add_argument("--no-transformers", action="store_true", help="time llama.cpp only")
+    parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args()
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device="cpu", dtype="float32")
     base, tokenizer = loaded.model, loaded.tokenizer
-    pruned = apply_plan(copy.deepcopy(base), uniform_mlp_plan(base, args.mlp_ratio))
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(base.device)
-    models, prompts = {"base": base, "pruned": pruned}, {"base": ids, "pruned": ids}
-    if args.vocab_size is not None:
-        vocab = pruned.get_input_embeddings().weight.shape[0]
-        if not ids.shape[1] < args.vocab_size <= vocab:
-            parser.error(f"--vocab-size must be in ({ids.shape[1]}, {vocab}]")
-        prompt_ids = set(ids[0].tolist())
-        others = [i for i in range(vocab) if i not in prompt_ids][: args.vocab_size - len(prompt_ids)]
-        keep = sorted(prompt_ids | set(others))
-        models["+ vocab"] = slice_model_vocab(copy.deepcopy(pruned), keep)
-        prompts["+ vocab"] = torch.tensor([remap_ids(ids[0].tolist(), keep)], device=ids.device)
-    times = best_interleaved(models, prompts, args.tokens, args.repeats)
-    print(f"device {base.device}, torch threads {torch.get_num_threads()}, greedy {args.tokens} new tokens")
-    for name, model in models.items():
-        params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        print(
-            f"{name:8}: {params / 1e6:7.2f}M params, {times[name]:6.2f} s, "
-            f"{args.tokens / times[name]:6.1f} tok/s, speed-up {times['base'] / times[name]:.2f}x"
-        )
+    cuts = build_cuts(base, tokenizer, args)
+    params = {name: sum(p.numel() for p in unique_parameters(m)) for name, (m, _) in cuts.items()}
     print(
-        f"speed-up of the MLP cut (base time / pruned time): {times['base'] / times['pruned']:.2f}x"
-        "  (target ≥ 1.30x at --mlp-ratio 0.5)"
+        f"torch threads {torch.get_num_threads()}, greedy {args.tokens} new tokens, best of {args.repeats}; "
+        + ", ".join(f"{name} {params[name] / params['base']:.1%}" for name in cuts)
+        + " of the base parameters"
     )
+    results = {}
+    if not args.no_transformers:
+        runners = {}
+        for name, (model, tok) in cuts.items():
+            ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+            runners[name] = lambda model=model, ids=ids: generate_seconds(model, ids, args.tokens)
+        seconds = best_interleaved(runners, args.repeats)
+        nbytes = {name: torch_bytes_per_token(m) for name, (m, _) in cuts.items()}
+        results["transformers fp32"] = report(
+            "transformers, fp32 (greedy generate)", cuts, params, nbytes, seconds, args.tokens
+        )
+    if not args.no_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("\nllama.cpp arm skipped: llama-cpp-python is not installed (make llama-cpp)")
+        else:
+            results[f"llama.cpp {args.outtype}"] = llama_cpp_arm(cuts, params, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def llama_cpp_arm(cuts: dict, params: dict, args) -> list[dict]:
+    from minigpts.export_gguf import export_gguf, weight_bytes_per_token
+    from minigpts.llama_cpp_check import llama_greedy, open_model
+
+    with tempfile.TemporaryDirectory(prefix="minigpts-bench-gguf-") as tmp:
+        runners, nbytes, models = {}, {}, {}
+        for name, (model, tok) in cuts.items():
+            path = Path(tmp) / f"{len(nbytes)}.gguf"
+            export_gguf(model, tok, path, outtype=args.outtype)
+            nbytes[name] = weight_bytes_per_token(path)["total"]
+            prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
+            models[name] = open_model(path, n_ctx=len(prompt) + args.tokens + 8)
+            runners[name] = lambda m=models[name], p=prompt: llama_greedy(m, p, args.tokens)[1]
+        seconds = best_interleaved(runners, args.repeats)
+        rows = report(
+            f"llama.cpp, {args.outtype} GGUF (greedy, decode steps after the prompt)",
+            cuts,
+            params,
+            nbytes,
+            seconds,
+            args.tokens,
+        )
+        half = [r for r in rows if r["cut"] == "+ vocabulary"]
+        if half:
+            share = params["+ vocabulary"] / params["base"]
+            print(
+                f"half-size model ({share:.1%} of the parameters): {half[0]['speedup']:.2f}x the base "
+                f"in llama.cpp at {args.outtype} (target ≥ 1.7x)"
+            )
+        return rows
 
 
 if __name__ == "__main__":

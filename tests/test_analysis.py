@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
+from conftest import make_tiny_model
+from transformers import LlamaForCausalLM
 
 from minigpts.analysis import ActivationStats, analyze
 from minigpts.arch import get_adapter
@@ -16,17 +17,11 @@ VOCAB = 300
 
 
 def tiny_llama(dtype=torch.float64) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    model = make_tiny_model(
+        "llama-tied", VOCAB, perturb=0, **shape, max_position_embeddings=64, tie_word_embeddings=False
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return model.to(dtype)
 
 
 def windows_for(n: int = 5, seq_len: int = 12, seed: int = 1) -> torch.LongTensor:
@@ -221,29 +216,20 @@ def test_bad_windows_are_user_errors():
     "model",
     [
         pytest.param(
-            lambda: PhiForCausalLM(
-                PhiConfig(
-                    vocab_size=VOCAB,
-                    hidden_size=32,
-                    intermediate_size=40,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    max_position_embeddings=64,
-                )
+            lambda: make_tiny_model(
+                "phi", VOCAB, perturb=0, hidden_size=32, num_hidden_layers=2, max_position_embeddings=64
             ),
             id="phi",
         ),
         pytest.param(
-            lambda: OPTForCausalLM(
-                OPTConfig(
-                    vocab_size=VOCAB,
-                    hidden_size=32,
-                    ffn_dim=40,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    word_embed_proj_dim=16,
-                    max_position_embeddings=64,
-                )
+            lambda: make_tiny_model(
+                "opt-proj",
+                VOCAB,
+                perturb=0,
+                hidden_size=32,
+                num_hidden_layers=2,
+                word_embed_proj_dim=16,
+                max_position_embeddings=64,
             ),
             id="opt-project-in-out",
         ),

@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import TINY_CONFIGS, make_tiny_llama, make_tiny_model
 
 from minigpts.errors import UserError
-from minigpts.mcq import MCQItem, evaluate_mcq, load_mcq, mcq_metrics, score_choices
+from minigpts.mcq import (
+    MCQItem,
+    _requests,
+    _shared_length,
+    _sliding_window,
+    evaluate_mcq,
+    load_mcq,
+    mcq_metrics,
+    score_choices,
+)
 
 SHARED_MCQ = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mcq"
 
@@ -188,3 +197,137 @@ def test_reads_the_papers_question_sets(name, count):
     items = load_mcq(SHARED_MCQ / name)
     assert len(items) == count
     assert all(len(item.choices) == 4 and 0 <= item.answer < 4 and item.context for item in items)
+
+
+# --- the shared-prefix KV cache gives the scores of the sequence-by-sequence path -----------------------
+
+SHARED_ITEMS = [
+    # a long shared context; choices of different lengths that share their first tokens
+    MCQItem(
+        "Economics Test: " + "Supply and demand determine the price of goods in a market economy. " * 4,
+        "When demand rises and supply stays the same, prices",
+        ["go up.", "go down.", "go up and down and up again, in a market economy.", "stay."],
+        0,
+    ),
+    # the prompt ends in whitespace, which moves into the choices; a choice starts with its own space
+    MCQItem(
+        "Skyrim", "Damn it, ", [" this will not stand!", "Hmm?", "émojis 📈", "I want to talk to you."], 3
+    ),
+    # a choice whose first characters would merge with the prompt's last ones if tokenized together
+    MCQItem("", "Opportunity cost is the value of the next best altern", ["ative.", "a price.", "s"], 0),
+    MCQItem("Economics Test:", "2 + 2 =", ["4", "5", "four"], 0),
+]
+
+
+CONTEXT = "Economics Test: " + "Supply and demand determine the price of goods in a market economy. " * 3
+# the paper's format: one context for every question, which then runs once for the whole set
+SAME_CONTEXT = [MCQItem(CONTEXT, item.question, item.choices, item.answer) for item in SHARED_ITEMS + ITEMS]
+
+
+def forward_shapes(model) -> list[tuple[int, ...]]:
+    """A list that collects the shape of the input ids of every forward pass of ``model``."""
+    seen: list[tuple[int, ...]] = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    return seen
+
+
+def assert_same_scores(model, tokenizer, items, *, batch_size: int = 8) -> None:
+    cached = score_choices(model, tokenizer, items, batch_size=batch_size)
+    alone = score_choices(model, tokenizer, items, batch_size=batch_size, cache=False)
+    for cached_row, alone_row in zip(cached, alone, strict=True):
+        assert cached_row == pytest.approx(alone_row, abs=1e-5, rel=0)
+        assert max(range(len(cached_row)), key=cached_row.__getitem__) == max(
+            range(len(alone_row)), key=alone_row.__getitem__
+        )
+    assert mcq_metrics(items, cached) == mcq_metrics(items, alone)
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_cached_prefix_scores_equal_the_uncached_ones_for_every_family(tiny_tokenizer, name):
+    model = make_tiny_model(name, len(tiny_tokenizer), max_position_embeddings=256)
+    shapes = forward_shapes(model)
+    for batch_size in (1, 5, 16):  # one question per group, groups of one or two questions, all at once
+        assert_same_scores(model, tiny_tokenizer, SHARED_ITEMS + ITEMS, batch_size=batch_size)
+        assert_same_scores(model, tiny_tokenizer, SAME_CONTEXT, batch_size=batch_size)
+    window = _sliding_window(model.config)
+    if window is not None and window < 256:
+        return  # a window shorter than the prompts (tiny Gemma's): mcq then runs their shared start per prompt
+    shapes.clear()
+    score_choices(model, tiny_tokenizer, SAME_CONTEXT)
+    context = len(tiny_tokenizer(CONTEXT)["input_ids"])
+    assert shapes[0] == (1, context + 1)  # the context (and "\n") ran once for every question
+    assert all(width < context for _, width in shapes[1:])
+    shapes.clear()
+    score_choices(model, tiny_tokenizer, SHARED_ITEMS, batch_size=16)
+    cached = [rows * width for rows, width in shapes]
+    assert [shape for shape in shapes if shape[1] >= 78] == [(1, 78)]  # the long prompt ran once
+    shapes.clear()
+    score_choices(model, tiny_tokenizer, SHARED_ITEMS, batch_size=16, cache=False)
+    assert sum(cached) < sum(rows * width for rows, width in shapes) / 2
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("mistral", dict(sliding_window=8)),  # prompts longer than the window
+        ("qwen2", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1)),  # mixed layers
+        ("llama", dict(attn_implementation="eager")),  # masks built as additive floats, not booleans
+        ("opt", dict(attn_implementation="eager")),
+    ],
+)
+def test_cached_prefix_under_sliding_windows_and_eager_attention(tiny_tokenizer, name, overrides):
+    model = make_tiny_model(name, len(tiny_tokenizer), max_position_embeddings=256, **overrides)
+    for batch_size in (1, 16):
+        assert_same_scores(model, tiny_tokenizer, SHARED_ITEMS + ITEMS, batch_size=batch_size)
+        assert_same_scores(model, tiny_tokenizer, SAME_CONTEXT, batch_size=batch_size)
+
+
+def test_cached_prefix_scores_match_an_independent_computation(tiny_tokenizer):
+    model = make_tiny_model("opt", len(tiny_tokenizer), max_position_embeddings=256)  # learned positions
+    items = [SHARED_ITEMS[0], *SHARED_ITEMS[2:]]  # independent_scores does not move a prompt's end space
+    got = score_choices(model, tiny_tokenizer, items, batch_size=16)
+    for got_row, item in zip(got, items, strict=True):
+        assert got_row == pytest.approx(independent_scores(model, tiny_tokenizer, item), abs=1e-4)
+
+
+def test_cached_prefix_with_prompts_cut_from_the_left(tiny_tokenizer):
+    """Choices of different token lengths are cut differently, so share no prefix and run alone; choices
+    of the same length still share theirs."""
+    model = make_tiny_model("llama", len(tiny_tokenizer), max_position_embeddings=24)
+    long = MCQItem("Supply and demand determine the price. " * 6, "Prices", ["go up.", "go down a lot."], 0)
+    same = MCQItem("Supply and demand determine the price. " * 6, "Prices", ["supply.", "demand."], 0)
+    assert [_shared_length(_requests(tiny_tokenizer, [item], 24)) for item in (long, same)] == [0, 22]
+    assert_same_scores(model, tiny_tokenizer, [long, same, SHARED_ITEMS[3]])
+    got = score_choices(model, tiny_tokenizer, [long, same])
+    for got_row, item in zip(got, [long, same], strict=True):
+        assert got_row == pytest.approx(independent_scores(model, tiny_tokenizer, item, max_len=24), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "opt"])
+def test_cached_prefix_on_a_model_with_per_layer_widths(tiny_tokenizer, tmp_path, name):
+    """A pruned model whose layers differ in width, reloaded from its exported remote code."""
+    from transformers import AutoModelForCausalLM
+
+    from minigpts.arch import get_adapter
+    from minigpts.export import save_model
+    from minigpts.plan import LayerPlan, PruningPlan
+    from minigpts.surgery import apply_plan
+
+    model = make_tiny_model(name, len(tiny_tokenizer), max_position_embeddings=256)
+    adapter = get_adapter(model)
+    layers = []
+    for index, layer in enumerate(adapter.layers(model)):
+        n_heads, n_kv, _ = adapter.head_layout(layer)
+        group = n_heads // n_kv
+        heads = list(range(n_heads))
+        if index == 0 and adapter.head_pruning_problem(model.config) is None:
+            heads = [h for h in heads if h // group != 0] if group > 1 else heads[n_heads // 2 :]
+        layers.append(LayerPlan(list(range(8 * (index + 1))), heads, sorted({h // group for h in heads})))
+    plan = PruningPlan(adapter.family, layers)
+    plan.layout = "per-layer"
+    pruned = apply_plan(model, plan)
+    assert pruned.config.is_heterogeneous
+    out = save_model(pruned, tiny_tokenizer, tmp_path / name, plan=plan)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert_same_scores(reloaded, tiny_tokenizer, SHARED_ITEMS + ITEMS[:2])
+    assert_same_scores(reloaded, tiny_tokenizer, SAME_CONTEXT)

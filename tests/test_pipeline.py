@@ -224,13 +224,11 @@ def test_prune_per_layer_loads_with_remote_code_and_same_logits(capsys, tmp_path
 
     # the same plan applied in memory gives the same model
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    stats = ActivationStats.load(stats_file)
     plan = build_plan(
-        base,
-        AutoTokenizer.from_pretrained(model_dir),
-        ActivationStats.load(stats_file),
-        PlanOptions(mlp_ratio=0.5, layout="per-layer"),
+        base, AutoTokenizer.from_pretrained(model_dir), stats, PlanOptions(mlp_ratio=0.5, layout="per-layer")
     )
-    in_memory, _ = apply_full_plan(base, None, plan)
+    in_memory, _ = apply_full_plan(base, None, plan, stats=stats, reconstruct="lstsq")  # the CLI's default
     ids = torch.tensor([tokenizer.encode("The price of goods rises when demand grows.")])
     with torch.no_grad():
         expected = in_memory(ids).logits

@@ -7,17 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from rich.console import Console
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PhiConfig,
-    PhiForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import LlamaForCausalLM, PhiForCausalLM
 
 from minigpts.analysis import ActivationStats, analyze
 from minigpts.arch import get_adapter
@@ -29,9 +21,10 @@ VOCAB = 300
 
 
 def llama(n_heads=6, n_kv=2, hidden=48, intermediate=96, layers=3, tie=True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
+    return make_tiny_model(
+        "llama-tied",
+        VOCAB,
+        perturb=0,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -40,20 +33,12 @@ def llama(n_heads=6, n_kv=2, hidden=48, intermediate=96, layers=3, tie=True) -> 
         max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def phi() -> PhiForCausalLM:
-    torch.manual_seed(0)
-    config = PhiConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
+    return make_tiny_model(
+        "phi", VOCAB, perturb=0, hidden_size=32, num_hidden_layers=2, max_position_embeddings=64
     )
-    return PhiForCausalLM(config).eval()
 
 
 def synthetic_stats(model, seed: int = 0) -> ActivationStats:
@@ -326,32 +311,29 @@ def test_target_params_edge_cases():
 
 
 def qwen2_untied_with_biases():
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=48,
+    return make_tiny_model(
+        "qwen2",
+        VOCAB,
+        perturb=0,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=6,
         num_key_value_heads=3,
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
-    return Qwen2ForCausalLM(config).eval()
 
 
 def opt_with_projections():
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=VOCAB,
+    return make_tiny_model(
+        "opt-proj",
+        VOCAB,
+        perturb=0,
         hidden_size=32,
         ffn_dim=48,
         num_hidden_layers=2,
-        num_attention_heads=4,
         word_embed_proj_dim=16,
         max_position_embeddings=64,
     )
-    return OPTForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,8 @@
 """Recovery fine-tuning: it learns, LoRA merges exactly, distillation vanishes at the teacher,
-every budget stops the run and says why, and a resumed run continues where it stopped."""
+every budget stops the run and says why, and a resumed run continues where it stopped.
+
+Budgets (test_recovery_budgets.py), the teacher cache (test_recovery_distill.py) and the method
+registry (test_recovery_methods.py) have their own files."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from minigpts.data import make_windows, tokenize_stream
 from minigpts.errors import UserError
 from minigpts.evaluation import evaluate_windows, token_byte_lengths
-from minigpts.recovery import add_lora, distillation_loss, finetune, merge_lora, schedule_factor
+from minigpts.recovery import add_lora, distillation_loss, finetune, merge_lora
 
 SEQ_LEN = 32
 BATCH = 4
@@ -54,15 +57,16 @@ def test_full_finetune_lowers_validation_loss(tiny_tokenizer, windows, tmp_path)
     model = make_tiny_llama(len(tiny_tokenizer))
     before = evaluate_windows(model, val, byte_lengths)
     tuned, result = finetune(
-        model, tiny_tokenizer, train, val, out_dir=tmp_path, max_epochs=None, max_steps=30, eval_every=10,
+        model, tiny_tokenizer, train, val, out_dir=tmp_path, max_steps=30, eval_every=10,
         lr=3e-3, batch_size=BATCH, byte_lengths=byte_lengths, progress=False,
     )  # fmt: skip
     after = evaluate_windows(tuned, val, byte_lengths)
     assert after["nll_sum"] < 0.8 * before["nll_sum"]
 
     assert result.steps == 30 and result.stopped_because == "max_steps"
-    first_epoch_steps = math.ceil(len(train) / BATCH)  # the epoch's last batch may be short
-    assert result.train_tokens == (len(train) + (30 - first_epoch_steps) * BATCH) * SEQ_LEN
+    # a step budget is not cut short by a default epoch; every step is a full batch, into epoch 2
+    assert result.train_tokens == 30 * BATCH * SEQ_LEN
+    assert result.epochs == pytest.approx(30 * BATCH / len(train))
     assert [step for step, *_ in result.val_history] == [0, 10, 20, 30]
     step0, last = result.val_history[0], result.val_history[-1]
     assert step0[1] == pytest.approx(before["nll_sum"] / before["tokens"], rel=1e-4)
@@ -150,13 +154,17 @@ def test_distill_run_against_an_identical_teacher_with_a_trimmed_vocabulary(
     train_new, val_new = new_id[train], new_id[val]
     assert (logits(student, val_new) - logits(teacher, val)[..., keep]).abs().max() <= 1e-5
 
+    # Every teacher id cached (k = its vocabulary): no student token lies outside the bins, so the
+    # teacher is renormalised over the kept vocabulary and the trimmed copy matches it exactly.
     _, result = finetune(
         student, tiny_tokenizer, train_new, val_new, out_dir=tmp_path, method="distill", teacher=teacher,
-        teacher_vocab_keep=keep, distill_alpha=1.0, max_steps=2, lr=1e-2, progress=False,
+        teacher_vocab_keep=keep, distill_alpha=1.0, max_steps=2, lr=1e-2, teacher_top_k=len(tiny_tokenizer),
+        teacher_cache_dtype="float32", progress=False,
     )  # fmt: skip
     assert result.steps == 2
     assert result.train_loss <= 1e-6
     assert not teacher.training
+    assert result.method_stats["teacher_windows_computed"] == 2 * 4  # only the windows two steps reach
 
 
 def test_resume_continues_from_the_saved_step(tiny_tokenizer, windows, tmp_path):
@@ -206,58 +214,6 @@ def test_resume_continues_from_the_saved_step(tiny_tokenizer, windows, tmp_path)
         )
 
 
-def test_max_minutes_stops_the_run_and_says_why(tiny_tokenizer, windows, tmp_path):
-    train, val = windows
-    _, result = finetune(
-        make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, train, val, out_dir=tmp_path, max_steps=50,
-        max_minutes=1e-6, progress=False,
-    )  # fmt: skip
-    assert result.stopped_because == "max_minutes" and result.steps == 1
-    assert result.val_history[-1][0] == 1  # the stop evaluates ...
-    assert (tmp_path / "checkpoints" / "checkpoint-1").is_dir()  # ... and saves, so it can be resumed
-
-
-@pytest.mark.parametrize("kind", ["cosine", "linear"])
-def test_schedule_follows_whichever_budget_is_further_spent(kind):
-    def lr(step, elapsed=0.0, max_seconds=None):
-        return schedule_factor(step, 1000, elapsed, max_seconds, 0.1, kind)
-
-    assert lr(0) == 0 and lr(50) == pytest.approx(0.5) and lr(100) == pytest.approx(1.0)  # warm-up
-    assert lr(1000) == pytest.approx(0.0, abs=1e-12)  # annealed at the step horizon
-    steps = [lr(s) for s in range(100, 1001, 50)]
-    assert all(a >= b for a, b in zip(steps, steps[1:]))  # monotone decay after warm-up
-    # a minute budget that ends long before the step horizon: warm-up and decay fit into it
-    assert lr(5, elapsed=6, max_seconds=120) == pytest.approx(0.5)  # 5% of the minutes: mid warm-up
-    assert lr(40, elapsed=120, max_seconds=120) == pytest.approx(0.0, abs=1e-12)
-    assert lr(40, elapsed=66, max_seconds=120) == pytest.approx(lr(550))  # 55% of the minutes = step 550
-    assert lr(600, elapsed=6, max_seconds=120) == pytest.approx(lr(600))  # steps further spent: they lead
-    assert schedule_factor(500, 1000, 0, None, 0.1, "constant_with_warmup") == 1.0
-
-
-def test_a_minute_budget_anneals_the_learning_rate(tiny_tokenizer, windows, tmp_path, monkeypatch):
-    """With --max-minutes far shorter than the step horizon, the last step runs at a decayed rate."""
-    import minigpts.recovery as recovery
-
-    seen = []
-    factor = recovery.schedule_factor
-
-    def spy(step, total_steps, elapsed, max_seconds, warmup_ratio, kind):
-        value = factor(step, total_steps, elapsed, max_seconds, warmup_ratio, kind)
-        seen.append((step, total_steps, max_seconds, value))
-        return value
-
-    monkeypatch.setattr(recovery, "schedule_factor", spy)
-    train, val = windows
-    finetune(
-        make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, train, val, out_dir=tmp_path, max_steps=10_000,
-        max_epochs=None, max_minutes=0.05, progress=False,
-    )  # fmt: skip
-    assert seen and all(total == 10_000 and seconds == 3.0 for _, total, seconds, _ in seen)
-    last_step, _, _, last = seen[-1]
-    assert last_step < 1_000  # far from the step horizon: a step-only cosine would still be warming up
-    assert last < factor(last_step, 10_000, 0.0, None, 0.05, "cosine")
-
-
 def test_stop_at_ppl_stops_as_soon_as_validation_reaches_the_target(tiny_tokenizer, windows, tmp_path):
     train, val = windows
     model = make_tiny_llama(len(tiny_tokenizer))
@@ -301,10 +257,16 @@ def test_early_stopping_on_a_diverging_run_returns_the_best_checkpoint(tiny_toke
         (dict(method="bogus"), "--method bogus"),
         (dict(method="distill"), "teacher"),
         (dict(max_steps=0), "--max-steps"),
-        (dict(max_epochs=None), "--max-epochs"),
+        (dict(max_epochs=0), "--max-epochs 0"),
         (dict(resume=True), "no checkpoint"),
         (dict(warmup_ratio=1.5), "--warmup-ratio"),
-        (dict(scheduler="zigzag"), "--scheduler zigzag"),
+        (dict(scheduler="zigzag"), "scheduler='zigzag'"),
+        (dict(batch_size=0), "--train-batch-size 0"),
+        (dict(grad_accum=0), "--grad-accum 0"),
+        (dict(max_train_tokens=10), "--max-train-tokens 10: less than one optimizer step of 128"),
+        (dict(eval_every=0), "--eval-every 0"),
+        (dict(method="distill", teacher=make_tiny_llama(7)), "teacher predicts 7 tokens"),
+        (dict(method="lora", lora_r=0), "--lora-r 0"),
     ],
 )
 def test_bad_options_are_user_errors(tiny_tokenizer, windows, tmp_path, options, message):

@@ -12,23 +12,9 @@ import random
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PhiConfig,
-    PhiForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, BloomConfig
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
 from minigpts.arch import SUPPORTED_FAMILIES, get_adapter
@@ -37,38 +23,11 @@ from minigpts.plan import LayerPlan, PruningPlan
 from minigpts.surgery import PlanError, apply_plan
 
 VOCAB = 300
-COMMON = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=3, max_position_embeddings=128)
-GQA = dict(COMMON, intermediate_size=40, num_attention_heads=6, num_key_value_heads=2)
 
 
 def build(name: str) -> nn.Module:
-    """Tiny random models; each variant exercises something the others do not."""
-    torch.manual_seed(0)
-    if name == "llama":  # GQA, untied, big eps so a wrong RMSNorm rescale would show
-        model = LlamaForCausalLM(LlamaConfig(**GQA, rms_norm_eps=0.1))
-    elif name == "llama-tied":
-        model = LlamaForCausalLM(LlamaConfig(**GQA, tie_word_embeddings=True))
-    elif name == "mistral":
-        model = MistralForCausalLM(MistralConfig(**GQA))
-    elif name == "qwen2":  # qkv biases, layer_types
-        model = Qwen2ForCausalLM(Qwen2Config(**GQA))
-    elif name == "qwen3":  # q_norm / k_norm over head_dim
-        model = Qwen3ForCausalLM(Qwen3Config(**GQA, head_dim=8))
-    elif name == "phi":  # parallel attention + MLP, partial rotary, biases, lm_head bias
-        model = PhiForCausalLM(PhiConfig(**COMMON, intermediate_size=40, num_attention_heads=4))
-    elif name == "opt":
-        model = OPTForCausalLM(OPTConfig(**COMMON, ffn_dim=40, num_attention_heads=4, dropout=0.0))
-    elif name == "opt-proj":  # word_embed_proj_dim != hidden_size: project_in / project_out
-        model = OPTForCausalLM(
-            OPTConfig(**COMMON, ffn_dim=40, num_attention_heads=4, dropout=0.0, word_embed_proj_dim=32)
-        )
-    else:
-        raise KeyError(name)
-    with torch.no_grad():  # random biases and norm weights, so slicing mistakes in them show up
-        for module_name, parameter in model.named_parameters():
-            if module_name.endswith("bias") or "norm" in module_name:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
+    """Tiny random models (conftest.TINY_CONFIGS); each variant exercises something the others do not."""
+    return make_tiny_model(name, VOCAB)
 
 
 MODELS = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi", "opt", "opt-proj"]
@@ -289,10 +248,7 @@ def test_hidden_pruning_refused_where_transformers_cannot_express_it(name, reaso
 
 
 def test_phi_with_qk_layernorm_refuses_head_pruning():
-    torch.manual_seed(0)
-    model = PhiForCausalLM(
-        PhiConfig(**COMMON, intermediate_size=40, num_attention_heads=4, qk_layernorm=True)
-    )
+    model = make_tiny_model("phi-qk-norm", VOCAB, perturb=0)
     plan = random_plan(model, 0, hidden=False, depth=False)
     plan.layers[0].heads_keep = plan.layers[0].kv_heads_keep = [0]
     with pytest.raises(PlanError, match="qk_layernorm"):
@@ -300,9 +256,9 @@ def test_phi_with_qk_layernorm_refuses_head_pruning():
 
 
 def test_unsupported_family_lists_the_supported_ones():
-    with pytest.raises(UserError, match="llama.*phi.*opt"):
-        get_adapter(GPT2Config())
-    assert set(SUPPORTED_FAMILIES) == {"llama", "phi", "opt"}
+    with pytest.raises(UserError, match="llama.*phi.*opt.*gpt2"):
+        get_adapter(BloomConfig())
+    assert set(SUPPORTED_FAMILIES) == {"llama", "phi", "opt", "phi3", "gemma", "gpt_neox", "stablelm", "gpt2"}
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -25,12 +26,7 @@ from transformers import (
     GenerationConfig,
     GPT2Tokenizer,
     LlamaConfig,
-    LlamaForCausalLM,
     LlamaTokenizer,
-    OPTConfig,
-    OPTForCausalLM,
-    PhiConfig,
-    PhiForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -663,24 +659,23 @@ def test_unsupported_tokenizer_types():
 
 
 def tiny_model(family: str, vocab_size: int, tokenizer, tied: bool):
-    torch.manual_seed(0)
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    shape = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-    if family == "llama":
-        config = LlamaConfig(
-            **shape, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=tied, **ids
-        )
-        model = LlamaForCausalLM(config)
-    elif family == "phi":
-        config = PhiConfig(**shape, intermediate_size=64, tie_word_embeddings=tied, **ids)
-        model = PhiForCausalLM(config)
-    else:
-        config = OPTConfig(**shape, ffn_dim=64, word_embed_proj_dim=32, tie_word_embeddings=tied, **ids)
-        model = OPTForCausalLM(config)
+    shape = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 2048,
+    }
+    name, widths = {
+        "llama": ("llama-tied", {"intermediate_size": 64, "num_key_value_heads": 2}),
+        "phi": ("phi", {"intermediate_size": 64}),
+        "opt": ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+    }[family]
+    model = make_tiny_model(name, vocab_size, perturb=0, **shape, **widths, tie_word_embeddings=tied, **ids)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, tokenizer.bos_token_id]
     )

@@ -15,6 +15,16 @@ calibration windows are kept too, so vocabulary trimming can reuse this pass.
 Saved as one safetensors file: the tensors, plus a JSON header (``format``, ``n_tokens``,
 ``head_layout``, ``metadata``) in the safetensors metadata, so the file is self-describing and
 ``prune`` can re-plan without re-running the model.
+
+With ``moments=True`` the pass also keeps, per layer, the second-moment matrices ``E[a aᵀ]`` and
+the means ``E[a]`` of the inputs of the MLP's output projection and of the attention's output
+projection (float64 sums of float32 products): they feed the closed-form refit of the output
+projections after pruning (``minigpts.reconstruct``); (width)² per layer, ~650 MB for SmolLM2, so
+they are optional and stored as float32 in the file. ``fisher_tokens > 0`` adds a gradient pass over
+the first calibration windows: the mean squared gradient of the language-model loss with respect to
+each block's output, per residual channel (a diagonal Fisher of the residual stream). It turns a
+block's output error into an estimate of the loss it costs, which is what makes errors of different
+layers comparable (``minigpts.allocation``).
 """
 
 from __future__ import annotations
@@ -55,6 +65,38 @@ class ActivationStats:
     token_counts: torch.Tensor  # int64 [vocab]: occurrences of each id in the calibration windows
     n_tokens: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    # second moments (analyze(moments=True)); None when not measured
+    mlp_gram: list[torch.Tensor] | None = (
+        None  # [d, d] per layer: E[a aᵀ] of the MLP output projection's input
+    )
+    mlp_mean: list[torch.Tensor] | None = None  # [d] per layer: E[a]
+    attn_gram: list[torch.Tensor] | None = None  # [n_heads*head_dim]² per layer: the same for the attention
+    attn_mean: list[torch.Tensor] | None = None
+    mlp_fisher: list[torch.Tensor] | None = None  # [hidden] per layer: E[(∂loss/∂ MLP output)²]
+    attn_fisher: list[torch.Tensor] | None = None  # [hidden] per layer: the same for the attention output
+    fisher_tokens: int = 0
+    # the peers' criteria and depth scores (minigpts.criteria, minigpts.depth); None when not measured.
+    # mlp_mean / attn_mean above are also filled without moments, from the first-order sums
+    reader_mean: list[torch.Tensor] | None = None  # [n_readers, hidden] per layer: E[x] (FLAP's variance)
+    mlp_window_l2: list[torch.Tensor] | None = None  # [d] per layer: mean over windows of ‖a_j‖₂ over tokens
+    head_window_l2: list[torch.Tensor] | None = None  # [n_heads] per layer: the same over the head's dims
+    reader_window_l2: list[torch.Tensor] | None = None  # [n_readers, hidden] per layer (Minitron)
+    mlp_taylor: list[torch.Tensor] | None = None  # [d] per layer: Σ |w·∂L/∂w| over the channel's weights
+    head_taylor: list[torch.Tensor] | None = None  # [n_heads] per layer (LLM-Pruner, taylor_tokens > 0)
+    hidden_taylor: list[torch.Tensor] | None = None  # [hidden] per layer: the layer's coupled weights
+    embed_taylor: torch.Tensor | None = None  # [hidden]: embedding, final norm, untied LM head
+    taylor_tokens: int = 0
+    layer_bi: torch.Tensor | None = None  # [n_layers]: ShortGPT's Block Influence, 1 - mean cos(in, out)
+    layer_loss: torch.Tensor | None = None  # [n_layers]: loss increase (nats/token) without the layer
+    depth_tokens: int = 0
+
+    @property
+    def has_moments(self) -> bool:
+        return self.mlp_gram is not None and self.attn_gram is not None
+
+    @property
+    def has_fisher(self) -> bool:
+        return self.mlp_fisher is not None and self.attn_fisher is not None
 
     @property
     def n_layers(self) -> int:
@@ -98,12 +140,12 @@ class ActivationStats:
         else:
             for i, layer in enumerate(layers):
                 readers = adapter.residual_readers(layer)
-                if adapter.mlp_out(layer).in_features != self.mlp_l1[i].numel():
-                    problem = f"layer {i}: MLP width {self.mlp_l1[i].numel()}, the model has {adapter.mlp_out(layer).in_features}"
+                if adapter.mlp_width(layer) != self.mlp_l1[i].numel():
+                    problem = f"layer {i}: MLP width {self.mlp_l1[i].numel()}, the model has {adapter.mlp_width(layer)}"
                 elif tuple(adapter.head_layout(layer)) != tuple(self.head_layout[i]):
                     problem = f"layer {i}: heads {tuple(self.head_layout[i])}, the model has {tuple(adapter.head_layout(layer))}"
-                elif tuple(self.reader_l1[i].shape) != (len(readers), readers[0].in_features):
-                    problem = f"layer {i}: residual readers {tuple(self.reader_l1[i].shape)}, the model has {(len(readers), readers[0].in_features)}"
+                elif tuple(self.reader_l1[i].shape) != (len(readers), adapter.in_features(readers[0])):
+                    problem = f"layer {i}: residual readers {tuple(self.reader_l1[i].shape)}, the model has {(len(readers), adapter.in_features(readers[0]))}"
                 if problem:
                     break
         if problem:
@@ -119,13 +161,30 @@ class ActivationStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"token_counts": self.token_counts.contiguous()}
-        for name in ("mlp_l1", "mlp_l2sq", "attn_dim_l1", "attn_dim_l2sq", "reader_l1", "reader_l2sq"):
+        for name in _PER_LAYER + (_MOMENTS if self.has_moments else ()):
+            # second-moment matrices are large: float32 on disk (7 significant digits are plenty for a refit)
+            dtype = torch.float32 if name.endswith("_gram") else torch.float64
             for i, tensor in enumerate(getattr(self, name)):
-                tensors[f"{name}.{i}"] = tensor.detach().to("cpu", torch.float64).contiguous()
+                tensors[f"{name}.{i}"] = tensor.detach().to("cpu", dtype).contiguous()
+        if self.has_fisher:
+            for name in ("mlp_fisher", "attn_fisher"):
+                for i, tensor in enumerate(getattr(self, name)):
+                    tensors[f"{name}.{i}"] = tensor.detach().to("cpu", torch.float64).contiguous()
+        for name in _OPTIONAL_PER_LAYER:  # each saved when measured; files without them still load
+            values = getattr(self, name)
+            if values is not None and f"{name}.0" not in tensors:
+                for i, tensor in enumerate(values):
+                    tensors[f"{name}.{i}"] = tensor.detach().to("cpu", torch.float64).contiguous()
+        for name in _OPTIONAL_WHOLE:
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).detach().to("cpu", torch.float64).contiguous()
         header = {
             "format": STATS_FORMAT,
             "format_version": str(STATS_FORMAT_VERSION),
             "n_tokens": str(self.n_tokens),
+            "fisher_tokens": str(self.fisher_tokens if self.has_fisher else 0),
+            "taylor_tokens": str(self.taylor_tokens if self.mlp_taylor is not None else 0),
+            "depth_tokens": str(self.depth_tokens if self.layer_loss is not None else 0),
             "head_layout": json.dumps([list(layout) for layout in self.head_layout]),
             "metadata": json.dumps(self.metadata, default=str),
         }
@@ -156,17 +215,45 @@ class ActivationStats:
         if int(header.get("format_version", "0")) > STATS_FORMAT_VERSION:
             raise UserError(f"--stats {path}: written by a newer minigpts; upgrade minigpts to read it")
         head_layout = [tuple(layout) for layout in json.loads(header["head_layout"])]
-        lists = {
-            name: [tensors[f"{name}.{i}"] for i in range(len(head_layout))]
-            for name in ("mlp_l1", "mlp_l2sq", "attn_dim_l1", "attn_dim_l2sq", "reader_l1", "reader_l2sq")
-        }
+        names = _PER_LAYER + (_MOMENTS if "mlp_gram.0" in tensors else ())
+        names += ("mlp_fisher", "attn_fisher") if "mlp_fisher.0" in tensors else ()
+        names += tuple(n for n in _OPTIONAL_PER_LAYER if f"{n}.0" in tensors and n not in names)
+        lists = {name: [tensors[f"{name}.{i}"].double() for i in range(len(head_layout))] for name in names}
+        whole = {name: tensors[name].double() for name in _OPTIONAL_WHOLE if name in tensors}
         return cls(
             **lists,
+            **whole,
+            taylor_tokens=int(header.get("taylor_tokens", "0")),
+            depth_tokens=int(header.get("depth_tokens", "0")),
+            fisher_tokens=int(header.get("fisher_tokens", "0")),
             head_layout=head_layout,
             token_counts=tensors["token_counts"],
             n_tokens=int(header["n_tokens"]),
             metadata=json.loads(header["metadata"]),
         )
+
+
+_PER_LAYER = ("mlp_l1", "mlp_l2sq", "attn_dim_l1", "attn_dim_l2sq", "reader_l1", "reader_l2sq")
+_MOMENTS = ("mlp_gram", "mlp_mean", "attn_gram", "attn_mean")
+_OPTIONAL_PER_LAYER = (
+    "mlp_mean", "attn_mean", "reader_mean", "mlp_window_l2", "head_window_l2", "reader_window_l2",
+    "mlp_taylor", "head_taylor", "hidden_taylor",
+)  # fmt: skip
+_OPTIONAL_WHOLE = ("embed_taylor", "layer_bi", "layer_loss")
+
+
+class _Moments:
+    """Running float64 sums of a (per channel) and a aᵀ of the tensors it is given (matmul in float32)."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        self.sum += work.sum(0, dtype=torch.float64).to(self.sum.device)
+        self.gram += (work.T @ work).to(self.gram.device, torch.float64)
 
 
 class _Scratch:
@@ -201,34 +288,59 @@ class _ChannelSums:
     CPU, then added in float64.
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device, scratch: _Scratch):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device,
+        scratch: _Scratch,
+        *,
+        window: int | None = None,
+        group: int = 1,
+    ):
         self.abs_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.square_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.signed_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.scratch = scratch
+        # window: tokens per calibration window; then also Σ over windows of the L2 norm over the
+        # window's tokens (and over each ``group`` of consecutive channels: a head's dims), Minitron's
+        self.window, self.group = window, group
+        self.window_l2 = None
+        if window is not None:
+            self.window_l2 = torch.zeros(
+                (*shape[:-1], shape[-1] // group), dtype=torch.float64, device=device
+            )
 
     def add(self, x: torch.Tensor, row: int | tuple = ()) -> None:
-        abs_sum, square_sum = _reduce(x, self.scratch)
-        self.abs_sum[row] += abs_sum.to(self.abs_sum.device)
-        self.square_sum[row] += square_sum.to(self.square_sum.device)
+        parts = [x] if self.window is None else x.reshape(-1, self.window, x.shape[-1])
+        for part in parts:  # one window at a time when windows are tracked (a batch may be flattened)
+            abs_sum, square_sum, signed_sum = _reduce(part, self.scratch)
+            self.abs_sum[row] += abs_sum.to(self.abs_sum.device)
+            self.square_sum[row] += square_sum.to(self.square_sum.device)
+            self.signed_sum[row] += signed_sum.to(self.signed_sum.device)
+            if self.window_l2 is not None:
+                grouped = square_sum.to(self.window_l2.device, torch.float64).view(-1, self.group).sum(1)
+                self.window_l2[row] += grouped.sqrt()
 
 
-def _reduce(x: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel sums of |x| and x² over every row of ``x`` [..., channels] (float32, or float64)."""
+def _reduce(x: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel sums of |x|, x² and x over every row of ``x`` [..., channels] (float32, or float64)."""
     x = x.reshape(-1, x.shape[-1])
     rows, width = x.shape
     block = CPU_BLOCK_ROWS if x.device.type == "cpu" else rows
     buffer = scratch.get(min(block, rows), width, x)
     abs_sum = torch.zeros(width, dtype=buffer.dtype, device=x.device)
     square_sum = torch.zeros(width, dtype=buffer.dtype, device=x.device)
+    signed_sum = torch.zeros(width, dtype=buffer.dtype, device=x.device)
     for start in range(0, rows, block):
         chunk = x[start : start + block]
         work = buffer[: chunk.shape[0]]
         work.copy_(chunk)
+        signed_sum += work.sum(0)
         work.abs_()
         abs_sum += work.sum(0)
         work.mul_(work)
         square_sum += work.sum(0)
-    return abs_sum, square_sum
+    return abs_sum, square_sum, signed_sum
 
 
 def _check_windows(windows: torch.Tensor, vocab_size: int) -> torch.LongTensor:
@@ -253,8 +365,18 @@ def analyze(
     batch_size: int = 4,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    moments: bool = False,
+    fisher_tokens: int = 0,
+    taylor_tokens: int = 0,
+    depth_tokens: int = 0,
 ) -> ActivationStats:
     """Run the model body over ``windows`` [N, L] and return the per-unit statistics.
+
+    ``moments=True`` also records the second moments the refit needs; ``fisher_tokens`` > 0 runs the
+    gradient pass the error allocation needs over that many tokens of the first windows;
+    ``taylor_tokens`` > 0 the gradient pass of ``--criterion taylor`` (``taylor_importance``) and
+    ``depth_tokens`` > 0 the passes of ``--layer-criterion loss`` (``minigpts.depth.removal_loss``),
+    each over the first windows. Block Influence (``--layer-criterion bi``) is always measured.
 
     The model is put in eval mode for the pass (dropout would distort the statistics) and restored
     afterwards; hooks are removed even when the pass fails. ``metadata`` (data, seed, ...) is merged
@@ -275,15 +397,39 @@ def analyze(
     layers = adapter.layers(model)
 
     scratch = _Scratch()
-    mlp = [_ChannelSums((adapter.mlp_out(layer).in_features,), sums_device, scratch) for layer in layers]
-    attn = [_ChannelSums((adapter.attn_out(layer).in_features,), sums_device, scratch) for layer in layers]
+    seq_len = windows.shape[1]
+    mlp = [
+        _ChannelSums((adapter.mlp_width(layer),), sums_device, scratch, window=seq_len) for layer in layers
+    ]
+    attn = [
+        _ChannelSums(
+            (adapter.attn_width(layer),),
+            sums_device,
+            scratch,
+            window=seq_len,
+            group=adapter.head_layout(layer)[2],
+        )
+        for layer in layers
+    ]
     readers = [adapter.residual_readers(layer) for layer in layers]
     reader_sums = [
-        _ChannelSums((len(modules), modules[0].in_features), sums_device, scratch) for modules in readers
+        _ChannelSums((len(modules), adapter.in_features(modules[0])), sums_device, scratch, window=seq_len)
+        for modules in readers
     ]
+    from minigpts.depth import BlockInfluence
+
+    influence = BlockInfluence(len(layers), sums_device)
 
     def hook(sums: _ChannelSums, row: int | tuple = ()):
         return lambda module, args: sums.add(args[0], row)
+
+    mlp_moments = attn_moments = None
+    if moments:
+        mlp_moments = [_Moments(adapter.mlp_width(layer), sums_device) for layer in layers]
+        attn_moments = [_Moments(adapter.attn_width(layer), sums_device) for layer in layers]
+
+    def moment_hook(target: _Moments):
+        return lambda module, args: target.add(args[0])
 
     handles = []
     was_training = model.training
@@ -296,6 +442,12 @@ def analyze(
             handles.append(adapter.attn_out(layer).register_forward_pre_hook(hook(attn[i])))
             for r, module in enumerate(readers[i]):
                 handles.append(module.register_forward_pre_hook(hook(reader_sums[i], r)))
+            if moments:
+                handles.append(adapter.mlp_out(layer).register_forward_pre_hook(moment_hook(mlp_moments[i])))
+                handles.append(
+                    adapter.attn_out(layer).register_forward_pre_hook(moment_hook(attn_moments[i]))
+                )
+            handles.append(layer.register_forward_hook(influence.hook(i), with_kwargs=True))
         model.eval()
         body = adapter.body(model)
         with torch.inference_mode():
@@ -328,7 +480,52 @@ def analyze(
     def means(values: list[torch.Tensor]) -> list[torch.Tensor]:
         return [(v / n_tokens).cpu() for v in values]
 
+    extra: dict[str, Any] = {}
+    if moments:
+        extra = {
+            "mlp_gram": means([m.gram for m in mlp_moments]),
+            "mlp_mean": means([m.sum for m in mlp_moments]),
+            "attn_gram": means([m.gram for m in attn_moments]),
+            "attn_mean": means([m.sum for m in attn_moments]),
+        }
+    if fisher_tokens > 0:
+        count = max(1, min(n_windows, -(-fisher_tokens // seq_len)))
+        mlp_fisher, attn_fisher = gradient_moments(model, windows[:count], progress=progress)
+        extra |= {"mlp_fisher": mlp_fisher, "attn_fisher": attn_fisher, "fisher_tokens": count * seq_len}
+    if not moments:  # E[a] from the first-order sums (with moments, the moments' own float64 sums)
+        extra |= {
+            "mlp_mean": means([s.signed_sum for s in mlp]),
+            "attn_mean": means([s.signed_sum for s in attn]),
+        }
+    extra |= {
+        "reader_mean": means([s.signed_sum for s in reader_sums]),
+        "mlp_window_l2": [(s.window_l2 / n_windows).cpu() for s in mlp],
+        "head_window_l2": [(s.window_l2 / n_windows).cpu() for s in attn],
+        "reader_window_l2": [(s.window_l2 / n_windows).cpu() for s in reader_sums],
+        "layer_bi": influence.scores(),
+    }
+    if taylor_tokens > 0:
+        count = max(1, min(n_windows, -(-taylor_tokens // seq_len)))
+        mlp_taylor, head_taylor, hidden_taylor, embed_taylor = taylor_importance(
+            model, windows[:count], progress=progress
+        )
+        extra |= {
+            "mlp_taylor": mlp_taylor,
+            "head_taylor": head_taylor,
+            "hidden_taylor": hidden_taylor,
+            "embed_taylor": embed_taylor,
+            "taylor_tokens": count * seq_len,
+        }
+    if depth_tokens > 0:
+        from minigpts.depth import removal_loss
+
+        count = max(1, min(n_windows, -(-depth_tokens // seq_len)))
+        extra |= {
+            "layer_loss": removal_loss(model, windows[:count], progress=progress),
+            "depth_tokens": count * seq_len,
+        }
     return ActivationStats(
+        **extra,
         mlp_l1=means([s.abs_sum for s in mlp]),
         mlp_l2sq=means([s.square_sum for s in mlp]),
         attn_dim_l1=means([s.abs_sum for s in attn]),
@@ -340,3 +537,217 @@ def analyze(
         n_tokens=n_tokens,
         metadata=provenance,
     )
+
+
+def gradient_moments(
+    model: nn.Module, windows: torch.LongTensor, *, progress: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, E[g²] per residual channel of the loss gradient at the MLP's and the attention's output.
+
+    The loss is the summed next-token loss of each window, so g at position t carries what that
+    position's output does to every later prediction. Only activations take gradients (the
+    parameters' requires_grad is switched off for the pass and restored), one window at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from minigpts.arch import get_adapter
+
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    device = next(model.parameters()).device
+    hidden = adapter.out_features(adapter.mlp_out(layers[0]))
+    sums = {
+        kind: [torch.zeros(hidden, dtype=torch.float64, device=device) for _ in layers]
+        for kind in ("mlp", "attn")
+    }
+
+    def capture(store: torch.Tensor):
+        def forward_hook(module, args, output):
+            def accumulate(grad):
+                store.add_(grad.detach().to(torch.float64).pow(2).reshape(-1, grad.shape[-1]).sum(0))
+
+            output.register_hook(accumulate)
+
+        return forward_hook
+
+    handles = [adapter.embedding(model).register_forward_hook(lambda m, a, out: out.requires_grad_())]
+    for i, layer in enumerate(layers):
+        handles.append(adapter.mlp_out(layer).register_forward_hook(capture(sums["mlp"][i])))
+        handles.append(adapter.attn_out(layer).register_forward_hook(capture(sums["attn"][i])))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="gradients", disable=not progress)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        for window in windows:
+            batch = window.unsqueeze(0).to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            (loss * (batch.numel() - 1)).backward()
+            bar.update(batch.numel())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+        bar.close()
+    n = windows.numel()
+    return [(s / n).cpu() for s in sums["mlp"]], [(s / n).cpu() for s in sums["attn"]]
+
+
+def taylor_importance(
+    model: nn.Module, windows: torch.LongTensor, *, progress: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """LLM-Pruner's first-order Taylor importance (Ma et al., NeurIPS 2023, arXiv 2305.11627) of every unit.
+
+    ``g = ∂L/∂w`` of the mean next-token loss over ``windows``, then per weight ``|w · g|`` (their
+    element-wise first-order importance, ``--taylor param_first``), summed over each unit's coupled
+    weights (their ``sum`` group reduction):
+
+    - MLP channel j: row j (and bias entry j) of every MLP input projection, column j of the output one;
+    - query head h: its rows (and bias entries) of q, its columns of the output projection, and its
+      share of its KV head's rows of k and v (shared by the group's query heads: 1/group each; all of
+      them without GQA, as LLM-Pruner couples them);
+    - hidden channel j, per layer: column j of every projection reading the residual stream (q, k, v,
+      the MLP inputs), row j (and bias entry j) of the two output projections, entry j of the layer's
+      norms; ``embed``: column j of the token embedding and of an untied LM head, entry j of the final
+      norm (those of the residual width only: OPT's narrower embedding behind project_in is not).
+
+    Which dim of which projection belongs to which unit is the adapter's ``projection_dims`` (fused
+    q/k/v and gate/up projections included).
+
+    Memory: one window per backward pass, and one gradient per coupled weight (as one training step);
+    only those weights take gradients, and every parameter's ``requires_grad`` and ``.grad`` are
+    restored afterwards. Returns (mlp [d] per layer, heads [n_heads] per layer, hidden [hidden] per
+    layer, embed [hidden]), float64 on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    from minigpts.arch import get_adapter
+
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    hidden = adapter.residual_width(layers[0])
+    device = next(model.parameters()).device
+    embedding, lm_head, final_norm = (
+        adapter.embedding(model),
+        model.get_output_embeddings(),
+        adapter.final_norm(model),
+    )
+    coupled: list[nn.Parameter] = []
+    for layer in layers:
+        for module, _ in adapter.projection_dims(layer):
+            coupled += [p for p in (module.weight, module.bias) if p is not None]
+        for norm in adapter.layer_norms(layer):
+            coupled += [
+                p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None
+            ]
+    outer = [embedding.weight]
+    if lm_head is not None and lm_head.weight is not embedding.weight:
+        outer.append(lm_head.weight)
+    if final_norm is not None:
+        outer += [
+            p
+            for p in (getattr(final_norm, "weight", None), getattr(final_norm, "bias", None))
+            if p is not None
+        ]
+    outer = [p for p in outer if p.shape[-1] == hidden]
+    coupled += outer
+    coupled = list({id(p): p for p in coupled}.values())
+    targets = windows.shape[0] * (windows.shape[1] - 1)
+
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    was_training = model.training
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="taylor", disable=not progress)
+    try:
+        for p, _, _ in flags:
+            p.requires_grad_(False)
+            p.grad = None
+        for p in coupled:
+            p.requires_grad_(True)
+        model.eval()
+        for window in windows:
+            batch = window.unsqueeze(0).to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            (loss * (batch.numel() - 1) / targets).backward()  # gradients of the mean over all windows
+            bar.update(batch.numel())
+
+        def salience(p: torch.Tensor | None) -> torch.Tensor | None:
+            if p is None or p.grad is None:
+                return None
+            return (p.detach().float() * p.grad.float()).abs().to(torch.float64)
+
+        def out_in(module: nn.Module) -> torch.Tensor:
+            """|w·g| of the module's weight as [out, in], the layout adapter.weight gives (Conv1D: swapped)."""
+            values, weight, view = salience(module.weight), module.weight, adapter.weight(module)
+            if view.shape == weight.shape and view.stride() == weight.stride():
+                return values
+            offset = view.storage_offset() - weight.storage_offset()  # the same view of the saliences
+            return values.contiguous().as_strided(view.shape, view.stride(), offset)
+
+        mlp, heads, per_layer = [], [], []
+        for layer in layers:
+            n_heads, n_kv, head_dim = adapter.head_layout(layer)
+            width = {
+                "mlp": adapter.mlp_width(layer),
+                "q": n_heads * head_dim,
+                "kv": n_kv * head_dim,
+                "head_dim": head_dim,
+            }
+            sums = {
+                "mlp": torch.zeros(width["mlp"], dtype=torch.float64, device=device),
+                "q": torch.zeros(width["q"], dtype=torch.float64, device=device),
+                "kv": torch.zeros(width["kv"], dtype=torch.float64, device=device),
+                "hidden": torch.zeros(hidden, dtype=torch.float64, device=device),
+            }
+
+            for module, (out_dim, in_dim) in adapter.projection_dims(layer):
+                values = out_in(module)
+                rows = values.sum(1)
+                if (bias := salience(module.bias)) is not None:  # a bias entry belongs to its output row
+                    rows = rows + bias
+                _add_coupled(sums, width, out_dim, rows)
+                _add_coupled(sums, width, in_dim, values.sum(0))
+            for norm in adapter.layer_norms(layer):
+                for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+                    if (values := salience(p)) is not None:
+                        sums["hidden"] += values
+            group = n_heads // n_kv
+            per_kv = sums["kv"].view(n_kv, head_dim).sum(1)
+            per_query = sums["q"].view(n_heads, head_dim).sum(1)
+            mlp.append(sums["mlp"].cpu())
+            heads.append((per_query + per_kv.repeat_interleave(group) / group).cpu())
+            per_layer.append(sums["hidden"].cpu())
+        embed = torch.zeros(hidden, dtype=torch.float64)
+        for p in outer:
+            s = salience(p)
+            embed += (s if s.dim() == 1 else s.sum(0)).cpu()
+    finally:
+        for p, flag, grad in flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+        bar.close()
+    return mlp, heads, per_layer, embed
+
+
+def _add_coupled(sums: dict, width: dict, dim: str, values: torch.Tensor) -> None:
+    """Add per-row or per-column saliences to the units of ``dim`` (a ``projection_dims`` tag)."""
+    if dim == "2mlp":  # fused [gate | up]
+        sums["mlp"] += values.view(2, -1).sum(0)
+    elif dim == "qkv":  # fused [q | k | v]
+        q, k, v = values.split([width["q"], width["kv"], width["kv"]])
+        sums["q"] += q
+        sums["kv"] += k + v
+    elif dim == "qkv/head":  # fused, one [q k v] block per head (GPT-NeoX; no GQA)
+        q, k, v = values.view(-1, 3, width["head_dim"]).unbind(1)
+        sums["q"] += q.reshape(-1)
+        sums["kv"] += (k + v).reshape(-1)
+    elif dim in sums:
+        sums[dim] += values
+    else:
+        raise ValueError(
+            f"taylor_importance: unknown projection dim {dim!r} (see ArchAdapter.projection_dims)"
+        )

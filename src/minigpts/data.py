@@ -82,7 +82,7 @@ def normalize_split_name(name: str) -> str:
 
 
 def load_corpus(
-    spec: str,
+    spec: str | Path | list[str | Path] | tuple[str | Path, ...],
     *,
     text_field: str = "text",
     encoding: str = "utf-8",
@@ -95,18 +95,31 @@ def load_corpus(
     Files whose names carry train/valid/test keep that split; otherwise documents are shuffled with
     ``seed`` and cut into train / validation / test. Calibration is a seeded shuffle of the train
     documents (a subset of train, never of validation or test).
+
+    ``spec`` may also be a list of files, directories and globs (what a shell hands over for an
+    unquoted ``law.*.jsonl``): their files are read as one corpus, exactly as a single glob matching
+    the same files would be (sorted, each file once).
     """
     fields = [f.strip() for f in text_field.split(",") if f.strip()]
     if not fields:
         raise UserError("--text-field is empty; name a column such as 'text' or 'question,answer'")
+    if not isinstance(spec, (str, Path)):
+        specs = [str(s) for s in spec]
+        if not specs:
+            raise UserError("--data: give at least one file, directory or glob")
+        if len(specs) > 1:
+            named = _read_files(_expand_many(specs), fields, encoding)
+            spec = describe_specs(specs)
+            if sum(len(v) for v in named.values()) == 0:
+                raise UserError(f"--data {spec}: the corpus is empty (no non-blank documents found)")
+            return _assign_splits(spec, named, seed, validation_fraction, test_fraction)
+        spec = specs[0]
+    spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and _is_saved_hf_dataset(path):
         named = _read_saved_dataset(path, fields)
     elif path.exists() or any(ch in spec for ch in "*?["):
-        files = _expand_files(spec)
-        named = {}
-        for file in files:
-            named.setdefault(_split_of_file(file), []).extend(_read_file(file, fields, encoding))
+        named = _read_files(_expand_files(spec), fields, encoding)
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(tuple(SUPPORTED_SUFFIXES)):
         named = _read_hub_dataset(spec, fields)
     else:
@@ -168,6 +181,37 @@ def _assign_splits(
     return Corpus(spec, splits, presplit=False, seed=seed, notes=notes)
 
 
+def describe_specs(specs: list[str]) -> str:
+    """How several --data paths are named in output and messages (short, but says how many)."""
+    if len(specs) <= 3:
+        return " ".join(specs)
+    return f"{specs[0]} … {specs[-1]} ({len(specs)} paths)"
+
+
+def _read_files(files: list[Path], fields: list[str], encoding: str) -> dict[str | None, list[str]]:
+    named: dict[str | None, list[str]] = {}
+    for file in files:
+        named.setdefault(_split_of_file(file), []).extend(_read_file(file, fields, encoding))
+    return named
+
+
+def _expand_many(specs: list[str]) -> list[Path]:
+    """The files of several paths/globs, sorted and each once: what one glob over them would give."""
+    files: dict[Path, Path] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir() and _is_saved_hf_dataset(path):
+            raise UserError(
+                f"--data {spec}: a saved dataset must be the only --data; several paths must be files, "
+                "directories or globs"
+            )
+        if not path.exists() and not any(ch in spec for ch in "*?["):
+            raise UserError(f"--data {spec}: no such file or directory")
+        for file in _expand_files(spec):
+            files.setdefault(file.resolve(), file)
+    return sorted(files.values())
+
+
 def _split_of_file(path: Path) -> str | None:
     words = re.split(r"[._\-\s]+", path.name.lower())
     found = {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
@@ -203,12 +247,44 @@ def _decode(raw: bytes, path: Path, encoding: str) -> str:
         text = raw.decode(encoding)
     except UnicodeDecodeError as err:
         raise UserError(
-            f"{path}: bytes at offset {err.start} are not valid {encoding}; "
-            "pass --encoding (e.g. latin-1 or cp1252) to read it"
+            f"{path}: bytes at offset {err.start} are not valid {encoding}; {_encoding_hint(raw, encoding)}"
         ) from err
     except LookupError as err:
         raise UserError(f"--encoding {encoding}: unknown encoding") from err
     return text.lstrip("\ufeff")
+
+
+def _encoding_hint(raw: bytes, failed: str) -> str:
+    """Name the encoding charset-normalizer detects (one that decodes the whole file), never a blind guess.
+
+    A single-byte guess such as latin-1 decodes anything and would turn GBK or Big5 text into
+    silent garbage, so only a detected encoding is suggested.
+    """
+    best = None
+    non_ascii = len(raw) - len(raw.translate(None, bytes(range(128))))
+    if non_ascii >= 8:  # a handful of stray bytes says nothing about the encoding
+        try:
+            from charset_normalizer import from_bytes
+
+            best = from_bytes(raw).best()
+        except Exception:  # detection is a courtesy: never let it hide the real error
+            best = None
+    if best is not None and best.encoding.replace("_", "-") not in {
+        failed.lower().replace("_", "-"),
+        "ascii",
+    }:
+        try:
+            raw.decode(best.encoding)
+        except (UnicodeDecodeError, LookupError):
+            pass
+        else:
+            others = [c for c in best.could_be_from_charset if c != best.encoding][:2]
+            also = f"; also possible: {', '.join(others)}" if others else ""
+            return (
+                f"it looks like {best.encoding} (detected by charset-normalizer{also}): "
+                f"pass --encoding {best.encoding}"
+            )
+    return "its encoding could not be detected: pass --encoding with the file's encoding (e.g. gb18030, big5, cp1252)"
 
 
 def _join_fields(record: dict, fields: list[str], where: str) -> str | None:
@@ -409,6 +485,8 @@ def text_within_token_budget(
             used += len(encoded["input_ids"])
             continue
         if len(encoded["input_ids"]) == room:  # ends exactly here (with its separator, if any)
+            if not any(texts[i + 1 :]):  # only empty documents follow: the budget covers everything
+                return list(texts)
             kept.append(piece)
             break
         end = _end_of_first_tokens(tokenizer, piece, encoded, room)

@@ -9,6 +9,7 @@ destination and renamed into place at the end, so a crash never leaves half a mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import uuid
@@ -64,14 +65,19 @@ def needs_remote_code(model: nn.Module) -> bool:
     return config.is_heterogeneous or get_adapter(model).needs_remote_code(config)
 
 
-def modeling_source(model: nn.Module) -> tuple[str, str]:
-    """(class name, source of modeling_minigpts.py) for this model's family."""
-    adapter = get_adapter(model)
-    module, causal_lm, decoder_layer = adapter.modeling_names(model.config)
+def modeling_source(model_or_config: Any, version: str | None = None) -> tuple[str, str]:
+    """(class name, source of modeling_minigpts.py) for this model's (or config's) family.
+
+    The source depends on the model type and the minigpts version only, so a loader can re-render it
+    from a saved config.json and compare it with the file it is asked to run (`models.remote_code_decision`).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    adapter = get_adapter(config)
+    module, causal_lm, decoder_layer = adapter.modeling_names(config)
     class_name = f"Minigpts{causal_lm}"
     source = _MODELING_TEMPLATE.format(
-        model_type=model.config.model_type,
-        version=minigpts.__version__,
+        model_type=config.model_type,
+        version=minigpts.__version__ if version is None else version,
         module=module,
         causal_lm=causal_lm,
         decoder_layer=decoder_layer,
@@ -106,6 +112,7 @@ def save_model(
     staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         _write(model, tokenizer, staging, plan, metadata or {})
+        _usual_file_modes(staging)
         _move_into_place(staging, out_dir)
     finally:
         if staging.exists():
@@ -122,9 +129,12 @@ def _write(model: nn.Module, tokenizer: Any, path: Path, plan: PruningPlan | Non
     config = json.loads(config_path.read_text())
     (path / MODELING_FILE).unlink(missing_ok=True)  # a model loaded with remote code re-saves it
     config.pop("auto_map", None)
+    code_sha256 = {}
     if remote:
         class_name, source = modeling_source(model)
-        (path / MODELING_FILE).write_text(source)
+        code = source.encode("utf-8")
+        (path / MODELING_FILE).write_bytes(code)  # bytes: the recorded hash is that of the file
+        code_sha256[MODELING_FILE] = hashlib.sha256(code).hexdigest()
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{class_name}"}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     layout = "per-layer" if model.config.is_heterogeneous else "uniform"
@@ -132,12 +142,27 @@ def _write(model: nn.Module, tokenizer: Any, path: Path, plan: PruningPlan | Non
         "minigpts_version": minigpts.__version__,
         "layout": layout,
         "trust_remote_code": remote,
+        "code_sha256": code_sha256,  # checked on load: minigpts runs only its own, unchanged modeling file
         "parameters": count_parameters(model)[0],
         "plan": plan.to_dict() if plan is not None else None,
         "metadata": metadata,
     }
     (path / METADATA_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
     (path / "README.md").write_text(model_card(model, plan, metadata, remote))
+
+
+def _usual_file_modes(path: Path) -> None:
+    """Every file as the umask allows (0644 under the usual 022), like the files written with open().
+
+    transformers writes model.safetensors through a private temporary file (mode 0600).
+    """
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~mask)
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
@@ -161,16 +186,64 @@ def _range_text(values: list[int]) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
+def _before_after(before: list[int] | None, after: list[int]) -> str:
+    """ "1536 → 768" (ranges when layers differ); just the widths after when the widths before are unknown."""
+    if not before or _range_text(before) == _range_text(after):
+        return _range_text(after)
+    return f"{_range_text(before)} → {_range_text(after)}"
+
+
+def base_license(path: str | Path | None, name: str | None = None) -> str | None:
+    """The license of a base model, if it says: the bundled alias's, the ``license:`` of the YAML front
+    matter of its README.md, or a ``license`` key of its config.json; None when none of these tells."""
+    from minigpts.models import ALIASES
+
+    if name in ALIASES and ALIASES[name].get("license"):
+        return ALIASES[name]["license"]
+    if path is None:
+        return None
+    path = Path(path)
+    readme = path / "README.md"
+    if readme.is_file():
+        lines = readme.read_text(encoding="utf-8", errors="replace").splitlines()
+        if lines and lines[0].strip() == "---":
+            for line in lines[1:]:
+                if line.strip() == "---":
+                    break
+                key, _, value = line.partition(":")
+                if key.strip() == "license" and value.strip():
+                    return value.strip().strip("'\"")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text()).get("license")
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+CONTROL_MEANINGS = {
+    "control_base_finetuned": "the unpruned model fine-tuned with the same budget",
+    "control_random_finetuned": "a random pruning of the same widths, recovered the same way",
+    "control_random": "a random pruning of the same widths, not recovered",
+}
+
+
 def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remote: bool) -> str:
-    """A README.md: what was pruned, how big it is now, the metrics given, how to load it."""
+    """A README.md: base model and data, what was removed, how it was evaluated, the metrics, how to load it."""
     adapter = get_adapter(model)
     widths = layer_widths(model)
+    summary = plan.summary if plan is not None else {}
     base = metadata.get("base_model") or (plan.settings.get("model") if plan else None)
     params_after = count_parameters(model)[0]
-    params_before = metadata.get("params_before") or (plan.summary.get("params_before") if plan else None)
-    lines = [
-        "---",
-        "library_name: transformers",
+    params_before = metadata.get("params_before") or summary.get("params_before")
+    license_name = metadata.get("base_license")
+    lines = ["---", "library_name: transformers"]
+    if license_name:
+        lines.append(f"license: {license_name}")
+    lines += [
         "tags: [minigpts, pruned, contextual-pruning]",
         "---",
         "",
@@ -180,10 +253,42 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
         + f"by minigpts {minigpts.__version__}: contextual pruning (Mini-GPTs, arXiv 2312.12682) with the "
         "units physically removed, so the weights are smaller, not masked.",
         "",
-        "| | value |",
-        "|---|---|",
-        f"| family | {adapter.family} ({model.config.model_type}) |",
+        "## Base model and data",
+        "",
+        f"- base model: `{base}`"
+        + (
+            f" ({metadata['base_description']})"
+            if metadata.get("base_description") and metadata.get("base_description") != base
+            else ""
+        )
+        if base
+        else "- base model: not recorded",
+        f"- license of the base model: {license_name} (this model is derived from it; its terms apply)"
+        if license_name
+        else "- license of the base model: see the base model's license (it applies to this derived model)",
     ]
+    if metadata.get("data"):
+        lines.append(f"- domain data: `{metadata['data']}`")
+    stats = metadata.get("stats") or {}
+    if stats.get("n_tokens") or stats.get("windows"):
+        tokens = stats.get("n_tokens") or (stats.get("windows", 0) * stats.get("seq_len", 0))
+        lines.append(
+            f"- statistics: {int(tokens):,} calibration tokens"
+            + (f" in windows of {stats['seq_len']}" if stats.get("seq_len") else "")
+            + (
+                f" from `{stats['data']}`"
+                if stats.get("data") and stats.get("data") != metadata.get("data")
+                else ""
+            )
+        )
+    layers = summary.get("layers") or []
+
+    def before(key: str) -> list[int] | None:
+        values = [layer.get(f"{key}_before") for layer in layers]
+        return values if values and all(isinstance(v, int) for v in values) else None
+
+    lines += ["", "## What was removed", "", "| | value |", "|---|---|"]
+    lines.append(f"| family | {adapter.family} ({model.config.model_type}) |")
     if plan is not None:
         lines.append(f"| criterion | {plan.criterion} |")
         lines.append(f"| layout | {plan.layout} |")
@@ -192,13 +297,53 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
     lines.append(f"| parameters after | {params_after:,} |")
     if params_before:
         lines.append(f"| relative size | {params_after / int(params_before):.1%} |")
+    vocab = summary.get("vocab") or {}
+    if vocab.get("before") and vocab.get("after"):
+        lines.append(
+            f"| vocabulary | {vocab['before']:,} → {vocab['after']:,} tokens ({vocab['after'] / vocab['before']:.1%} kept) |"
+        )
+    else:
+        lines.append(f"| vocabulary | {model.config.vocab_size:,} tokens (not trimmed) |")
     lines.append(f"| decoder layers | {len(widths)} |")
-    lines.append(f"| hidden size | {adapter.hidden_size(model)} |")
-    lines.append(f"| MLP width per layer | {_range_text([w[adapter.mlp_width_field] for w in widths])} |")
-    lines.append(f"| attention heads per layer | {_range_text([w[adapter.heads_field] for w in widths])} |")
+    hidden_before = summary.get("hidden_before")
+    hidden = adapter.hidden_size(model)
+    lines.append(
+        f"| hidden size | {hidden_before} → {hidden} |"
+        if hidden_before and hidden_before != hidden
+        else f"| hidden size | {hidden} |"
+    )
+    lines.append(
+        f"| MLP width per layer | {_before_after(before('mlp'), [w[adapter.mlp_width_field] for w in widths])} |"
+    )
+    lines.append(
+        f"| attention heads per layer | {_before_after(before('heads'), [w[adapter.heads_field] for w in widths])} |"
+    )
     if adapter.kv_heads_field is not None:
-        lines.append(f"| KV heads per layer | {_range_text([w[adapter.kv_heads_field] for w in widths])} |")
+        lines.append(
+            f"| KV heads per layer | {_before_after(before('kv_heads'), [w[adapter.kv_heads_field] for w in widths])} |"
+        )
+    finetune = metadata.get("finetune")
+    if finetune:
+        lines.append(
+            f"| recovery | {finetune.get('method')}, {finetune.get('steps')} steps, "
+            f"{finetune.get('train_tokens') or 0:,} tokens, {finetune.get('seconds') or 0:.0f} s "
+            f"(stopped: {finetune.get('stopped_because')}) |"
+        )
+    evaluation = metadata.get("evaluation") or {}
     metrics = metadata.get("metrics")
+    if evaluation or metrics:
+        lines += ["", "## Evaluation", ""]
+    if evaluation:
+        lines.append(
+            f"Held-out split `{evaluation.get('split')}` of the domain data, sequence length "
+            f"{evaluation.get('seq_len')}. Protocol: {evaluation.get('protocol')}"
+        )
+        if evaluation.get("general_data"):
+            lines.append(f"\nOff-domain text (general_bits_per_byte): `{evaluation['general_data']}`.")
+        lines.append(
+            "\nBits per byte compare models whose vocabularies differ (per-token perplexity does not); "
+            "lower is better."
+        )
     if metrics:
         labels = list(metrics)
         names = list(dict.fromkeys(name for label in labels for name in metrics[label]))
@@ -207,6 +352,14 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
         for name in names:
             cells = [_cell(metrics[label].get(name)) for label in labels]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    controls = [name for name in metadata.get("controls") or [] if name in (metrics or {})]
+    if controls:
+        lines += [
+            "",
+            "Controls (the rows a claim must beat): "
+            + "; ".join(f"`{name}`: {CONTROL_MEANINGS.get(name, name)}" for name in controls)
+            + ".",
+        ]
     remote_arg = ", trust_remote_code=True" if remote else ""
     lines += [
         "",
@@ -220,6 +373,9 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
         "```",
         "",
         'or `model, tokenizer = minigpts.load("path/to/this/dir")`.',
+        "",
+        "With lm-evaluation-harness: `lm_eval --model hf --model_args "
+        f"pretrained=path/to/this/dir{',trust_remote_code=True' if remote else ''} --tasks ...`.",
     ]
     if remote:
         lines += [
@@ -227,6 +383,12 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
             f"transformers' own `{model.config.architectures[0]}` cannot build these widths (layers of "
             "different widths, recorded in `per_layer_config`, or attention narrower than the family's code "
             f"assumes); `{MODELING_FILE}` (torch + transformers only) does, hence `trust_remote_code`.",
+            "",
+            f"`trust_remote_code=True` makes transformers import and run `{MODELING_FILE}` from this "
+            "directory: read it first (it is short). Its sha256 is recorded in "
+            f"`{METADATA_FILE}` (`code_sha256`); `minigpts.load` and the `minigpts` command run it without "
+            "`--trust-remote-code` only when the file matches that hash and the file minigpts itself "
+            "writes for this config, and refuse it otherwise.",
         ]
     lines += ["", f"The pruning plan and provenance are in `{METADATA_FILE}`.", ""]
     return "\n".join(lines)
@@ -238,20 +400,41 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
     """(model, tokenizer) from a directory written by save_model, uniform or per-layer; eval mode.
 
-    The tokenizer is None when the directory has none.
+    The tokenizer is None when the directory has none. A per-layer directory's `modeling_minigpts.py`
+    runs only when it is the unchanged file minigpts wrote (its sha256 is in minigpts.json); any other
+    auto_map needs ``trust_remote_code=True``. Pickle weights (`pytorch_model.bin`) need ``allow_pickle``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minigpts.models import check_weights, load_failure, remote_code_decision
 
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path} is not a saved model directory (no config.json): pass the --out of `prune`")
-    remote = "auto_map" in json.loads(config_path.read_text())
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote, dtype=dtype)
+    label = str(path)
+    trust = remote_code_decision(path, trust_remote_code, label)
+    use_safetensors = check_weights(path, allow_pickle, label)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust, dtype=dtype, use_safetensors=use_safetensors
+        )
+    except Exception as err:
+        raise load_failure(label, "weights", path, err) from err
     model.to(device).eval()
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust) if has_tokenizer else None
+    except Exception as err:
+        raise load_failure(label, "tokenizer", path, err) from err
     return model, tokenizer

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ class EvalOptions:
     max_eval_tokens: int | None = None
     batch_size: int = 4
     mcq: list[str] = field(default_factory=list)
-    general_data: str | None = None
+    general_data: str | list[str] | None = None  # a list: several paths read as one corpus
     general_max_tokens: int | None = None
 
 
@@ -51,6 +50,10 @@ class AnalysisOptions:
     calib_tokens: int = 65_536
     seq_len: int = 1024
     batch_size: int = 4
+    moments: bool = True  # second moments for the refit and the error allocation
+    fisher_tokens: int = 4096  # gradient pass for the error allocation (with moments)
+    taylor_tokens: int = 0  # gradient pass of --criterion taylor
+    depth_tokens: int = 0  # layer-removal passes of --layer-criterion loss
 
 
 @dataclass
@@ -67,11 +70,18 @@ class PlanOptions:
     round_to: int = 8
     seed: int = 0
     target_groups: tuple[str, ...] = ("mlp", "heads")
+    allocation: str = "error"
+    reconstruct: str = "lstsq"
+    ridge: float = 1e-2
+    sequential: bool = False
     embedding_threshold: float | None = None
     vocab_min_count: int | None = None
     vocab_size: int | None = None
     vocab_keep_general: int = 0
     vocab_keep_expected: int = 0
+    drop_layers: int | None = None
+    layer_ratio: float | None = None
+    layer_criterion: str = "bi"
 
     def has_structure(self) -> bool:
         values = [
@@ -81,6 +91,8 @@ class PlanOptions:
             self.target_params,
             self.linear_threshold,
             self.activation_threshold,
+            self.drop_layers,
+            self.layer_ratio,
         ]
         return any(v is not None for v in values)
 
@@ -101,20 +113,25 @@ class PlanOptions:
             "round_to": self.round_to,
             "seed": self.seed,
             "target_groups": self.target_groups,
+            "allocation": self.allocation,
+            "ridge": self.ridge,
+            "drop_layers": self.drop_layers,
+            "layer_ratio": self.layer_ratio,
+            "layer_criterion": self.layer_criterion,
         }
 
 
 @dataclass
 class FinetuneOptions:
     method: str = "full"
-    max_epochs: float | None = 1.0
+    max_epochs: float | None = None  # None: 1 epoch unless max_steps or max_train_tokens is given
     max_steps: int | None = None
     max_train_tokens: int | None = None
     max_minutes: float | None = None
     stop_at_base: bool = False
     early_stopping_patience: int | None = None
     eval_every: int | None = None
-    max_val_tokens: int | None = 16_384
+    max_val_tokens: int | None = 4_096
     lr: float = 5e-5
     warmup_ratio: float = 0.05
     batch_size: int = 4
@@ -127,6 +144,8 @@ class FinetuneOptions:
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
     teacher: str | None = None
+    teacher_cache: str | None = None  # teacher top-k cache shared by runs (default: inside the work dir)
+    teacher_top_k: int = 64
 
     def budget(self) -> dict[str, Any]:
         """What a same-budget control must reuse."""
@@ -231,7 +250,17 @@ def run_analysis(
         "calib_tokens_requested": options.calib_tokens,
         "minigpts_version": __version__,
     }
-    return analyze(model, windows, batch_size=options.batch_size, progress=progress, metadata=metadata)
+    return analyze(
+        model,
+        windows,
+        batch_size=options.batch_size,
+        progress=progress,
+        metadata=metadata,
+        moments=options.moments,
+        fisher_tokens=options.fisher_tokens if options.moments else 0,
+        taylor_tokens=options.taylor_tokens,
+        depth_tokens=options.depth_tokens,
+    )
 
 
 def domain_token_counts(tokenizer, corpus: Corpus | None, stats=None):
@@ -246,6 +275,15 @@ def domain_token_counts(tokenizer, corpus: Corpus | None, stats=None):
     if not texts:
         raise UserError("vocabulary pruning needs the train or calibration split of --data")
     return count_tokens(tokenizer, texts)
+
+
+def token_counts_source(corpus: Corpus | None, stats=None) -> str:
+    """What ``domain_token_counts`` counted on, for plan.summary["vocab"]["counted_on"]."""
+    if corpus is not None:
+        return f"calibration + train splits of {corpus.source}"
+    n_tokens = getattr(stats, "n_tokens", None)
+    amount = f" ({int(n_tokens):,} tokens)" if n_tokens is not None else ""
+    return f"calibration windows of the statistics{amount}"
 
 
 EXPECTED_COUNT_TOKENS = 16_384  # calibration tokens behind --vocab-keep-expected (~1 min on 2 CPU cores)
@@ -271,7 +309,8 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
     if not options.has_structure() and not options.has_vocab():
         raise UserError(
             "nothing to prune: give a plan (--mlp-ratio, --head-ratio, --hidden-ratio, --target-params, "
-            "--linear-threshold, --activation-threshold) and/or a vocabulary option (--embedding-threshold, "
+            "--linear-threshold, --activation-threshold, --drop-layers, --layer-ratio) and/or a vocabulary "
+            "option (--embedding-threshold, "
             "--vocab-min-count, --vocab-size)"
         )
     if not options.has_vocab() and (options.vocab_keep_general or options.vocab_keep_expected):
@@ -312,6 +351,12 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
         if vocab_saved:
             plan.summary["params_after_with_vocab"] = plan.summary["params_after"] - vocab_saved
             plan.settings["target_params"] = options.target_params
+        if "target" in plan.summary and options.target_params is not None:
+            # what the user asked for, of the whole model (vocabulary included), and what the plan reaches
+            after = plan.summary.get("params_after_with_vocab", plan.summary["params_after"])
+            plan.summary["target"]["requested"] = options.target_params
+            plan.summary["target"]["achieved_with_vocab"] = round(after / plan.summary["params_before"], 6)
+        record_score_distribution(model, stats, options, plan)
     else:
         from minigpts.arch import get_adapter
 
@@ -321,7 +366,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             n_heads, n_kv, _ = adapter.head_layout(layer)
             layers.append(
                 LayerPlan(
-                    mlp_keep=list(range(adapter.mlp_out(layer).in_features)),
+                    mlp_keep=list(range(adapter.mlp_width(layer))),
                     heads_keep=list(range(n_heads)),
                     kv_heads_keep=list(range(n_kv)),
                 )
@@ -340,6 +385,7 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
             "kept_widened": selection.kept_widened,
             "kept_closure": selection.kept_closure,
             "parameters_saved": vocab_parameters_saved(model, selection),
+            "counted_on": token_counts_source(corpus, stats),
         }
         plan.settings.update(
             embedding_threshold=options.embedding_threshold,
@@ -351,16 +397,68 @@ def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus 
     return plan
 
 
+def record_score_distribution(model, stats, options: PlanOptions, plan) -> None:
+    """The criterion's score distribution per group in ``plan.summary["score_distribution"]``, and a
+    note (``summary["notes"]``, starting "warning:") for each threshold that removes nothing or almost
+    everything. The plan itself is not changed."""
+    from minigpts.arch import get_adapter
+    from minigpts.criteria import unit_scores
+    from minigpts.distribution import score_distribution, threshold_warnings
+
+    scores = unit_scores(model, stats, options.criterion, options.seed)
+    plan.summary["score_distribution"] = {
+        "criterion": options.criterion,
+        "groups": score_distribution(scores),
+    }
+    adapter = get_adapter(model)
+    groups = ["mlp"]
+    groups += [] if adapter.head_pruning_problem(model.config) else ["heads"]
+    groups += [] if adapter.hidden_pruning_problem(model.config) else ["hidden"]
+    warnings = threshold_warnings(
+        scores,
+        plan.summary,
+        activation_threshold=options.activation_threshold,
+        linear_threshold=options.linear_threshold,
+        criterion=options.criterion,
+        groups=tuple(groups),
+    )
+    if warnings:
+        plan.summary.setdefault("notes", []).extend(warnings)
+
+
 def vocab_parameters_saved(model, selection) -> int:
     from minigpts.vocab import vocab_summary
 
     return vocab_summary(model, selection).parameters_saved
 
 
-def apply_full_plan(model, tokenizer, plan):
-    """Structure surgery, then vocabulary surgery; returns (model, tokenizer) — the model is modified."""
+def apply_full_plan(
+    model, tokenizer, plan, *, stats=None, reconstruct: str = "none", ridge: float = 1e-2, calibration=None
+):
+    """Refit (``reconstruct="lstsq"``, from ``stats``' second moments; layer by layer on the
+    ``calibration`` windows when given), structure surgery, then vocabulary surgery; returns (model,
+    tokenizer) — the model is modified. The refit is recorded in the plan."""
+    from minigpts.reconstruct import RECONSTRUCT_METHODS
     from minigpts.surgery import apply_plan
 
+    if reconstruct not in RECONSTRUCT_METHODS:
+        raise UserError(f"--reconstruct {reconstruct}: use one of {', '.join(RECONSTRUCT_METHODS)}")
+    if reconstruct == "lstsq" and plan.criterion != "none":
+        from minigpts.reconstruct import reconstruct as refit_projections
+        from minigpts.reconstruct import sequential_reconstruct
+
+        if stats is None:
+            raise UserError(
+                "--reconstruct lstsq needs the statistics of the model (run analysis or pass --stats)"
+            )
+        if calibration is not None:
+            plan.summary["reconstructed"] = sequential_reconstruct(
+                model, plan, stats, calibration, ridge=ridge
+            )
+        else:
+            plan.summary["reconstructed"] = refit_projections(model, plan, stats, ridge=ridge)
+    plan.settings["reconstruct"] = reconstruct
+    plan.settings["sequential"] = calibration is not None and reconstruct == "lstsq"
     apply_plan(model, plan)
     if plan.vocab_keep is not None:
         from minigpts.vocab import slice_model_vocab, trim_tokenizer
@@ -493,12 +591,6 @@ def run_finetune(
                 f"needs at least {options.seq_len}: lower --finetune-seq-len or give more data"
             )
     byte_lengths = token_byte_lengths(tokenizer)
-    stop_at_ppl = None
-    if stop_at_bpb is not None:
-        # bpb ≤ target  ⇔  mean NLL ≤ target·ln2·bytes/tokens on these validation windows
-        scored = val_windows[:, 1:]
-        n_bytes = int(byte_lengths[scored].sum())
-        stop_at_ppl = math.exp(stop_at_bpb * math.log(2) * n_bytes / scored.numel())
     return finetune(
         model,
         tokenizer,
@@ -512,7 +604,7 @@ def run_finetune(
         max_steps=options.max_steps,
         max_train_tokens=options.max_train_tokens,
         max_minutes=options.max_minutes,
-        stop_at_ppl=stop_at_ppl,
+        stop_at_bpb=stop_at_bpb,  # converted on the validation windows finetune keeps
         early_stopping_patience=options.early_stopping_patience,
         eval_every=options.eval_every,
         lr=options.lr,
@@ -525,6 +617,8 @@ def run_finetune(
         lora_alpha=options.lora_alpha,
         distill_alpha=options.distill_alpha,
         distill_temperature=options.distill_temperature,
+        teacher_cache=options.teacher_cache,
+        teacher_top_k=options.teacher_top_k,
         byte_lengths=byte_lengths,
         progress=progress,
     )
@@ -566,6 +660,24 @@ def recover_stage(
     return model, stage
 
 
+def recovery_method_or_none(name: str, flag: str = "--finetune"):
+    """The registered recovery method called ``name``, or None for ``none``; a UserError names the choices."""
+    from minigpts.recovery import get_recovery_method, recovery_method_names
+
+    if name == "none":
+        return None
+    if name not in recovery_method_names():
+        raise UserError(f"{flag} {name}: use none, {', '.join(recovery_method_names())}")
+    return get_recovery_method(name, flag)
+
+
+def with_shared_teacher_cache(recovery: FinetuneOptions, method, work: Path) -> FinetuneOptions:
+    """One teacher cache for every recovery of a run or sweep (unless --teacher-cache names one)."""
+    if method is None or not method.needs_teacher or recovery.teacher_cache is not None:
+        return recovery
+    return dataclasses.replace(recovery, teacher_cache=str(work / "teacher-cache"))
+
+
 def random_plan_like(model, plan, seed: int = 0):
     """A plan keeping exactly as many units of each kind per layer as ``plan``, chosen at random.
 
@@ -579,7 +691,7 @@ def random_plan_like(model, plan, seed: int = 0):
     adapter = get_adapter(model)
     layers = []
     for layer, layer_plan in zip(adapter.layers(model), plan.layers, strict=True):
-        n_mlp = adapter.mlp_out(layer).in_features
+        n_mlp = adapter.mlp_width(layer)
         n_heads, n_kv, _ = adapter.head_layout(layer)
         group = n_heads // n_kv
         mlp = sorted(torch.randperm(n_mlp, generator=generator)[: len(layer_plan.mlp_keep)].tolist())
@@ -632,15 +744,17 @@ def timed(timings: dict, name: str):
 @dataclass
 class RunOptions:
     model: str | None
-    data: str
-    out: str
+    data: str | list[str]  # a list: several paths read as one corpus
+    out: str | None  # None only with dry_run
     text_field: str = "text"
     encoding: str = "utf-8"
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
+    trust_remote_code: bool = False  # let a directory's auto_map run code (--trust-remote-code)
+    allow_pickle: bool = False  # also read pickle (.bin) weights
     force: bool = False
-    finetune: str = "none"  # none | full | lora | distill
+    finetune: str = "none"  # none or a registered recovery method (minigpts.recovery.recovery_method_names())
     controls: bool = False
     dry_run: bool = False
     evaluation: EvalOptions = field(default_factory=EvalOptions)
@@ -655,9 +769,10 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     from minigpts.export import save_model
     from minigpts.models import load_model
 
-    if options.finetune not in {"none", "full", "lora", "distill"}:
-        raise UserError(f"--finetune {options.finetune}: use none, full, lora or distill")
-    out = Path(options.out)
+    method = recovery_method_or_none(options.finetune)
+    if options.out is None and not options.dry_run:
+        raise UserError("--out is required (the output directory), unless --dry-run only prints the plan")
+    out = Path(options.out) if options.out is not None else None
     if not options.dry_run:
         check_output_dir(out, options.force)
     timings: dict[str, float] = {}
@@ -671,7 +786,13 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     mcq_sets = load_mcq_sets(options.evaluation.mcq) if options.evaluation.mcq else None
 
     with timed(timings, "load"):
-        loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+        loaded = load_model(
+            options.model,
+            device=options.device,
+            dtype=options.dtype,
+            trust_remote_code=options.trust_remote_code,
+            allow_pickle=options.allow_pickle,
+        )
     base_model, base_tokenizer = loaded.model, loaded.tokenizer
     say(f"model: {loaded.description}")
 
@@ -693,6 +814,11 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         plan = build_plan(base_model, base_tokenizer, stats, options.plan, corpus=corpus, progress=progress)
     if options.dry_run:
         return {"plan": plan, "timings": timings}
+    from rich.markup import escape
+
+    for note in plan.summary.get("notes") or []:
+        if note.startswith("warning:"):
+            say(f"[yellow]{escape(note)}[/yellow]")
 
     stages: dict[str, dict] = {}
     eval_kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress, budget_tokenizer=base_tokenizer)
@@ -717,10 +843,21 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
     # The unpruned model is only needed later as a teacher or to build the controls; otherwise it is
     # pruned in place, so the run never holds two models (peak memory ≈ one model + activations).
-    keep_base = options.controls or recovery.method == "distill"
+    keep_base = options.controls or (method is not None and method.needs_teacher)
     with timed(timings, "prune"):
         target = copy_model(base_model) if keep_base else base_model
-        pruned, pruned_tokenizer = apply_full_plan(target, base_tokenizer, plan)
+        calibration = None
+        if options.plan.sequential and options.plan.reconstruct == "lstsq":
+            calibration = calibration_windows(base_tokenizer, corpus, options.analysis)
+        pruned, pruned_tokenizer = apply_full_plan(
+            target,
+            base_tokenizer,
+            plan,
+            stats=stats,
+            reconstruct=options.plan.reconstruct,
+            ridge=options.plan.ridge,
+            calibration=calibration,
+        )
         if not keep_base:
             base_model = loaded.model = None
     with timed(timings, "eval_pruned"):
@@ -733,12 +870,13 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
 
     final_model, final_tokenizer = pruned, pruned_tokenizer
     work = work_dir_for(out)
+    recovery = with_shared_teacher_cache(recovery, method, work)
     recover = functools.partial(
         recover_stage,
         corpus=corpus,
         evaluation=options.evaluation,
         recovery=recovery,
-        teacher=base_model if recovery.method == "distill" else None,
+        teacher=base_model if method is not None and method.needs_teacher else None,
         stop_at_bpb=stop_at_bpb,
         eval_kwargs=eval_kwargs,
     )
@@ -762,7 +900,15 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
                     None,
                 )
         random_plan = random_plan_like(base_model, plan, seed=options.seed)
-        control, control_tokenizer = apply_full_plan(copy_model(base_model), base_tokenizer, random_plan)
+        control, control_tokenizer = apply_full_plan(
+            copy_model(base_model),
+            base_tokenizer,
+            random_plan,
+            stats=stats,
+            reconstruct=options.plan.reconstruct,
+            ridge=options.plan.ridge,
+            calibration=calibration,
+        )
         if options.finetune != "none":
             with timed(timings, "control_random_finetuned"):
                 _, stages["control_random_finetuned"] = recover(
@@ -803,15 +949,23 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         "timings": timings,
     }
     with timed(timings, "save"):
+        from minigpts.export import base_license
+
         metadata = {
             "base_model": loaded.source_id,
+            "base_description": loaded.description,
+            "base_license": base_license(loaded.path, loaded.name),
             "params_before": stages["base"]["params"],
             "data": corpus.source,
-            "stats": stats.metadata if stats is not None else None,
-            "metrics": {
-                name: {k: s[k] for k in ("params", "perplexity", "bits_per_byte") if k in s}
-                for name, s in stages.items()
+            "evaluation": {
+                "split": options.evaluation.split,
+                "seq_len": options.evaluation.seq_len,
+                "protocol": stages["base"]["protocol"],
+                "general_data": general.source if general is not None else None,
             },
+            "stats": stats.metadata if stats is not None else None,
+            "metrics": {name: _card_metrics(s) for name, s in stages.items()},
+            "controls": [name for name in stages if name.startswith("control")],
             "finetune": stages.get("finetuned", {}).get("finetune"),
         }
         save_model(final_model, final_tokenizer, out, plan=plan, metadata=metadata, force=options.force)
@@ -821,14 +975,31 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     last = "finetuned" if "finetuned" in stages else "pruned"
     stages[last]["size_bytes"] = size_on_disk
     stages[last]["size_source"] = "disk"
-    write_report(report, out)
+    write_report(report, out, stats=stats)
     cleanup(work)
     return report
 
 
-def write_report(report: dict, out: Path) -> None:
-    from minigpts.report import write_run_report
+def _card_metrics(stage: dict) -> dict:
+    """The numbers of one stage that the model card tabulates (bits/byte, general text, MCQ)."""
+    metrics = {k: stage[k] for k in ("params", "perplexity", "bits_per_byte") if k in stage}
+    if (stage.get("general") or {}).get("bits_per_byte") is not None:
+        metrics["general_bits_per_byte"] = stage["general"]["bits_per_byte"]
+    for stem, result in (stage.get("mcq") or {}).items():
+        metrics[f"mcq_{stem}_accuracy"] = result.get("accuracy")
+        metrics[f"mcq_{stem}_accuracy_norm"] = result.get("accuracy_norm")
+    return metrics
 
+
+def write_report(report: dict, out: Path, *, stats=None) -> None:
+    """report.json and report.md, with the plots (PNG) the run's data allow, in ``out``."""
+    from minigpts.report import write_run_plots, write_run_report
+
+    magnitudes = token_counts = None
+    if stats is not None:
+        magnitudes = torch.cat([t.flatten() for t in stats.mlp_l1]).double().numpy()
+        token_counts = stats.token_counts.numpy()
+    report["figures"] = write_run_plots(report, out, magnitudes=magnitudes, token_counts=token_counts)
     write_json_atomic(out / "report.json", report)
     write_run_report(report, out)
 

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from minigpts.allocation import ALLOCATIONS
 from minigpts.analysis import ActivationStats
+from minigpts.criteria import UnitScores, get_criterion, unit_scores  # noqa: F401 - UnitScores: re-exported
+from minigpts.criteria import residual_width as _hidden_size
 from minigpts.errors import UserError
 
 
@@ -66,81 +69,9 @@ class PruningPlan:
 # ==================================================================================================
 # Planning policy: statistics + flags -> PruningPlan
 
-CRITERIA = ("l1", "wanda", "weight", "random")
 LAYOUTS = ("uniform", "per-layer")
 GROUPS = ("mlp", "heads", "hidden")
-
-
-@dataclass
-class UnitScores:
-    """How much each prunable unit matters under one criterion (higher = keep)."""
-
-    mlp: list[torch.Tensor]  # [intermediate] per layer
-    heads: list[torch.Tensor]  # [n_heads] per layer (query heads)
-    hidden: torch.Tensor  # [hidden], one set for the whole model
-
-
-def _column_norms(linear: nn.Linear) -> torch.Tensor:
-    """‖W[:, j]‖₂ for every input column j: how strongly input j is read."""
-    return torch.linalg.vector_norm(linear.weight.detach().float(), dim=0).to("cpu", torch.float64)
-
-
-def unit_scores(
-    model: nn.Module, stats: ActivationStats | None, criterion: str = "l1", seed: int = 0
-) -> UnitScores:
-    """Per-unit scores; every unit is scored where its activation is consumed.
-
-    - ``l1`` (the paper): ``mean |a|`` over the calibration tokens. MLP channel: the activation's
-      output; head: mean over the head's dims of its output; hidden channel: mean over every
-      residual-reading projection of every layer.
-    - ``wanda``: ``sqrt(mean a²) · ‖W[:, j]‖₂`` (Wanda's ``‖X_j‖₂ · |W|`` up to the constant √N), with
-      W the consuming weight: the down/fc2 projection for MLP channels; for a head, the mean over
-      its dims of that product on the output projection; for a hidden channel, the sum of the
-      product over the residual readers (q and gate/fc1 projections) of every layer.
-    - ``weight``: the same column norms without activations (data-free magnitude pruning).
-    - ``random``: uniform random numbers from ``seed`` (the control every claim needs).
-    """
-    from minigpts.arch import get_adapter
-
-    if criterion not in CRITERIA:
-        raise UserError(f"--criterion {criterion}: use one of {', '.join(CRITERIA)}")
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    if criterion == "random":
-        generator = torch.Generator().manual_seed(seed)
-
-        def uniform(n: int) -> torch.Tensor:
-            return torch.rand(n, generator=generator, dtype=torch.float64)
-
-        mlp = [uniform(adapter.mlp_out(layer).in_features) for layer in layers]
-        heads = [uniform(adapter.head_layout(layer)[0]) for layer in layers]
-        return UnitScores(mlp, heads, uniform(_hidden_size(adapter, layers)))
-    if criterion == "l1":
-        if stats is None:
-            raise UserError("--criterion l1 needs activation statistics (--stats, from `minigpts analyze`)")
-        return UnitScores(list(stats.mlp_l1), list(stats.head_l1), stats.hidden_l1)
-    if criterion == "wanda" and stats is None:
-        raise UserError("--criterion wanda needs activation statistics (--stats, from `minigpts analyze`)")
-
-    def scaled(norms: torch.Tensor, mean_square: torch.Tensor | None) -> torch.Tensor:
-        return norms if mean_square is None else norms * mean_square.sqrt()
-
-    wanda = criterion == "wanda"
-    mlp, heads = [], []
-    hidden = torch.zeros(_hidden_size(adapter, layers), dtype=torch.float64)
-    for i, layer in enumerate(layers):
-        mlp.append(scaled(_column_norms(adapter.mlp_out(layer)), stats.mlp_l2sq[i] if wanda else None))
-        n_heads, _, head_dim = adapter.head_layout(layer)
-        per_dim = scaled(_column_norms(adapter.attn_out(layer)), stats.attn_dim_l2sq[i] if wanda else None)
-        heads.append(per_dim.view(n_heads, head_dim).mean(1))
-        for r, reader in enumerate(adapter.residual_readers(layer)):
-            hidden += scaled(_column_norms(reader), stats.reader_l2sq[i][r] if wanda else None)
-    return UnitScores(mlp, heads, hidden)
-
-
-def _hidden_size(adapter, layers: list[nn.Module]) -> int:
-    """Width of the residual stream as the layers read it (OPT's embedding may be narrower)."""
-    return adapter.residual_readers(layers[0])[0].in_features
+_NOT_WIDTH_ARGS = ("model", "stats", "drop_layers", "layer_ratio", "layer_criterion")  # of make_plan
 
 
 # --- what can be kept -----------------------------------------------------------------------------
@@ -312,15 +243,7 @@ class _ParamCounter:
         hidden = _hidden_size(adapter, layers)
         tags: dict[int, tuple[int, tuple[str, ...]]] = {}
         for i, layer in enumerate(layers):
-            q, k, v = adapter.attn_in(layer)
-            for linear, dims in (
-                *((m, ("mlp", "hidden")) for m in adapter.mlp_in(layer)),
-                (adapter.mlp_out(layer), ("hidden", "mlp")),
-                (q, ("q", "hidden")),
-                (k, ("kv", "hidden")),
-                (v, ("kv", "hidden")),
-                (adapter.attn_out(layer), ("hidden", "q")),
-            ):
+            for linear, dims in adapter.projection_dims(layer):  # (out, in); Conv1D stores them swapped
                 tags[id(linear.weight)] = (i, dims)
                 if linear.bias is not None:
                     tags[id(linear.bias)] = (i, dims[:1])
@@ -347,10 +270,14 @@ class _ParamCounter:
                     numel *= hidden
                 elif d == "mlp":
                     numel *= widths[layer][0]
+                elif d == "2mlp":  # fused gate/up
+                    numel *= 2 * widths[layer][0]
                 elif d == "q":
                     numel *= widths[layer][1] * self.head_dims[layer]
                 elif d == "kv":
                     numel *= widths[layer][2] * self.head_dims[layer]
+                elif d in ("qkv", "qkv/head"):  # fused q/k/v, [q | k | v] or [q k v] per head
+                    numel *= (widths[layer][1] + 2 * widths[layer][2]) * self.head_dims[layer]
                 else:
                     numel *= d
             total += numel
@@ -390,6 +317,11 @@ def make_plan(
     round_to: int = 8,
     seed: int = 0,
     target_groups: tuple[str, ...] = ("mlp", "heads"),
+    allocation: str = "error",
+    ridge: float | None = None,
+    drop_layers: int | None = None,
+    layer_ratio: float | None = None,
+    layer_criterion: str = "bi",
 ) -> PruningPlan:
     """Decide which units survive. Nothing is modified; ``apply_plan`` (surgery) does the cutting.
 
@@ -412,7 +344,23 @@ def make_plan(
     the uniform layout, every layer removes the mean over layers of the fraction the threshold
     removes in each. Within a layer the units kept are always the highest-scoring ones, so with
     ``round_to=1`` and no GQA a threshold removes exactly the units scoring <= E.
+
+    Allocation (``minigpts.allocation``): with ``allocation="error"`` (the default; it needs
+    statistics with second moments, else the paper's rule is used and a note says so) the per-layer
+    layout sizes each layer's MLP and attention by the output error the refit leaves, cheapest
+    first, and ``target_params`` spends its budget where the error per parameter is lowest — across
+    layers (per-layer) or between the MLP and the heads (uniform). ``allocation="paper"``: per-layer
+    is one global ranking of the raw scores, and ``target_params`` one common ratio for every group.
+    Within a layer the kept units are always the best by ``criterion``.
+
+    Depth (``minigpts.depth``): ``drop_layers`` (a count) or ``layer_ratio`` (a fraction of the
+    layers) removes the decoder layers that score lowest by ``layer_criterion`` (``bi``: Block
+    Influence; ``loss``: the loss increase without the layer, needs ``analyze --depth-tokens``); the
+    widths are then planned on the layers that stay (see ``_plan_with_depth``).
     """
+    if drop_layers or layer_ratio:
+        widths = {k: v for k, v in locals().items() if k not in _NOT_WIDTH_ARGS}  # every width argument
+        return _plan_with_depth(model, stats, widths, drop_layers, layer_ratio, layer_criterion)
     from minigpts.arch import get_adapter
 
     settings = {
@@ -428,11 +376,13 @@ def make_plan(
         "min_mlp": min_mlp,
         "round_to": round_to,
         "seed": seed,
+        "allocation": allocation,
     }
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout}: use one of {', '.join(LAYOUTS)}")
-    if criterion not in CRITERIA:
-        raise UserError(f"--criterion {criterion}: use one of {', '.join(CRITERIA)}")
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"--allocation {allocation}: use one of {', '.join(ALLOCATIONS)}")
+    get_criterion(criterion)  # a UserError naming the registered criteria
     for flag, value in (
         ("--mlp-ratio", mlp_ratio),
         ("--head-ratio", head_ratio),
@@ -500,11 +450,37 @@ def make_plan(
     def width_ok(hidden: int, n_heads: int) -> bool:
         return adapter.width_problem(model.config, hidden, n_heads) is None
 
-    def build(reqs: dict[str, _Request | None]):
-        mlp_keep = _plan_mlp(scores.mlp, reqs["mlp"], layout, min_mlp, round_to)
+    # the error allocation matters for per-layer widths and for how a target splits between groups
+    error_matters = layout == "per-layer" or (target_params is not None and len(solved) > 1)
+    errors = None
+    if allocation == "error" and error_matters:
+        if stats is not None and stats.has_moments and stats.has_fisher:
+            errors = _ErrorModel(model, adapter, stats, scores, layouts, counter, min_mlp, round_to, ridge)
+            errors.allowed = lambda n: width_ok(hidden_size, n)
+        else:
+            notes.append(
+                "allocation: the statistics have no second moments and gradients (analyze --moments "
+                "--fisher-tokens N), so the paper's allocation was used"
+            )
+
+    def build(reqs: dict[str, _Request | None], fixed_counts: dict | None = None):
+        fixed_counts = fixed_counts or {}
+        if "mlp" in fixed_counts:
+            mlp_keep = [_top(s, k) for s, k in zip(scores.mlp, fixed_counts["mlp"], strict=True)]
+        elif errors is not None and layout == "per-layer" and reqs["mlp"] is not None:
+            mlp_keep = errors.mlp_keep(reqs["mlp"])
+        else:
+            mlp_keep = _plan_mlp(scores.mlp, reqs["mlp"], layout, min_mlp, round_to)
         # transformers may tie widths together (LlamaConfig: hidden_size % num_attention_heads == 0):
         # heads are chosen against the full residual width, then the hidden width against those heads
-        heads = _plan_heads(scores.heads, layouts, reqs["heads"], layout, lambda n: width_ok(hidden_size, n))
+        if "heads" in fixed_counts:
+            heads = errors.heads_for(fixed_counts["heads"])
+        elif errors is not None and layout == "per-layer" and reqs["heads"] is not None:
+            heads = errors.heads_keep(reqs["heads"])
+        else:
+            heads = _plan_heads(
+                scores.heads, layouts, reqs["heads"], layout, lambda n: width_ok(hidden_size, n)
+            )
         head_counts = {len(h) for h, _ in heads}
         hidden_keep = _plan_hidden(
             scores.hidden, reqs["hidden"], round_to, lambda w: all(width_ok(w, n) for n in head_counts)
@@ -525,15 +501,18 @@ def make_plan(
                 "--target-params: every group it could size already has a ratio or threshold, or cannot be "
                 f"pruned in this model ({', '.join(target_groups)}); drop one of those flags"
             )
-        result, ratio = _solve_target(
-            build, requests, solved, target_params * before["params"], before["params"]
-        )
-        target_info = {
-            "target_params": target_params,
-            "groups": solved,
-            "common_ratio": round(ratio, 6),
-            "achieved": round(result[3]["params"] / before["params"], 6),
-        }
+        target = target_params * before["params"]
+        if errors is not None and "hidden" not in solved:
+            result = errors.solve_target(build, requests, solved, target, layout)
+            target_info = {"target_params": target_params, "groups": solved, "allocation": "error"}
+        else:
+            if errors is not None:
+                notes.append(
+                    "allocation: hidden channels have no error model; one common ratio sized the target"
+                )
+            result, ratio = _solve_target(build, requests, solved, target, before["params"])
+            target_info = {"target_params": target_params, "groups": solved, "common_ratio": round(ratio, 6)}
+        target_info["achieved"] = round(result[3]["params"] / before["params"], 6)
 
     mlp_keep, heads, hidden_keep, after = result
     plan_layers = [
@@ -579,6 +558,252 @@ def make_plan(
         settings=settings,
         summary=summary,
     )
+
+
+def _plan_with_depth(
+    model: nn.Module,
+    stats: ActivationStats | None,
+    widths: dict[str, Any],
+    drop_layers: int | None,
+    layer_ratio: float | None,
+    layer_criterion: str,
+) -> PruningPlan:
+    """Depth first, then widths: drop the lowest-scoring layers, then plan the widths of the rest.
+
+    ``make_plan`` sizes the widths on the model as surgery will leave it (``depth.only_layers``) with
+    the statistics of the kept layers only, so ratios, per-layer rankings and the error allocation see
+    only the layers that stay. ``target_params`` stays a fraction of the whole model: the dropped
+    layers count towards it and the widths make up the rest. ``plan.layers`` keeps one entry per
+    original layer (the dropped ones keep everything; surgery ignores them); ``summary["layers"]``
+    lists the kept layers, each with its original index in ``"layer"``.
+    """
+    from minigpts import depth
+    from minigpts.arch import get_adapter
+
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    n_drop = depth.drop_count(len(layers), drop_layers, layer_ratio)
+    depth_settings = {
+        "drop_layers": drop_layers,
+        "layer_ratio": layer_ratio,
+        "layer_criterion": layer_criterion,
+    }
+    if n_drop == 0:  # e.g. a ratio that rounds to no layer
+        plan = make_plan(model, stats, **widths)
+        plan.settings.update(depth_settings)
+        return plan
+    if stats is not None:
+        stats.check_model(model)
+    scores = depth.layer_scores(stats, layer_criterion)
+    keep = depth.layers_to_keep(scores, n_drop)
+    full = [(adapter.mlp_out(layer).in_features, *adapter.head_layout(layer)[:2]) for layer in layers]
+    hidden = _hidden_size(adapter, layers)
+    before = _ParamCounter(model, adapter).count(full, hidden)
+    requested = widths["target_params"]
+    notes = []
+    with depth.only_layers(model, keep):
+        inner = dict(widths)
+        if requested is not None:
+            shallow = _ParamCounter(model, adapter).count([full[i] for i in keep], hidden)["params"]
+            inner["target_params"] = min(1.0, requested * before["params"] / shallow)
+            if inner["target_params"] >= 1.0:
+                notes.append(
+                    f"the {n_drop} dropped layers alone reach --target-params {requested:g} "
+                    f"({shallow / before['params']:.1%} of the parameters left): no width was pruned"
+                )
+        plan = make_plan(model, depth.stats_for_layers(stats, keep), **inner)
+    entries = iter(plan.layers)
+    plan.layers = [
+        next(entries)
+        if i in keep
+        else LayerPlan(list(range(mlp)), list(range(n_heads)), list(range(adapter.head_layout(layer)[1])))
+        for i, (layer, (mlp, n_heads, _)) in enumerate(zip(layers, full, strict=True))
+    ]
+    plan.layers_keep = keep
+    plan.settings.update(depth_settings, target_params=requested)
+    summary = plan.summary
+    for entry, index in zip(summary["layers"], keep, strict=True):
+        entry["layer"] = index
+    summary.update(
+        params_before=before["params"],
+        params_non_embedding_before=before["params_non_embedding"],
+        size_bytes_before=before["size_bytes"],
+        relative_size=round(summary["params_after"] / before["params"], 6),
+        depth={
+            "criterion": layer_criterion,
+            "layers_before": len(layers),
+            "layers_after": len(keep),
+            "dropped": sorted(set(range(len(layers))) - set(keep)),
+            "scores": [round(float(x), 6) for x in scores],
+        },
+    )
+    if "target" in summary:
+        summary["target"]["target_params"] = requested
+        summary["target"]["achieved"] = round(summary["params_after"] / before["params"], 6)
+        summary["target"]["groups"] = ["layers", *summary["target"]["groups"]]
+    if notes:
+        summary.setdefault("notes", []).extend(notes)
+    return plan
+
+
+class _ErrorModel:
+    """The output-error curves of every layer's MLP and attention, and the allocations made from them."""
+
+    def __init__(self, model, adapter, stats, scores, layouts, counter, min_mlp, round_to, ridge):
+        from minigpts import allocation
+        from minigpts.reconstruct import DEFAULT_RIDGE
+
+        ridge = DEFAULT_RIDGE if ridge is None else ridge
+        layers = adapter.layers(model)
+        hidden = _hidden_size(adapter, layers)
+        self.scores, self.layouts, self.counter, self.hidden = scores, layouts, counter, hidden
+        self.allowed: Callable[[int], bool] = lambda n: True
+        self.full = [(s.numel(), n, kv) for s, (n, kv, _) in zip(scores.mlp, layouts, strict=True)]
+        full_params = counter.count(self.full, hidden)["params"]
+
+        def params_with(i: int, widths: tuple[int, int, int]) -> int:
+            changed = list(self.full)
+            changed[i] = widths
+            return counter.count(changed, hidden)["params"] - full_params
+
+        self.mlp, self.heads = [], []
+        for i, layer in enumerate(layers):
+            size, n_heads, n_kv = self.full[i]
+            per_channel = -params_with(i, (size - 1, n_heads, n_kv))
+            widths = _legal_widths(size, min_mlp, round_to)
+            self.mlp.append(
+                allocation.mlp_component(
+                    adapter.mlp_out(layer),
+                    scores.mlp[i],
+                    stats.mlp_gram[i],
+                    stats.mlp_mean[i],
+                    widths,
+                    per_channel,
+                    stats.mlp_fisher[i],
+                    ridge,
+                )
+            )
+            configs = _head_configs(n_heads, n_kv)
+            self.heads.append(
+                allocation.head_component(
+                    adapter.attn_out(layer),
+                    scores.heads[i],
+                    n_kv,
+                    layouts[i][2],
+                    configs,
+                    stats.attn_gram[i],
+                    stats.attn_mean[i],
+                    lambda count, kv, i=i: params_with(i, (self.full[i][0], count, kv)),
+                    stats.attn_fisher[i],
+                    ridge,
+                )
+            )
+
+    def _budget(self, request: _Request, scores: list[torch.Tensor]) -> float:
+        if request.ratio is not None:
+            return request.ratio * sum(s.numel() for s in scores)
+        return float(sum(int((s <= request.threshold).sum()) for s in scores))
+
+    def _allowed_heads(self) -> list:
+        """Head components restricted to the counts transformers accepts (and always the full count)."""
+        from minigpts.allocation import Component
+
+        restricted = []
+        for component, (n_heads, _, _) in zip(self.heads, self.layouts, strict=True):
+            options = [o for o in component.options if o[0] == n_heads or self.allowed(o[0])]
+            restricted.append(Component(options, component.choice, component.errors))
+        return restricted
+
+    def mlp_keep(self, request: _Request) -> list[list[int]]:
+        from minigpts.allocation import allocate
+
+        if request.threshold is not None:
+            _target_counts(self.scores.mlp, request, "uniform", [0] * len(self.mlp), "MLP channel")
+        chosen = allocate(self.mlp, self._budget(request, self.scores.mlp), lambda o: o[0])
+        return [_top(s, c.options[j][0]) for s, c, j in zip(self.scores.mlp, self.mlp, chosen, strict=True)]
+
+    def heads_keep(self, request: _Request):
+        from minigpts.allocation import allocate
+
+        if request.threshold is not None:
+            _target_counts(self.scores.heads, request, "uniform", [1] * len(self.heads), "attention head")
+        heads = self._allowed_heads()
+        chosen = allocate(heads, self._budget(request, self.scores.heads), lambda o: o[0])
+        return self.heads_for([c.choice[c.options[j][0]] for c, j in zip(heads, chosen, strict=True)])
+
+    def heads_for(self, configs: list[tuple[int, int]]):
+        """(heads_keep, kv_heads_keep) per layer for a (KV heads kept, heads per KV head) per layer."""
+        return [
+            _select_heads(s, n_kv, *config)[:2]
+            for s, (_, n_kv, _), config in zip(self.scores.heads, self.layouts, configs, strict=True)
+        ]
+
+    def solve_target(self, build, requests: dict, groups: list[str], target: float, layout: str):
+        """The plan near ``target`` parameters with the least summed error over ``groups``."""
+        fixed = build(requests)
+        if fixed[3]["params"] <= target:
+            return fixed
+        if layout == "per-layer":
+            return self._solve_per_layer(build, requests, groups, fixed[3]["params"] - target)
+        return self._solve_uniform(build, requests, groups, target)
+
+    def _solve_per_layer(self, build, requests, groups, budget):
+        from minigpts.allocation import allocate
+
+        components = (self.mlp if "mlp" in groups else []) + (
+            self._allowed_heads() if "heads" in groups else []
+        )
+        chosen = allocate(components, budget, lambda o: o[1])
+        picks = [c.options[j][0] for c, j in zip(components, chosen, strict=True)]
+        counts = {}
+        if "mlp" in groups:
+            counts["mlp"], picks = picks[: len(self.mlp)], picks[len(self.mlp) :]
+        if "heads" in groups:
+            counts["heads"] = [c.choice[k] for c, k in zip(self.heads, picks, strict=True)]
+        return build(requests, counts)
+
+    def _solve_uniform(self, build, requests, groups, target):
+        """One width for every layer: each GQA layout paired with the MLP width that meets the target."""
+        n_heads, n_kv, _ = self.layouts[0]
+        if len(set(self.layouts)) != 1 or len({s for s, _, _ in self.full}) != 1:
+            raise UserError(
+                "--target-params with the uniform layout needs layers of equal widths; use --layout per-layer"
+            )
+        head_configs = [None]
+        if "heads" in groups:
+            head_configs = [
+                config
+                for count, configs in _head_configs(n_heads, n_kv).items()
+                if count == n_heads or self.allowed(count)
+                for config in configs
+            ]
+        widths = [o[0] for o in self.mlp[0].options] if "mlp" in groups else [None]
+        plans = []  # (distance to the target, summed error, plan)
+        for config in head_configs:
+            candidates = []
+            for width in widths:
+                counts = {}
+                if width is not None:
+                    counts["mlp"] = [width] * len(self.mlp)
+                if config is not None:
+                    counts["heads"] = [config] * len(self.heads)
+                result = build(requests, counts)
+                candidates.append((abs(result[3]["params"] - target), -result[3]["params"], width, result))
+            _, _, width, result = min(candidates, key=lambda c: c[:2])
+            error = 0.0
+            if width is not None:
+                error += sum(dict((o[0], o[2]) for o in c.options)[width] for c in self.mlp)
+            if config is not None:
+                error += sum(c.errors[config] for c in self.heads)
+            plans.append((abs(result[3]["params"] - target), error, result))
+        close = [p for p in plans if p[0] <= self._tolerance()]
+        return min(close, key=lambda p: p[1])[2] if close else min(plans, key=lambda p: p[0])[2]
+
+    def _tolerance(self) -> int:
+        """Half a rounding step of every layer's MLP: how far from the target a uniform plan may land."""
+        widths = sorted(o[0] for o in self.mlp[0].options)
+        step = min((b - a for a, b in zip(widths, widths[1:], strict=False)), default=1)
+        return int(step * self.mlp[0].options[-1][1] / max(widths[-1], 1) * len(self.mlp) / 2)
 
 
 def _request(
@@ -635,8 +860,12 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def describe_plan(plan: PruningPlan):
-    """A rich Table for ``--dry-run``: widths per layer (identical neighbours merged) and the totals."""
+def describe_plan(plan: PruningPlan, *, warnings: bool = True):
+    """A rich Table for ``--dry-run``: widths per layer (identical neighbours merged) and the totals.
+
+    Notes starting with "warning:" (a threshold that removes nothing or almost everything) are shown in
+    yellow in the caption, or left out with ``warnings=False`` for a caller that prints them full-width.
+    """
     from rich.table import Table
 
     summary = plan.summary
@@ -648,19 +877,26 @@ def describe_plan(plan: PruningPlan):
         table.add_column(column, justify="right")
     rows: list[tuple[list[int], tuple[str, str, str]]] = []
     for i, layer in enumerate(summary.get("layers", [])):
+        index = layer.get("layer", i)  # the original index (depth pruning lists the kept layers only)
         cells = (
             f"{layer['mlp']} / {layer['mlp_before']}",
             f"{layer['heads']} / {layer['heads_before']}",
             f"{layer['kv_heads']} / {layer['kv_heads_before']}",
         )
-        if rows and rows[-1][1] == cells:
-            rows[-1][0].append(i)
+        if rows and rows[-1][1] == cells and rows[-1][0][-1] == index - 1:
+            rows[-1][0].append(index)
         else:
-            rows.append(([i], cells))
+            rows.append(([index], cells))
     for indices, cells in rows:
         label = str(indices[0]) if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
         table.add_row(label, *cells)
     lines = []
+    if "depth" in summary:
+        depth = summary["depth"]
+        lines.append(
+            f"decoder layers: {depth['layers_after']} / {depth['layers_before']} (dropped "
+            f"{', '.join(map(str, depth['dropped']))}: lowest {depth['criterion']} scores)"
+        )
     if "hidden_before" in summary:
         lines.append(f"hidden channels: {summary['hidden_after']} / {summary['hidden_before']}")
     if "params_before" in summary:
@@ -669,16 +905,37 @@ def describe_plan(plan: PruningPlan):
             f"({summary['params_after'] / summary['params_before']:.1%} of the base); non-embedding "
             f"{_millions(summary['params_non_embedding_before'])} -> {_millions(summary['params_non_embedding_after'])}"
         )
+        from minigpts.report import format_bytes
+
         lines.append(
-            f"expected size ({summary['dtype']}): {summary['size_bytes_before'] / 1e6:,.1f} MB -> "
-            f"{summary['size_bytes_after'] / 1e6:,.1f} MB"
+            f"expected size ({summary['dtype']}): {format_bytes(summary['size_bytes_before'])} -> "
+            f"{format_bytes(summary['size_bytes_after'])}"
         )
     if "target" in summary:
         target = summary["target"]
-        lines.append(
-            f"target {target['target_params']:.1%} of the parameters: common removal ratio "
-            f"{target['common_ratio']:.4f} over {', '.join(target['groups'])} -> {target['achieved']:.1%}"
+        how = (
+            f"common removal ratio {target['common_ratio']:.4f}"
+            if "common_ratio" in target
+            else "least output error per parameter"
         )
-    lines += [f"note: {note}" for note in summary.get("notes", [])]
-    table.caption = "\n".join(lines)
+        if "requested" in target and "achieved_with_vocab" in target:
+            lines.append(
+                f"target {target['requested']:.1%} of all parameters (vocabulary included) -> "
+                f"{target['achieved_with_vocab']:.1%} achieved"
+            )
+        lines.append(
+            f"target {target['target_params']:.1%} of the structural parameters: {how} over "
+            f"{', '.join(target['groups'])} -> {target['achieved']:.1%}"
+        )
+    lines += [
+        note if note.startswith("warning:") else f"note: {note}"
+        for note in summary.get("notes", [])
+        if warnings or not note.startswith("warning:")
+    ]
+    from rich.text import Text
+
+    caption = Text()  # plain text (notes may hold brackets), threshold warnings in yellow
+    for i, line in enumerate(lines):
+        caption.append(("\n" if i else "") + line, style="yellow" if line.startswith("warning:") else "")
+    table.caption = caption
     return table

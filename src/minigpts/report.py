@@ -50,6 +50,9 @@ SWEEP_COLUMNS = (
     "recovery_seconds",
     "control_base_finetuned_bpb",
     "control_random_bpb",
+    "criterion",
+    "decode_tps_base",
+    "decode_tps",
 )
 
 # The paper's linear/activation thresholds, drawn on the magnitude plot to show what each would cut.
@@ -288,6 +291,83 @@ def _mcq_note(report: Mapping) -> str | None:
     return "MCQ cells: accuracy (length-normalised accuracy); " + "; ".join(notes) + "."
 
 
+def _share(value: Any) -> str:
+    return DASH if _is_missing(value) else f"{100 * float(value):.1f} %"
+
+
+def _target_line(summary: Mapping) -> str | None:
+    """What the user asked of the whole model (vocabulary included) and what the plan reaches.
+
+    ``target["target_params"]`` is the structural part only: with a vocabulary cut, ``build_plan``
+    raises it by what the vocabulary saves, so it must not be shown as the request.
+    """
+    target = summary.get("target")
+    if not isinstance(target, Mapping):
+        return None
+    requested = target.get("requested", target.get("target_params"))
+    achieved = target.get("achieved_with_vocab")
+    before, with_vocab = summary.get("params_before"), summary.get("params_after_with_vocab")
+    if _is_missing(achieved) and not _is_missing(before) and not _is_missing(with_vocab) and float(before):
+        achieved = float(with_vocab) / float(before)
+    if _is_missing(achieved):
+        achieved = target.get("achieved")
+    how = (
+        f"one common removal ratio ({_num(target['common_ratio'], 4)})"
+        if "common_ratio" in target
+        else "least output error per parameter"
+    )
+    groups = ", ".join(target.get("groups") or []) or DASH
+    line = (
+        f"- target: {_share(requested)} of all parameters (vocabulary included) → {_share(achieved)} achieved; "
+        f"the structure ({groups}, by {how}) was sized to {_share(target.get('target_params'))} "
+        f"and reached {_share(target.get('achieved'))}"
+    )
+    if not _is_missing(with_vocab):
+        line += ", the vocabulary cut saving the rest"
+    return line
+
+
+def _layer_label(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}–{last}"
+
+
+def collapse_rows(rows: list[list[str]]) -> list[list[str]]:
+    """Runs of identical per-layer rows as one row labelled "first–last" (rows are [label, cells...])."""
+    runs: list[tuple[int, int, list[str]]] = []
+    for i, row in enumerate(rows):
+        if runs and runs[-1][2] == row[1:] and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i, runs[-1][2])
+        else:
+            runs.append((i, i, row[1:]))
+    return [[_layer_label(a, b), *cells] for a, b, cells in runs]
+
+
+DISTRIBUTION_GROUPS = {"mlp": "MLP channels", "heads": "attention heads", "hidden": "hidden channels"}
+DISTRIBUTION_COLUMNS = ("min", "p1", "p5", "p25", "p50", "p75", "p95", "p99", "max")
+
+
+def _distribution_markdown(distribution: Mapping) -> str:
+    groups = distribution.get("groups") or {}
+    rows = [
+        [
+            DISTRIBUTION_GROUPS.get(group, group),
+            _plain(row.get("units")),
+            *(_g(row.get(c)) for c in DISTRIBUTION_COLUMNS),
+        ]
+        for group, row in groups.items()
+        if row.get("units")
+    ]
+    headers = ["group", "units", *(c if c in ("min", "max") else f"{c[1:]}%" for c in DISTRIBUTION_COLUMNS)]
+    return (
+        f"Scores per unit ({distribution.get('criterion', DASH)}; a threshold removes the units at or below it):\n\n"
+        + _md_table(headers, "l" + "r" * (len(headers) - 1), rows)
+    )
+
+
+def _g(value: Any) -> str:
+    return DASH if _is_missing(value) else f"{float(value):.4g}"
+
+
 def _plan_markdown(summary: Mapping) -> str:
     """Scalars as a list; lists of dicts (per-layer widths) as tables, so any plan summary renders."""
     lines = ["## Pruning plan", ""]
@@ -303,9 +383,31 @@ def _plan_markdown(summary: Mapping) -> str:
         lines.append(
             f"- parameters: {_plain(before)} → {_plain(after)} ({_ratio(after, before)} of the base)"
         )
+    target = _target_line(summary)
+    if target:
+        lines.append(target)
+    size_before, size_after = summary.get("size_bytes_before"), summary.get("size_bytes_after")
+    if not _is_missing(size_before) and not _is_missing(size_after):
+        dtype = f" ({summary['dtype']})" if summary.get("dtype") else ""
+        lines.append(f"- expected size{dtype}: {format_bytes(size_before)} → {format_bytes(size_after)}")
+    lines += [
+        f"- {note}" if str(note).startswith("warning:") else f"- note: {note}"
+        for note in summary.get("notes") or []
+    ]
+    shown = {
+        "params_before",
+        "params_after",
+        "params_after_with_vocab",
+        "target",
+        "size_bytes_before",
+        "size_bytes_after",
+        "dtype",
+        "notes",
+        "score_distribution",
+    }
     tables = []
     for key, value in summary.items():
-        if key in ("params_before", "params_after", "params_after_with_vocab"):
+        if key in shown:
             continue
         if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
             tables.append((key, value))
@@ -315,13 +417,15 @@ def _plan_markdown(summary: Mapping) -> str:
         keys: list[str] = []
         for item in items:
             keys += [k for k in item if k not in keys]
-        rows = [[str(i), *(_plain(item.get(k)) for k in keys)] for i, item in enumerate(items)]
+        rows = collapse_rows([[str(i), *(_plain(item.get(k)) for k in keys)] for i, item in enumerate(items)])
         lines += [
             "",
-            f"{key.replace('_', ' ')} (per layer):",
+            f"{key.replace('_', ' ')} (per layer; identical neighbouring layers in one row):",
             "",
             _md_table(["layer", *keys], "r" * (len(keys) + 1), rows),
         ]
+    if isinstance(summary.get("score_distribution"), Mapping):
+        lines += ["", _distribution_markdown(summary["score_distribution"])]
     return "\n".join(lines)
 
 
@@ -349,11 +453,18 @@ def run_report_markdown(report: Mapping) -> str:
         )
     if report.get("plan_summary"):
         parts.append(_plan_markdown(report["plan_summary"]))
+    figures = report.get("figures") or {}
+    if figures:
+        parts.append("## Plots")
+        parts += [f"![{RUN_FIGURES.get(key, key)}]({name})" for key, name in figures.items()]
     return "\n\n".join(parts) + "\n"
 
 
 def write_run_report(report: Mapping, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md for one `run` into ``out_dir``; returns {"markdown": path}."""
+    """Write report.md for one `run` into ``out_dir``; returns {"markdown": path}.
+
+    It links the plots named in ``report["figures"]`` ({key: file name}, from ``write_run_plots``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
@@ -369,9 +480,16 @@ def _several_models(rows: list[Mapping]) -> bool:
     return len({row.get("model") for row in rows}) > 1
 
 
-def _series_label(row: Mapping, several_models: bool) -> str:
-    domain = str(row.get("domain", DASH))
-    return f"{row.get('model')} · {domain}" if several_models else domain
+def _several_criteria(rows: list[Mapping]) -> bool:
+    return len({row.get("criterion") for row in rows if row.get("criterion")}) > 1
+
+
+def _series_label(row: Mapping, several_models: bool, several_criteria: bool = False) -> str:
+    """One line per plotted series: the domain, with the model and the criterion when they vary."""
+    label = str(row.get("domain", DASH))
+    if several_models:
+        label = f"{row.get('model')} · {label}"
+    return f"{label} · {row.get('criterion')}" if several_criteria else label
 
 
 def _arrow(row: Mapping, prefix: str, fmt: Callable[[Any], str]) -> str:
@@ -396,6 +514,7 @@ def sweep_table(rows: list[Mapping]) -> tuple[list[str], str, list[list[str]]]:
         ("domain", "l", lambda r: str(r.get("domain", DASH))),
         ("setting", "l", lambda r: str(r.get("setting", DASH))),
         ("relative size", "r", lambda r: _num(r.get("relative_size"), 2)),
+        ("params", "r", lambda r: DASH if _is_missing(r.get("params")) else f"{r['params'] / 1e6:.2f}M"),
         ("perplexity base → pruned → recovered", "r", lambda r: _arrow(r, "ppl", lambda v: _num(v, 2))),
         ("bits/byte base → pruned → recovered", "r", lambda r: _arrow(r, "bpb", lambda v: _num(v, 4))),
         ("Δbpb recovered vs base", "r", lambda r: pct(r.get("bpb_recovered"), r.get("bpb_base"))),
@@ -406,6 +525,14 @@ def sweep_table(rows: list[Mapping]) -> tuple[list[str], str, list[list[str]]]:
         not _is_missing(r.get(k)) for r in rows for k in ("control_base_finetuned_bpb", "control_random_bpb")
     ):
         columns.append(("controls bpb", "r", _controls_cell))
+    if any(not _is_missing(r.get("decode_tps")) for r in rows):
+        columns.append(
+            (
+                "decode tok/s base → pruned",
+                "r",
+                lambda r: f"{_num(r.get('decode_tps_base'), 1)} → {_num(r.get('decode_tps'), 1)}",
+            )
+        )
     columns.append(("epochs / time to recover", "r", _recovery_cell))
     cells = [[cell(row) for _, _, cell in columns] for row in rows]
     return [h for h, _, _ in columns], "".join(a for _, a, _ in columns), cells
@@ -554,10 +681,10 @@ def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path
     (base fine-tuned with the same budget)."""
     from matplotlib.lines import Line2D
 
-    several = _several_models(rows)
+    several, criteria = _several_models(rows), _several_criteria(rows)
     groups: dict[str, list[Mapping]] = {}
-    for row in rows:
-        groups.setdefault(_series_label(row, several), []).append(row)
+    for row in rows:  # one line per domain (and per model, per criterion when they vary)
+        groups.setdefault(_series_label(row, several, criteria), []).append(row)
     colors = colors or _colors(list(groups))
     fig, ax = _figure()
     drawn: set[str] = set()
@@ -614,6 +741,144 @@ def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path
     )
     fig.savefig(path)
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plots of one `run`
+
+# key -> caption; the file of each is f"{key}.png"
+RUN_FIGURES = {
+    "layer_widths": "Kept width per layer (fraction of each group kept)",
+    "neuron_magnitudes": "Sorted mean absolute activation of the MLP channels, with the paper's thresholds",
+    "token_frequencies": "Token rank-frequency over the calibration windows",
+    "bpb_per_stage": "Held-out bits-per-byte per stage",
+    "size_vs_bpb": "Relative size vs held-out bits-per-byte",
+}
+
+
+def plot_layer_widths(layers: list[Mapping], path: str | Path) -> Path:
+    """Per decoder layer, the fraction of MLP channels, query heads and KV heads the plan keeps."""
+    fig, ax = _figure()
+    x = list(range(len(layers)))
+    for key, label, style in (
+        ("mlp", "MLP channels", "-o"),
+        ("heads", "query heads", "-s"),
+        ("kv_heads", "KV heads", "--^"),
+    ):
+        if not all(not _is_missing(layer.get(key)) and layer.get(f"{key}_before") for layer in layers):
+            continue
+        kept = [float(layer[key]) / float(layer[f"{key}_before"]) for layer in layers]
+        ax.plot(x, kept, style, lw=1.5, ms=4, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("fraction kept")
+    ax.set_title("Kept width per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_stage_bpb(stages: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Held-out bits-per-byte of every stage (and on the general text when measured), as bars."""
+    import numpy as np
+
+    ordered = [(name, s) for name, s in _ordered_stages(stages) if not _is_missing(s.get("bits_per_byte"))]
+    labels = [STAGE_LABELS.get(name, name) for name, _ in ordered]
+    domain = [float(s["bits_per_byte"]) for _, s in ordered]
+    general = [(s.get("general") or {}).get("bits_per_byte") for _, s in ordered]
+    has_general = any(not _is_missing(g) for g in general)
+    fig, ax = _figure()
+    y = np.arange(len(ordered))
+    height = 0.4 if has_general else 0.6
+    bars = ax.barh(y - (height / 2 if has_general else 0), domain, height, label="domain (test split)")
+    ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)
+    if has_general:
+        values = [float("nan") if _is_missing(g) else float(g) for g in general]
+        bars = ax.barh(y + height / 2, values, height, label="general text")
+        ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("bits per byte, held-out (lower is better)")
+    ax.set_title("Bits-per-byte per stage")
+    ax.set_xlim(right=ax.get_xlim()[1] * 1.12)  # room for the value labels
+    ax.grid(alpha=0.3, axis="x")
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
+    fig.savefig(path)
+    return Path(path)
+
+
+def run_size_row(report: Mapping) -> dict[str, Any]:
+    """One sweep-style row (``plot_size_vs_bpb``'s input) from a `run` report's stages."""
+    stages = report.get("stages") or {}
+    base, pruned = stages.get("base") or {}, stages.get("pruned") or {}
+    final = stages.get("finetuned") or {}
+    control_random = stages.get("control_random_finetuned") or stages.get("control_random") or {}
+    relative = None
+    if not _is_missing(pruned.get("params")) and base.get("params"):
+        relative = float(pruned["params"]) / float(base["params"])
+    return {
+        "domain": _short_label(report.get("data")),
+        "relative_size": relative,
+        "bpb_base": base.get("bits_per_byte"),
+        "bpb_pruned": pruned.get("bits_per_byte"),
+        "bpb_recovered": final.get("bits_per_byte"),
+        "control_base_finetuned_bpb": (stages.get("control_base_finetuned") or {}).get("bits_per_byte"),
+        "control_random_bpb": control_random.get("bits_per_byte"),
+    }
+
+
+def _short_label(data: Any) -> str:
+    text = str(data if data is not None else "domain")
+    name = Path(text).name or text
+    return name if len(name) <= 40 else name[:39] + "…"
+
+
+def write_run_plots(
+    report: Mapping,
+    out_dir: str | Path,
+    *,
+    magnitudes: Any = None,
+    token_counts: Any = None,
+) -> dict[str, str]:
+    """The PNG plots of one `run` that its data allow, in ``out_dir``: {key of RUN_FIGURES: file name}.
+
+    ``magnitudes``: every MLP channel's mean |activation| (the statistics' ``mlp_l1``, concatenated);
+    ``token_counts``: the calibration token counts. A plot that fails is skipped with a log line, so
+    a finished run always gets its report.
+    """
+    import logging
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    label = _short_label(report.get("data"))
+    stages = report.get("stages") or {}
+    layers = (report.get("plan_summary") or {}).get("layers") or []
+    row = run_size_row(report)
+    makers: dict[str, Callable[[Path], Any]] = {}
+    if layers:
+        makers["layer_widths"] = lambda path: plot_layer_widths(layers, path)
+    if magnitudes is not None and len(magnitudes):
+        makers["neuron_magnitudes"] = lambda path: plot_neuron_magnitudes({label: magnitudes}, path)
+    if token_counts is not None and len(token_counts):
+        makers["token_frequencies"] = lambda path: plot_token_frequencies({label: token_counts}, path)
+    if any(not _is_missing(s.get("bits_per_byte")) for s in stages.values()):
+        makers["bpb_per_stage"] = lambda path: plot_stage_bpb(stages, path)
+    if not _is_missing(row["relative_size"]) and not _is_missing(row["bpb_base"]):
+        makers["size_vs_bpb"] = lambda path: plot_size_vs_bpb([row], path)
+    written: dict[str, str] = {}
+    for key, make in makers.items():
+        path = out / f"{key}.png"
+        try:
+            make(path)
+        except Exception as err:  # a plot must not cost the report of a finished run
+            logging.getLogger(__name__).warning("plot %s skipped: %s", path.name, err)
+            continue
+        written[key] = path.name
+    return written
 
 
 # --------------------------------------------------------------------------------------------------
@@ -675,7 +940,7 @@ def write_sweep_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [dict(row) for row in rows]
-    labels = [_series_label(row, _several_models(rows)) for row in rows]
+    labels = [_series_label(row, _several_models(rows), _several_criteria(rows)) for row in rows]
     colors = _colors(labels + list(magnitudes or {}) + list(token_frequencies or {}))
     paths: dict[str, Path] = {}
 

@@ -6,13 +6,13 @@ these shapes (uniform widths: plain config fields; differing widths: transformer
 
 Exactness: removing a unit whose contribution is zero leaves the logits unchanged for MLP channels,
 attention heads and decoder layers in every family, and for hidden (residual) channels in RMSNorm
-families (the norm weights and epsilon are rescaled, see `_shrink_rms_norm`). LayerNorm families
-(phi) lose exactness on hidden pruning: the norm's mean and variance depend on the width.
+families (the norm weights and epsilon are rescaled, see `ArchAdapter.shrink_norm`). LayerNorm families
+(phi) lose exactness on hidden pruning: the norm's mean and variance depend on the width. How each
+module is sliced (nn.Linear, GPT-2's Conv1D, fused q/k/v or gate/up projections) is the adapter's.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -73,7 +73,7 @@ def _validate(model: nn.Module, adapter: ArchAdapter, plan: PruningPlan):
     head_keep = {}
     for index, layer_plan in zip(layers_keep, layer_plans):
         layer = layers[index]
-        width = adapter.mlp_out(layer).in_features
+        width = adapter.mlp_width(layer)
         _check_indices(layer_plan.mlp_keep, width, f"layer {index} mlp_keep", "MLP channel")
         head_keep[index] = _head_keep(adapter, layer, layer_plan, index)
         if head_keep[index] is not None and (problem := adapter.head_pruning_problem(model.config)):
@@ -138,44 +138,7 @@ def _head_keep(
     return heads, kv_heads
 
 
-# --- slicing primitives -------------------------------------------------------------------------
-
-
-def _index(indices: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(indices, dtype=torch.long, device=device)
-
-
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-def _slice_linear(linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> None:
-    """Keep output features `rows` (and their bias) and input features `cols`."""
-    weight = linear.weight
-    if rows is not None:
-        rows_t = _index(rows, weight.device)
-        weight = weight.index_select(0, rows_t)
-        if linear.bias is not None:
-            _replace(linear, "bias", linear.bias.index_select(0, rows_t))
-        linear.out_features = len(rows)
-    if cols is not None:
-        weight = weight.index_select(1, _index(cols, weight.device))
-        linear.in_features = len(cols)
-    _replace(linear, "weight", weight)
-
-
-def _head_channels(heads: list[int], head_dim: int) -> list[int]:
-    return [h * head_dim + d for h in heads for d in range(head_dim)]
-
-
-def _set_int_attr(module: nn.Module, name: str, old: int, new: int) -> None:
-    """Update a cached width attribute (e.g. LlamaMLP.intermediate_size) if the module keeps one."""
-    if getattr(module, name, None) == old and isinstance(old, int):
-        setattr(module, name, new)
-
-
-# --- the groups ---------------------------------------------------------------------------------
+# --- the groups: slicing itself is the adapter's (nn.Linear by default; Conv1D, fused q/k/v ...) ---
 
 
 def _drop_layers(model: nn.Module, adapter: ArchAdapter, layers_keep: list[int]) -> None:
@@ -195,78 +158,17 @@ def _drop_layers(model: nn.Module, adapter: ArchAdapter, layers_keep: list[int])
 
 
 def _prune_mlp(adapter: ArchAdapter, layer: nn.Module, keep: list[int]) -> None:
-    down = adapter.mlp_out(layer)
-    width = down.in_features
-    if len(keep) == width:
-        return
-    for projection in adapter.mlp_in(layer):
-        _slice_linear(projection, rows=keep)
-    _slice_linear(down, cols=keep)
-    for module in layer.modules():
-        _set_int_attr(module, "intermediate_size", width, len(keep))
+    if len(keep) < adapter.mlp_width(layer):
+        adapter.prune_mlp(layer, keep)
 
 
 def _prune_heads(adapter: ArchAdapter, layer: nn.Module, heads: list[int], kv_heads: list[int]) -> None:
-    _, _, head_dim = adapter.head_layout(layer)
-    q, k, v = adapter.attn_in(layer)
-    q_rows = _head_channels(heads, head_dim)
-    kv_rows = _head_channels(kv_heads, head_dim)
-    _slice_linear(q, rows=q_rows)
-    _slice_linear(k, rows=kv_rows)
-    _slice_linear(v, rows=kv_rows)
-    _slice_linear(adapter.attn_out(layer), cols=q_rows)
-    adapter.set_head_counts(layer, len(heads), len(kv_heads))
-
-
-def _shrink_norm(norm: nn.Module, keep: list[int], rms_scale: float | None) -> None:
-    """Slice a norm over the residual stream; RMSNorm is rescaled so zero channels change nothing.
-
-    With the removed channels identically zero, mean(x^2) over D equals (D'/D) * mean(x'^2) over the
-    D' kept ones, so  w * x / sqrt(mean_D(x^2) + eps) = (w * sqrt(D/D')) * x' / sqrt(mean_D'(x'^2) + eps * D/D').
-    """
-    keep_t = _index(keep, norm.weight.device)
-    weight = norm.weight.index_select(0, keep_t)
-    if rms_scale is not None:
-        weight = weight * math.sqrt(rms_scale)
-        for eps_name in ("variance_epsilon", "eps"):
-            if isinstance(getattr(norm, eps_name, None), float):
-                setattr(norm, eps_name, getattr(norm, eps_name) * rms_scale)
-    _replace(norm, "weight", weight)
-    if getattr(norm, "bias", None) is not None:
-        _replace(norm, "bias", norm.bias.index_select(0, keep_t))
-    if hasattr(norm, "normalized_shape"):
-        norm.normalized_shape = (len(keep),)
+    adapter.prune_heads(layer, heads, kv_heads)
 
 
 def _prune_hidden(model: nn.Module, adapter: ArchAdapter, keep: list[int]) -> None:
-    """Remove residual channels everywhere they are read or written."""
-    hidden = adapter.hidden_size(model)
-    rms_scale = hidden / len(keep) if adapter.norm_kind == "rms" else None
-    embedding = adapter.embedding(model)
-    lm_head = model.get_output_embeddings()
-    tied = lm_head is not None and lm_head.weight is embedding.weight
-    _replace(embedding, "weight", embedding.weight.index_select(1, _index(keep, embedding.weight.device)))
-    embedding.embedding_dim = len(keep)
-    if tied:
-        lm_head.weight = embedding.weight
-        lm_head.in_features = len(keep)
-    elif lm_head is not None:
-        _slice_linear(lm_head, cols=keep)
-    for layer in adapter.layers(model):
-        for norm in adapter.layer_norms(layer):
-            _shrink_norm(norm, keep, rms_scale)
-        for reader in adapter.attn_in(layer) + adapter.mlp_in(layer):
-            _slice_linear(reader, cols=keep)
-        for writer in (adapter.attn_out(layer), adapter.mlp_out(layer)):
-            _slice_linear(writer, rows=keep)
-    final_norm = adapter.final_norm(model)
-    if final_norm is not None:
-        _shrink_norm(final_norm, keep, rms_scale)
-    for module in adapter.body(model).modules():
-        _set_int_attr(module, "hidden_size", hidden, len(keep))
-    config = model.config
-    if rms_scale is not None and adapter.norm_eps_field is not None:
-        setattr(config, adapter.norm_eps_field, getattr(config, adapter.norm_eps_field) * rms_scale)
+    """Remove residual channels everywhere they are read or written (norms rescaled where exact)."""
+    adapter.prune_hidden(model, keep)
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -278,7 +180,7 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
     widths = []
     for layer in adapter.layers(model):
         n_heads, n_kv, _ = adapter.head_layout(layer)
-        entry = {adapter.mlp_width_field: adapter.mlp_out(layer).in_features, adapter.heads_field: n_heads}
+        entry = {adapter.mlp_width_field: adapter.mlp_width(layer), adapter.heads_field: n_heads}
         if adapter.kv_heads_field is not None:
             entry[adapter.kv_heads_field] = n_kv
         widths.append(entry)
@@ -307,3 +209,4 @@ def sync_config(model: nn.Module) -> None:
             # Some config validators (LlamaConfig's) read per-layer fields globally, on save and on
             # load; let them see the most common value, which surgery checked like every layer's.
             config.allow_global_per_layer_attribute_access = True
+    adapter.sync_modules(model)

@@ -3,7 +3,9 @@
 Analysis runs once per domain (statistics are reused by every setting); the base model is evaluated
 once per domain; each setting prunes a fresh copy of the base model. Rows follow the paper's table
 (relative size, perplexity and bits-per-byte base → pruned → recovered, MCQ, recovery time) and the
-report adds the neuron-magnitude, token-frequency and size-vs-bits-per-byte figures.
+report adds the neuron-magnitude, token-frequency and size-vs-bits-per-byte figures. Several
+criteria (``SweepOptions.criteria``, ``--criterion A B``) compare methods: every setting for every
+criterion, on the same statistics and recovery budget, one plotted line per criterion.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minigpts.errors import UserError
+from minigpts.evaluation import decode_speed
 from minigpts.pipeline import (
     AnalysisOptions,
     EvalOptions,
@@ -23,17 +26,21 @@ from minigpts.pipeline import (
     PlanOptions,
     apply_full_plan,
     build_plan,
+    calibration_windows,
     check_output_dir,
     cleanup,
     evaluate_stage,
     load_mcq_sets,
     random_plan_like,
     recover_stage,
+    recovery_method_or_none,
     run_analysis,
     validation_bpb_target,
+    with_shared_teacher_cache,
     work_dir_for,
     write_json_atomic,
 )
+from minigpts.recovery import get_recovery_method
 
 PAPER_GRID = [(e, e, emb) for e in (1e-5, 1e-3, 1e-1) for emb in (None, 0.0)]
 
@@ -44,6 +51,7 @@ class SweepOptions:
     data: list[str]
     out: str
     target_params: list[float] = field(default_factory=list)  # empty: the paper's threshold grid
+    criteria: list[str] = field(default_factory=list)  # several: criteria × sizes; empty: plan.criterion
     finetune: str = "full"
     controls: bool = False
     mcq: list[str] = field(default_factory=list)  # FILE (every domain) or DOMAIN=FILE
@@ -52,6 +60,8 @@ class SweepOptions:
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
+    trust_remote_code: bool = False  # let a directory's auto_map run code (--trust-remote-code)
+    allow_pickle: bool = False  # also read pickle (.bin) weights
     force: bool = False
     evaluation: EvalOptions = field(default_factory=EvalOptions)
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
@@ -59,16 +69,51 @@ class SweepOptions:
     recovery: FinetuneOptions = field(default_factory=FinetuneOptions)
 
 
+_SPLIT_SUFFIX = re.compile(
+    r"[._\-\s]+(train|training|valid|validation|val|dev|test|calib|calibration)$", re.I
+)
+
+
 def domain_name(spec: str) -> str:
-    """'../datasets/economics.*.jsonl' → 'economics'; a directory → its name."""
+    """'../datasets/economics.*.jsonl' → 'economics'; 'law_train.jsonl' → 'law'; a directory → its name."""
     name = Path(spec.rstrip("/")).name
     name = re.split(r"[.*?\[]", name)[0] or Path(spec).parent.name
+    name = _SPLIT_SUFFIX.sub("", name) or name
     return name or "data"
 
 
+def group_corpora(specs: list[str]) -> dict[str, list[str]]:
+    """Domain name → its --data paths, in order of first appearance.
+
+    A shell expands ``economics.*.jsonl skyrim.*.jsonl`` into every file; paths in one folder whose
+    domain name (file name up to the first dot, a trailing split word dropped) is the same form one
+    corpus, so ``economics.train.jsonl economics.valid.jsonl economics.test.jsonl`` is one domain.
+    """
+    groups: dict[str, list[str]] = {}
+    folders: dict[str, Path] = {}
+    for spec in specs:
+        domain = domain_name(spec)
+        folder = Path(spec.rstrip("/")).expanduser().parent.resolve()
+        if domain in folders and folders[domain] != folder:
+            raise UserError(
+                f"--data: {groups[domain][0]} and {spec} are in different folders but share the domain "
+                f"name {domain!r}; rename one (paths in one folder with one domain name form one corpus)"
+            )
+        folders[domain] = folder
+        groups.setdefault(domain, []).append(spec)
+    return groups
+
+
 def settings_grid(options: SweepOptions) -> list[tuple[str, PlanOptions]]:
-    """(label, plan options) for each setting: target sizes if given, else the paper's threshold grid."""
-    base = options.plan
+    """(label, plan options) for each setting: target sizes if given, else the paper's threshold grid;
+    with several ``criteria``, that grid for each criterion (labels start with the criterion)."""
+    if len(options.criteria) > 1:
+        grid = []
+        for criterion in options.criteria:
+            single = replace(options, criteria=[], plan=replace(options.plan, criterion=criterion))
+            grid += [(f"{criterion} · {label}", plan) for label, plan in settings_grid(single)]
+        return grid
+    base = options.plan if not options.criteria else replace(options.plan, criterion=options.criteria[0])
     if options.target_params:
         return [(f"target={t:g}", replace(base, target_params=t)) for t in options.target_params]
     grid = []
@@ -114,15 +159,13 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
     from minigpts.models import load_model
     from minigpts.report import write_sweep_report
 
-    if options.finetune not in {"none", "full", "lora", "distill"}:
-        raise UserError(f"--finetune {options.finetune}: use none, full, lora or distill")
+    method = recovery_method_or_none(options.finetune)
     out = check_output_dir(options.out, options.force)
-    domains = [domain_name(spec) for spec in options.data]
-    if len(set(domains)) != len(domains):
-        raise UserError(f"--data: two corpora share the domain name ({', '.join(domains)}); rename one")
+    groups = group_corpora(options.data)
+    domains = list(groups)
     corpora = {
-        d: load_corpus(spec, text_field=options.text_field, encoding=options.encoding, seed=options.seed)
-        for d, spec in zip(domains, options.data)
+        d: load_corpus(specs, text_field=options.text_field, encoding=options.encoding, seed=options.seed)
+        for d, specs in groups.items()
     }
     general = None
     if options.evaluation.general_data:
@@ -131,7 +174,13 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
     mcq_sets = {d: load_mcq_sets(paths) if paths else None for d, paths in mcq_paths.items()}
     grid = settings_grid(options)
 
-    loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+    loaded = load_model(
+        options.model,
+        device=options.device,
+        dtype=options.dtype,
+        trust_remote_code=options.trust_remote_code,
+        allow_pickle=options.allow_pickle,
+    )
     base_model, base_tokenizer = loaded.model, loaded.tokenizer
     out.mkdir(parents=True, exist_ok=True)
     work = work_dir_for(out)
@@ -160,10 +209,14 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         base_eval = evaluate_stage(
             base_model, base_tokenizer, corpus, options.evaluation, name="base", **kwargs
         )
+        base_eval["decode_tokens_per_second"] = decode_speed(base_model)
         protocol = base_eval["protocol"]
         recovery = replace(
             options.recovery, method=options.finetune if options.finetune != "none" else "full"
         )
+        recovery = with_shared_teacher_cache(
+            recovery, method, work
+        )  # one teacher pass per window, whole sweep
         stop_at_bpb = None
         if options.finetune != "none" and recovery.stop_at_base:
             stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
@@ -178,7 +231,7 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                 corpus=corpus,
                 evaluation=options.evaluation,
                 recovery=recovery,
-                teacher=base_model if recovery.method == "distill" else None,
+                teacher=base_model if method is not None and method.needs_teacher else None,
                 stop_at_bpb=stop_at_bpb,
                 eval_kwargs=kwargs,
             )
@@ -205,6 +258,8 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                 stop_at_bpb,
                 work / f"{domain}-{index}",
                 kwargs,
+                stats=stats,
+                plan_options=plan_options,
             )
             control_random = None
             if options.controls:
@@ -219,6 +274,8 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                     stop_at_bpb,
                     work / f"{domain}-{index}-random",
                     kwargs,
+                    stats=stats,
+                    plan_options=plan_options,
                 )
             domain_runs["settings"][label] = {
                 "plan_summary": plan.summary,
@@ -235,6 +292,7 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                     "model": loaded.name,
                     "domain": domain,
                     "setting": label,
+                    "criterion": plan_options.criterion,
                     "relative_size": final["params"] / base_eval["params"],
                     "params": final["params"],
                     "size_bytes": final["size_bytes"],
@@ -251,6 +309,8 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                     "recovery_seconds": finetune_info.get("seconds"),
                     "control_base_finetuned_bpb": control_base["bits_per_byte"] if control_base else None,
                     "control_random_bpb": control_final["bits_per_byte"] if control_final else None,
+                    "decode_tps_base": base_eval["decode_tokens_per_second"],
+                    "decode_tps": stage["decode_tokens_per_second"],
                 }
             )
             write_json_atomic(out / "sweep_runs.json", runs)  # partial results survive an interruption
@@ -270,11 +330,33 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
 
 
 def _prune_recover(
-    base_model, base_tokenizer, plan, corpus, options, recovery, stop_at_bpb, work, kwargs
+    base_model,
+    base_tokenizer,
+    plan,
+    corpus,
+    options,
+    recovery,
+    stop_at_bpb,
+    work,
+    kwargs,
+    *,
+    stats,
+    plan_options,
 ) -> dict:
-    """Prune a copy of the base model with ``plan``, evaluate, recover (unless none), evaluate."""
-    model, tokenizer = apply_full_plan(copy.deepcopy(base_model), base_tokenizer, plan)
+    """Prune a copy of the base model with ``plan`` (refit as ``plan_options`` says), evaluate, recover, evaluate."""
+    model, tokenizer = apply_full_plan(
+        copy.deepcopy(base_model),
+        base_tokenizer,
+        plan,
+        stats=stats,
+        reconstruct=plan_options.reconstruct,
+        ridge=plan_options.ridge,
+        calibration=calibration_windows(base_tokenizer, corpus, options.analysis)
+        if plan_options.sequential and plan_options.reconstruct == "lstsq"
+        else None,
+    )
     stage = {"pruned": evaluate_stage(model, tokenizer, corpus, options.evaluation, name="pruned", **kwargs)}
+    stage["decode_tokens_per_second"] = decode_speed(model)  # recovery changes no shape
     if options.finetune != "none":
         _, stage["finetuned"] = recover_stage(
             model,
@@ -285,7 +367,7 @@ def _prune_recover(
             corpus=corpus,
             evaluation=options.evaluation,
             recovery=recovery,
-            teacher=base_model if recovery.method == "distill" else None,
+            teacher=base_model if get_recovery_method(recovery.method).needs_teacher else None,
             stop_at_bpb=stop_at_bpb,
             eval_kwargs=kwargs,
         )

@@ -5,12 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from minigpts.arch.base import ArchAdapter
+from minigpts.arch.gemma import GemmaAdapter
+from minigpts.arch.gpt2 import GPT2Adapter
+from minigpts.arch.gpt_neox import GPTNeoXAdapter
 from minigpts.arch.llama import LlamaAdapter
 from minigpts.arch.opt import OPTAdapter
 from minigpts.arch.phi import PhiAdapter
+from minigpts.arch.phi3 import Phi3Adapter
+from minigpts.arch.stablelm import StableLmAdapter
 from minigpts.errors import UserError
 
-_ADAPTERS: tuple[ArchAdapter, ...] = (LlamaAdapter(), PhiAdapter(), OPTAdapter())
+_ADAPTERS: tuple[ArchAdapter, ...] = (
+    LlamaAdapter(),
+    PhiAdapter(),
+    OPTAdapter(),
+    Phi3Adapter(),
+    GemmaAdapter(),
+    GPTNeoXAdapter(),
+    StableLmAdapter(),
+    GPT2Adapter(),
+)
 
 SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {
     adapter.family: tuple(adapter.class_prefixes) for adapter in _ADAPTERS

@@ -1,0 +1,719 @@
+"""Write a (pruned) model as one GGUF file that llama.cpp runs, with the tokenizer it was scored with.
+
+Everything goes through the `gguf` package: `GGUFWriter` lays out the file, `gguf.quants` makes the
+f16 / bf16 / q8_0 blocks, and tensor and key names come from its tables (`gguf.TENSOR_NAMES`,
+`gguf.Keys`), which are llama.cpp's own. Nothing here encodes the binary format by hand.
+
+Which llama.cpp architecture a model becomes (`gguf_layout`):
+
+- Llama, Mistral (and Qwen2 with pruned heads or hidden channels): ``llama``. llama.cpp rotates query /
+  key pairs that sit next to each other, transformers rotates the two halves of a head, so the rows of
+  every q/k projection (and bias) are reordered once per head on the way out.
+- Qwen2 with every head (its q width is the hidden size): ``qwen2``; Qwen3: ``qwen3`` (both rotate
+  halves, as transformers does: nothing is reordered).
+- Per-layer widths (MLP width, heads or KV heads that differ between layers), Llama / Mistral / Qwen2:
+  ``deci``, llama.cpp's variable-width Llama (Nemotron-51B's), which reads
+  ``deci.feed_forward_length``, ``deci.attention.head_count`` and ``deci.attention.head_count_kv`` as
+  one value per layer. llama.cpp's ``llama`` architecture sizes every layer from the first.
+- Phi (phi-1.5 / phi-2): ``phi2``, while its q/k/v stay hidden × hidden (no heads or hidden channels
+  removed, no q/k LayerNorm) and every layer has the same widths.
+- Anything else (OPT, per-layer Qwen3 or Phi, rope scalings llama.cpp cannot state): `GgufUnsupported`,
+  one line naming the family and what cannot be expressed.
+
+The tokenizer is written as llama.cpp reads it (`tokenizer_fields`): byte-level BPE as ``gpt2`` with
+its merges in rank order and the pre-tokenizer named by what our tokenizer.json actually does (a
+trimmed vocabulary keeps its tokens, numbering and rebuilt merges, so ids stay ours); SentencePiece-style
+BPE (``▁`` and ``<0xNN>`` byte fallback: Llama-2, Mistral) as ``llama`` with scores that replay our
+merge order. Special and added tokens are CONTROL / USER_DEFINED, BOS/EOS/UNK/PAD and whether BOS/EOS
+are added come from our tokenizer, and the chat template is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from minigpts.arch import get_adapter
+from minigpts.errors import UserError
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+class GgufUnsupported(UserError):
+    """A model (family, width layout, rope scaling, tokenizer) that llama.cpp's GGUF cannot express."""
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GgufLayout:
+    """How a model maps onto one llama.cpp architecture."""
+
+    arch: str  # llama.cpp's architecture name: llama, deci, qwen2, qwen3, phi2
+    family: str  # minigpts' adapter family
+    model_type: str
+    permute_qk: bool  # reorder q/k rows from transformers' rotate-half to llama.cpp's pairwise rope
+    per_layer: bool  # widths written as one value per layer
+    n_layers: int
+    hidden: int
+    head_dim: int
+    mlp: list[int]
+    heads: list[int]
+    kv_heads: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def _rope(config: Any) -> dict:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        rope = {**scaling, **rope}
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    return rope
+
+
+def gguf_layout(model: nn.Module) -> GgufLayout:
+    """The llama.cpp architecture this model becomes, or GgufUnsupported naming what cannot be expressed."""
+    adapter = get_adapter(model)
+    config = model.config
+    model_type = config.model_type
+    name = f"{adapter.family} family ({model_type})"
+    if adapter.family == "opt":
+        raise GgufUnsupported(
+            f"{name}: llama.cpp has no OPT architecture (learned positions, ReLU MLP); "
+            "export the Hugging Face directory instead"
+        )
+    if adapter.family not in {"llama", "phi"}:
+        raise GgufUnsupported(
+            f"{name}: minigpts writes GGUF for the llama (Llama, Mistral, Qwen2, Qwen3) and phi families only; "
+            f"llama.cpp's own convert_hf_to_gguf.py may handle a {model_type} directory saved by minigpts "
+            "if its widths are uniform"
+        )
+    layers = adapter.layers(model)
+    layouts = [adapter.head_layout(layer) for layer in layers]
+    heads = [n for n, _, _ in layouts]
+    kv_heads = [kv for _, kv, _ in layouts]
+    head_dims = {d for _, _, d in layouts}
+    mlp = [adapter.mlp_out(layer).in_features for layer in layers]
+    hidden = adapter.hidden_size(model)
+    per_layer = len(set(mlp)) > 1 or len(set(heads)) > 1 or len(set(kv_heads)) > 1
+    if len(head_dims) != 1:
+        raise GgufUnsupported(
+            f"{model_type}: head sizes differ between layers ({sorted(head_dims)}); GGUF has one"
+        )
+    head_dim = head_dims.pop()
+    common = dict(
+        family=adapter.family,
+        model_type=model_type,
+        per_layer=per_layer,
+        n_layers=len(layers),
+        hidden=hidden,
+        head_dim=head_dim,
+        mlp=mlp,
+        heads=heads,
+        kv_heads=kv_heads,
+    )
+
+    if adapter.family == "phi":
+        problems = []
+        if per_layer:
+            problems.append("widths that differ between layers (llama.cpp's phi2 sizes every layer alike)")
+        if any(h * head_dim != hidden for h in heads) or any(kv != h for kv, h in zip(kv_heads, heads)):
+            problems.append(
+                "removed attention heads or hidden channels (llama.cpp's phi2 needs q/k/v of hidden × hidden)"
+            )
+        if getattr(config, "qk_layernorm", False):
+            problems.append("q/k LayerNorms (qk_layernorm=True; llama.cpp's phi2 has none)")
+        if getattr(config, "tie_word_embeddings", False):
+            problems.append("a tied LM head (llama.cpp's phi2 reads output.weight and its bias)")
+        if problems:
+            raise GgufUnsupported(f"{name}: llama.cpp cannot express " + "; ".join(problems))
+        _check_rope(config, name, allow={"default"})
+        return GgufLayout(arch="phi2", permute_qk=False, **common)
+
+    rotary = (
+        getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
+    )
+    if rotary != 1.0:
+        raise GgufUnsupported(
+            f"{name}: partial rotary embedding ({rotary}); llama.cpp's llama rotates whole heads"
+        )
+    notes = []
+    window = getattr(config, "sliding_window", None)
+    if window and (model_type == "mistral" or getattr(config, "use_sliding_window", False)):
+        notes.append(
+            f"sliding window {window}: llama.cpp attends to the whole context, so context_length is capped "
+            "at the window, where both agree"
+        )
+    if model_type == "qwen3":
+        if per_layer:
+            raise GgufUnsupported(
+                f"{name}: widths that differ between layers; llama.cpp's variable-width Llama (deci) "
+                "has no q/k norms, and its qwen3 sizes every layer alike"
+            )
+        _check_rope(config, name, allow={"default", "linear"})
+        return GgufLayout(arch="qwen3", permute_qk=False, notes=notes, **common)
+    if per_layer:
+        _check_rope(config, name, allow={"default", "linear", "llama3"})
+        notes.append("per-layer widths: written as llama.cpp's variable-width Llama architecture 'deci'")
+        return GgufLayout(arch="deci", permute_qk=True, notes=notes, **common)
+    if model_type == "qwen2" and heads[0] * head_dim == hidden:
+        _check_rope(config, name, allow={"default", "linear"})
+        return GgufLayout(arch="qwen2", permute_qk=False, notes=notes, **common)
+    _check_rope(config, name, allow={"default", "linear", "llama3"})
+    return GgufLayout(arch="llama", permute_qk=True, notes=notes, **common)
+
+
+def _check_rope(config: Any, name: str, allow: set[str]) -> None:
+    kind = _rope(config)["rope_type"]
+    if kind not in allow:
+        raise GgufUnsupported(
+            f"{name}: rope scaling {kind!r} is not written by minigpts for this architecture "
+            f"(supported: {', '.join(sorted(allow))})"
+        )
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerFields:
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece-style)
+    pre: str | None  # tokenizer.ggml.pre (BPE only)
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    scores: list[float] | None
+    special: dict[str, int]  # bos, eos, unk, pad -> id
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool | None
+    chat_template: str | None
+
+
+# Pre-tokenizer regexes that transformers' GGUF loader rebuilds by name, in reverse; llama.cpp knows
+# these names too. The order of the split regex and byte-level step is the one transformers writes.
+def _known_split_regexes() -> dict[str, str]:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:  # older transformers
+        return {}
+    preferred = {"llama-bpe", "qwen2", "gpt-4o", "tekken", "dbrx", "smaug-bpe"}
+    out = {}
+    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+        if name in preferred and regex not in out:
+            out[regex] = name
+    return out
+
+
+# llama.cpp decides `ignore_merges` (a whole pre-token found in the vocabulary is one token, before any
+# merge) from the pre-tokenizer name; ours must agree.
+_IGNORE_MERGES = {"gpt-2": False, "smollm": False, "qwen2": False, "llama-bpe": True, "tekken": True}
+
+
+def _components(node: dict | None) -> list[dict]:
+    if not node:
+        return []
+    for key in ("pretokenizers", "decoders", "normalizers", "processors"):
+        if key in node:
+            return [c for child in node[key] for c in _components(child)]
+    return [node]
+
+
+def _byte_level_pre(spec: dict, where: str) -> str:
+    """llama.cpp's pre-tokenizer name for what this tokenizer.json's pre_tokenizer does, or an error."""
+    parts = _components(spec.get("pre_tokenizer"))
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        if parts[0].get("add_prefix_space"):
+            raise GgufUnsupported(
+                f"{where}: ByteLevel with add_prefix_space=True has no llama.cpp pre-tokenizer"
+            )
+        return "gpt-2"
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and parts[0].get("individual_digits")
+        and parts[1].get("use_regex", True)
+        and not parts[1].get("add_prefix_space")
+    ):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        split = parts[0]
+        pattern = (split.get("pattern") or {}).get("Regex")
+        if split.get("behavior") == "Isolated" and not split.get("invert") and pattern:
+            name = _known_split_regexes().get(pattern)
+            if name is not None:
+                return name
+    raise GgufUnsupported(
+        f"{where}: its pre-tokenizer ({json.dumps(spec.get('pre_tokenizer'))[:200]}) is none that llama.cpp "
+        "names (gpt-2, smollm, llama-bpe, qwen2, ...), so llama.cpp would split text differently"
+    )
+
+
+def _added_ids(tokenizer, spec: dict) -> tuple[set[int], set[int]]:
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    plain = {t["id"] for t in spec.get("added_tokens", []) if not t.get("special")}
+    special |= set(tokenizer.all_special_ids)
+    return special, plain - special
+
+
+def _added_specials(tokenizer) -> tuple[bool, bool]:
+    """(adds BOS, adds EOS) when encoding with add_special_tokens=True."""
+    probe = "a b"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    if full == plain:
+        return False, False
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bool(full) and full[0] == bos and full[1 : 1 + len(plain)] == plain
+    rest = full[1:] if add_bos else full
+    add_eos = bool(rest) and rest[-1] == eos and rest[:-1] == plain
+    if (add_bos or add_eos) and (int(add_bos) + len(plain) + int(add_eos)) == len(full):
+        return add_bos, add_eos
+    raise GgufUnsupported(
+        "tokenizer: its post-processor adds tokens other than a leading BOS / trailing EOS "
+        f"({full} for {plain}); llama.cpp cannot add those"
+    )
+
+
+def _merges(model_spec: dict) -> list[str]:
+    merges = []
+    for merge in model_spec.get("merges", []):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        if " " in left or " " in right:
+            raise GgufUnsupported(
+                f"tokenizer: merge {merge!r} holds a space, which GGUF's 'a b' merges cannot"
+            )
+        merges.append(f"{left} {right}")
+    return merges
+
+
+def tokenizer_fields(tokenizer, n_vocab: int) -> TokenizerFields:
+    """llama.cpp's tokenizer.* metadata for a fast (tokenizer.json) BPE tokenizer; rows past it are UNUSED."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GgufUnsupported(
+            f"tokenizer {type(tokenizer).__name__}: only fast (tokenizer.json) tokenizers export"
+        )
+    spec = json.loads(backend.to_str())
+    model_spec = spec["model"]
+    where = f"tokenizer ({model_spec.get('type')})"
+    if model_spec.get("type") != "BPE":
+        raise GgufUnsupported(f"{where}: only BPE vocabularies are written (Unigram/WordPiece are not)")
+    if (
+        model_spec.get("dropout")
+        or model_spec.get("continuing_subword_prefix")
+        or model_spec.get("end_of_word_suffix")
+    ):
+        raise GgufUnsupported(f"{where}: dropout / subword prefixes / suffixes have no llama.cpp equivalent")
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
+        raise GgufUnsupported(f"{where}: {len(vocab)} tokens but the model has only {n_vocab} embedding rows")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for token, index in vocab.items():
+        tokens[index] = token
+        types[index] = gguf.TokenType.NORMAL
+    special_ids, plain_added = _added_ids(tokenizer, spec)
+    for index in special_ids:
+        if index < n_vocab:
+            types[index] = gguf.TokenType.CONTROL
+    for index in plain_added:
+        types[index] = gguf.TokenType.USER_DEFINED
+    add_bos, add_eos = _added_specials(tokenizer)
+    special = {}
+    for key in ("bos", "eos", "unk", "pad"):
+        value = getattr(tokenizer, f"{key}_token_id", None)
+        if value is not None:
+            special[key] = int(value)
+    if "bos" not in special and "eos" in special:
+        special["bos"] = special["eos"]  # GPT-2's convention; llama.cpp would otherwise default to id 11
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        template = None
+    merges = _merges(model_spec)
+
+    decoders = [d.get("type") for d in _components(spec.get("decoder"))]
+    normalizer = _components(spec.get("normalizer"))
+    if "ByteLevel" in decoders:
+        if normalizer:
+            raise GgufUnsupported(
+                f"{where}: a normalizer ({normalizer[0].get('type')}) before byte-level BPE"
+            )
+        if model_spec.get("byte_fallback"):
+            raise GgufUnsupported(f"{where}: byte-level BPE with byte_fallback")
+        pre = _byte_level_pre(spec, where)
+        ignore = bool(model_spec.get("ignore_merges"))
+        if _IGNORE_MERGES.get(pre, False) != ignore:
+            raise GgufUnsupported(
+                f"{where}: ignore_merges={ignore} but llama.cpp's pre-tokenizer {pre!r} uses "
+                f"{_IGNORE_MERGES.get(pre, False)}"
+            )
+        return TokenizerFields(
+            model="gpt2",
+            pre=pre,
+            tokens=tokens,
+            token_types=[int(t) for t in types],
+            merges=merges,
+            scores=None,
+            special=special,
+            add_bos=add_bos,
+            add_eos=add_eos,
+            add_space_prefix=None,
+            chat_template=template,
+        )
+    return _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos, template, where)
+
+
+def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos, template, where):
+    """SentencePiece-style BPE (▁ for spaces, <0xNN> byte fallback) as llama.cpp's 'llama' tokenizer.
+
+    llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose joined token has the highest
+    score; our BPE merges the pair of lowest merge rank. Scoring each token by minus the rank of the
+    first merge that makes it (pieces no merge makes: below every merged token) replays our order.
+    """
+    import gguf
+
+    model_spec = spec["model"]
+    normalizers = [n.get("type") for n in _components(spec.get("normalizer"))]
+    pre = [p.get("type") for p in _components(spec.get("pre_tokenizer"))]
+    prepends = normalizers == ["Prepend", "Replace"] and not pre
+    metaspace = not normalizers and pre == ["Metaspace"]
+    if not model_spec.get("byte_fallback") or not (prepends or metaspace):
+        raise GgufUnsupported(
+            f"{where}: neither byte-level BPE nor SentencePiece-style BPE with byte fallback "
+            f"(normalizer {normalizers}, pre-tokenizer {pre})"
+        )
+    if metaspace:
+        meta = _components(spec.get("pre_tokenizer"))[0]
+        if meta.get("prepend_scheme", "always") != "first" and meta.get("split", False):
+            raise GgufUnsupported(f"{where}: a Metaspace that splits on spaces has no llama.cpp equivalent")
+    rank = {}
+    for index, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        rank.setdefault(left + right, index)
+    n_merges = len(merges)
+    scores = []
+    for index, token in enumerate(tokens):
+        if token in rank:
+            scores.append(-float(rank[token]))
+        else:
+            scores.append(-float(n_merges + index))
+        if (
+            types[index] == gguf.TokenType.NORMAL
+            and len(token) == 6
+            and token.startswith("<0x")
+            and token.endswith(">")
+        ):
+            types[index] = gguf.TokenType.BYTE
+    unk = special.get("unk")
+    if unk is not None and types[unk] in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL):
+        types[unk] = gguf.TokenType.UNKNOWN
+    return TokenizerFields(
+        model="llama",
+        pre=None,
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        merges=merges,
+        scores=scores,
+        special=special,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        add_space_prefix=True,
+        chat_template=template,
+    )
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+
+def _rotate_half_to_pairs(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection (or bias) reordered per head: [x0..x_{d/2-1}, y0..] -> [x0, y0, x1, y1, ...]."""
+    head_dim = weight.shape[0] // n_heads
+    rest = weight.shape[1:]
+    return weight.reshape(n_heads, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(weight.shape).copy()
+
+
+def _tensor_name(kind: str, layer: int | None = None, suffix: str = "weight") -> str:
+    import gguf
+
+    tensor = getattr(gguf.MODEL_TENSOR, kind)
+    base = gguf.TENSOR_NAMES[tensor]
+    return (base.format(bid=layer) if layer is not None else base) + f".{suffix}"
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in transformers' [out, in] order) for every weight the architecture reads."""
+    adapter = get_adapter(model)
+    out: list[tuple[str, np.ndarray]] = []
+
+    def add(name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:
+            out.append((name, _numpy(tensor)))
+
+    def linear(kind: str, index: int, module: nn.Linear, heads: int | None = None) -> None:
+        weight = _numpy(module.weight)
+        bias = _numpy(module.bias) if getattr(module, "bias", None) is not None else None
+        if heads is not None and layout.permute_qk:
+            weight = _rotate_half_to_pairs(weight, heads)
+            bias = _rotate_half_to_pairs(bias, heads) if bias is not None else None
+        out.append((_tensor_name(kind, index), weight))
+        if bias is not None:
+            out.append((_tensor_name(kind, index, "bias"), bias))
+
+    def norm(kind: str, index: int | None, module: nn.Module) -> None:
+        add(_tensor_name(kind, index), module.weight)
+        if getattr(module, "bias", None) is not None:
+            add(_tensor_name(kind, index, "bias"), module.bias)
+
+    embedding = adapter.embedding(model)
+    head = model.get_output_embeddings()
+    add(_tensor_name("TOKEN_EMBD"), embedding.weight)
+    for index, layer in enumerate(adapter.layers(model)):
+        n_heads, n_kv, _ = adapter.head_layout(layer)
+        q, k, v = adapter.attn_in(layer)
+        linear("ATTN_Q", index, q, n_heads)
+        linear("ATTN_K", index, k, n_kv)
+        linear("ATTN_V", index, v)
+        linear("ATTN_OUT", index, adapter.attn_out(layer))
+        if layout.family == "phi":
+            norm("ATTN_NORM", index, layer.input_layernorm)
+            linear("FFN_UP", index, layer.mlp.fc1)
+            linear("FFN_DOWN", index, layer.mlp.fc2)
+            continue
+        norm("ATTN_NORM", index, layer.input_layernorm)
+        norm("FFN_NORM", index, layer.post_attention_layernorm)
+        attention = adapter.attention(layer)
+        if getattr(attention, "q_norm", None) is not None:
+            norm("ATTN_Q_NORM", index, attention.q_norm)
+            norm("ATTN_K_NORM", index, attention.k_norm)
+        gate, up = adapter.mlp_in(layer)
+        linear("FFN_GATE", index, gate)
+        linear("FFN_UP", index, up)
+        linear("FFN_DOWN", index, adapter.mlp_out(layer))
+    norm("OUTPUT_NORM", None, adapter.final_norm(model))
+    if head is not None and head.weight is not embedding.weight:
+        add(_tensor_name("OUTPUT"), head.weight)
+        if getattr(head, "bias", None) is not None:
+            add(_tensor_name("OUTPUT", None, "bias"), head.bias)
+    if layout.arch in {"llama", "deci"} and _rope(model.config)["rope_type"] == "llama3":
+        out.append((_tensor_name("ROPE_FREQS"), _llama3_rope_factors(model.config)))
+    return out
+
+
+def _llama3_rope_factors(config: Any) -> np.ndarray:
+    """llama.cpp divides each rotary frequency by its factor: default frequencies / llama3's."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = _rope(config)["rope_theta"]
+    plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return (plain / scaled.to(torch.float64)).to(torch.float32).numpy()
+
+
+def _encode(name: str, data: np.ndarray, outtype: str):
+    """(array, raw GGML type or None) for one tensor: 1-D stays f32; q8_0 rows not in blocks of 32 fall back to f16."""
+    import gguf
+    from gguf.quants import quantize
+
+    kinds = gguf.GGMLQuantizationType
+    if data.ndim < 2 or outtype == "f32" or name.endswith("rope_freqs.weight"):
+        return data.astype(np.float32), None
+    if outtype == "f16":
+        return data.astype(np.float16), None
+    if outtype == "bf16":
+        return quantize(data, kinds.BF16), kinds.BF16
+    block = gguf.GGML_QUANT_SIZES[kinds.Q8_0][0]
+    if data.shape[-1] % block:
+        return data.astype(np.float16), None
+    return quantize(data, kinds.Q8_0), kinds.Q8_0
+
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+# --- writer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GgufExport:
+    path: Path
+    arch: str
+    outtype: str
+    per_layer: bool
+    size_bytes: int
+    n_tensors: int
+    tensor_types: dict[str, int]  # GGML type name -> count
+    tokenizer_pre: str | None
+    notes: list[str]
+
+
+def export_gguf(
+    model: nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    outtype: str = "f32",
+    name: str | None = None,
+    force: bool = False,
+) -> GgufExport:
+    """Write `model` + `tokenizer` as one GGUF file at `path` (written beside it, renamed at the end)."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--gguf {path} is a directory: give a file name ending in .gguf")
+    if path.exists() and not force:
+        raise UserError(f"--gguf {path} exists: pass --force to replace it or pick another file")
+    if tokenizer is None:
+        raise UserError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    layout = gguf_layout(model)
+    config = model.config
+    n_vocab = get_adapter(model).embedding(model).weight.shape[0]
+    fields = tokenizer_fields(tokenizer, n_vocab)
+    tensors = gguf_tensors(model, layout)
+    rope = _rope(config)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    writer = gguf.GGUFWriter(staging, layout.arch)
+    counts: dict[str, int] = {}
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or str(getattr(config, "name_or_path", "") or layout.model_type))
+        writer.add_description(
+            f"exported by minigpts from a {layout.model_type} model ({layout.arch} in llama.cpp)"
+        )
+        writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
+        if outtype in {"q8_0"}:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        window = getattr(config, "sliding_window", None)
+        if layout.notes and window and any("sliding window" in n for n in layout.notes):
+            context = min(context, int(window))
+        writer.add_context_length(context)
+        writer.add_embedding_length(layout.hidden)
+        writer.add_block_count(layout.n_layers)
+        if layout.per_layer:
+            writer.add_feed_forward_length([int(w) for w in layout.mlp])
+            writer.add_head_count([int(h) for h in layout.heads])
+            writer.add_head_count_kv([int(h) for h in layout.kv_heads])
+        else:
+            writer.add_feed_forward_length(int(layout.mlp[0]))
+            writer.add_head_count(int(layout.heads[0]))
+            writer.add_head_count_kv(int(layout.kv_heads[0]))
+        writer.add_key_length(layout.head_dim)
+        writer.add_value_length(layout.head_dim)
+        writer.add_vocab_size(n_vocab)
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        if layout.family == "phi":
+            rotary = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
+            writer.add_rope_dimension_count(int(layout.head_dim * rotary))
+            writer.add_layer_norm_eps(float(config.layer_norm_eps))
+        else:
+            writer.add_rope_dimension_count(layout.head_dim)
+            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        _write_tokenizer(writer, fields)
+        for tensor_name, data in tensors:
+            encoded, raw = _encode(tensor_name, data, outtype)
+            writer.add_tensor(tensor_name, encoded, raw_dtype=raw)
+            kind = raw.name if raw is not None else ("F16" if encoded.dtype == np.float16 else "F32")
+            counts[kind] = counts.get(kind, 0) + 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        staging.chmod(0o666 & ~mask)
+        staging.replace(path)
+    finally:
+        writer.close()
+        staging.unlink(missing_ok=True)
+    return GgufExport(
+        path=path,
+        arch=layout.arch,
+        outtype=outtype,
+        per_layer=layout.per_layer,
+        size_bytes=path.stat().st_size,
+        n_tensors=len(tensors),
+        tensor_types=counts,
+        tokenizer_pre=fields.pre,
+        notes=layout.notes,
+    )
+
+
+def _write_tokenizer(writer, fields: TokenizerFields) -> None:
+    writer.add_tokenizer_model(fields.model)
+    if fields.pre is not None:
+        writer.add_tokenizer_pre(fields.pre)
+    writer.add_token_list(fields.tokens)
+    writer.add_token_types(fields.token_types)
+    if fields.scores is not None:
+        writer.add_token_scores(fields.scores)
+    if fields.merges:
+        writer.add_token_merges(fields.merges)
+    setters = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
+    for key, token_id in fields.special.items():
+        setters[key](token_id)
+    writer.add_add_bos_token(fields.add_bos)
+    writer.add_add_eos_token(fields.add_eos)
+    if fields.add_space_prefix is not None:
+        writer.add_add_space_prefix(fields.add_space_prefix)
+    if fields.chat_template:
+        writer.add_chat_template(fields.chat_template)
+
+
+# --- reading back (a check that does not trust our own reader) --------------------------------
+
+
+def load_gguf_with_transformers(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from transformers' own GGUF loader: `from_pretrained(dir, gguf_file=name)`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+def weight_bytes_per_token(path: str | Path) -> dict[str, int]:
+    """Bytes of weights one decode step reads from a GGUF file: every tensor once, except that of the
+    token embedding only one row is gathered — unless it is also the (tied) LM head, read whole."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    sizes = {tensor.name: int(tensor.n_bytes) for tensor in reader.tensors}
+    rows = {tensor.name: int(tensor.shape[-1]) for tensor in reader.tensors}
+    embedding = sizes.get("token_embd.weight", 0)
+    tied = "output.weight" not in sizes
+    total = sum(sizes.values()) - embedding
+    total += embedding if tied else embedding // max(rows.get("token_embd.weight", 1), 1)
+    return {"total": total, "embedding": embedding, "tied": int(tied)}

@@ -1,0 +1,398 @@
+"""Closed-form reconstruction after pruning, and the output error that makes layers comparable.
+
+Removing MLP channels (or attention heads) of a layer changes what its output projection W (h × d)
+writes into the residual stream. With the second moments of the projection's input over the
+calibration tokens, C = E[a aᵀ], the weights on the kept inputs K that minimise E‖W a − W' a_K‖² are
+
+    W' = W C[:, K] (C[K, K] + λI)⁻¹        (ridge λ = ``ridge`` × mean of diag C[K, K])
+
+and the output error that remains, tr(W (C − C[:, K] C[K, K]⁻¹ C[K, :]) Wᵀ), is the cost of keeping K:
+measured in the residual stream, so it compares MLP channels with heads and layer i with layer j
+(raw activation magnitudes do not). Where the projection has a bias, the refit works on the
+covariance and the bias absorbs the removed inputs' mean: b' = b + W μ − W' μ_K (FLAP's bias
+compensation, made exact for the kept inputs). Llama-family projections have no bias; carrying one
+(``mlp_bias``) bought < 0.3 % bits/byte over the refit alone (issue #13's measurement), less than it
+costs in compatibility, so it is not done.
+
+Not reconstructed: hidden (residual) channels — every layer reads and writes them, there is no
+single projection to refit — and the vocabulary, whose rows are independent.
+
+``error_curve`` gives the error of every legal width at once (``minigpts.allocation`` uses it): with the inputs ordered by the
+criterion (best first) and L the Cholesky factor of the reordered C + λI, keeping the first k inputs
+leaves Σ_{j ≥ k} ‖(W L)[:, j]‖² — one factorisation per layer instead of one solve per width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from minigpts.errors import UserError
+
+DEFAULT_RIDGE = 1e-2
+RECONSTRUCT_METHODS = ("none", "lstsq")
+
+
+def _ridge(diagonal: torch.Tensor, ridge: float) -> float:
+    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
+    return ridge * scale if scale > 0 else 1e-12
+
+
+def _centred(gram: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """The covariance when a bias can absorb the mean, else the raw second moments."""
+    return gram if mean is None else gram - torch.outer(mean, mean)
+
+
+def refit(
+    weight: torch.Tensor,
+    keep: Sequence[int],
+    gram: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W' [h, k], bias change [h] or None): the least-squares weights on the kept inputs.
+
+    ``mean`` is given when the projection has a bias: the fit is then on the covariance and the
+    returned change, W μ − W' μ_K, is to be added to the bias.
+    """
+    keep_t = torch.as_tensor(list(keep), dtype=torch.long)
+    w = weight.detach().to("cpu", torch.float64)
+    c = _centred(gram.to(torch.float64), None if mean is None else mean.to(torch.float64))
+    c_k = c[:, keep_t]
+    a = c_k[keep_t].clone()
+    a.diagonal().add_(_ridge(a.diagonal(), ridge))
+    b = w @ c_k  # [h, k]
+    new = torch.linalg.solve(a, b.T).T  # A is symmetric: W' = B A⁻¹
+    bias = None
+    if mean is not None:
+        mu = mean.to(torch.float64)
+        bias = w @ mu - new @ mu[keep_t]
+    return new, bias
+
+
+def output_error(
+    weight: torch.Tensor,
+    keep: Sequence[int],
+    gram: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+) -> float:
+    """E‖W a − W' a_K‖² (mean over tokens, summed over outputs) after the refit on ``keep``."""
+    w = weight.detach().to("cpu", torch.float64)
+    c = _centred(gram.to(torch.float64), None if mean is None else mean.to(torch.float64))
+    if len(keep) == c.shape[0]:
+        return 0.0
+    new, _ = refit(w, keep, gram, mean, ridge=ridge)
+    keep_t = torch.as_tensor(list(keep), dtype=torch.long)
+    # E‖(W − W' S) a‖² with S selecting K: tr(D C Dᵀ), D = W − W' S
+    d = w.clone()
+    d[:, keep_t] -= new
+    return max(float(torch.einsum("ij,jk,ik->", d, c, d)), 0.0)
+
+
+def error_curve(
+    weight: torch.Tensor,
+    order: torch.Tensor,
+    gram: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+) -> torch.Tensor:
+    """[d + 1] output error of keeping the first k inputs of ``order`` (k = 0..d), refit included.
+
+    Exact for ``ridge=0`` (and a positive-definite C); with a ridge, the error of the ridge problem.
+    """
+    w = weight.detach().to("cpu", torch.float64)
+    c = _centred(gram.to(torch.float64), None if mean is None else mean.to(torch.float64))
+    c = c[order][:, order].clone()
+    c.diagonal().add_(_ridge(c.diagonal(), ridge) if ridge > 0 else 0.0)
+    factor, info = torch.linalg.cholesky_ex(c)
+    if int(info) != 0:  # singular (dead inputs): a tiny jitter keeps the factorisation defined
+        c.diagonal().add_(1e-10 * max(float(c.diagonal().mean()), 1e-30))
+        factor = torch.linalg.cholesky(c)
+    energy = (w[:, order] @ factor).pow(2).sum(0)  # what input j adds once the earlier ones are kept
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])
+    return torch.cat([tail, torch.zeros(1, dtype=torch.float64)])
+
+
+# --- applying a plan ------------------------------------------------------------------------------
+
+
+def _head_channels(heads: Sequence[int], head_dim: int) -> list[int]:
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def _write_refit(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
+    """Overwrite the kept input columns (and the bias) with their refit; surgery then slices."""
+    use_mean = mean if linear.bias is not None else None
+    new, bias = refit(linear.weight, keep, gram, use_mean, ridge=ridge)
+    keep_t = torch.as_tensor(keep, dtype=torch.long, device=linear.weight.device)
+    with torch.no_grad():
+        linear.weight[:, keep_t] = new.to(linear.weight.device, linear.weight.dtype)
+        if bias is not None:
+            linear.bias += bias.to(linear.bias.device, linear.bias.dtype)
+
+
+def reconstruct(model: nn.Module, plan, stats, *, ridge: float = DEFAULT_RIDGE) -> dict[str, int]:
+    """Refit the output projections of every pruned MLP and attention block, before surgery slices them.
+
+    ``plan`` indexes the model as it is now (the model the statistics were measured on). Returns how
+    many projections were refit per kind.
+    """
+    from minigpts.arch import get_adapter
+
+    if not stats.has_moments:
+        raise UserError(
+            "--reconstruct lstsq needs second moments: re-run `minigpts analyze` with --moments "
+            "(the default) or pass --reconstruct none"
+        )
+    stats.check_model(model)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    kept_layers = set(range(len(layers)) if plan.layers_keep is None else plan.layers_keep)
+    done = {"mlp": 0, "attention": 0}
+    for i, (layer, layer_plan) in enumerate(zip(layers, plan.layers, strict=True)):
+        if i not in kept_layers:
+            continue
+        down = adapter.mlp_out(layer)
+        if len(layer_plan.mlp_keep) < down.in_features:
+            _write_refit(down, list(layer_plan.mlp_keep), stats.mlp_gram[i], stats.mlp_mean[i], ridge)
+            done["mlp"] += 1
+        n_heads, _, head_dim = adapter.head_layout(layer)
+        if len(layer_plan.heads_keep) < n_heads:
+            channels = _head_channels(layer_plan.heads_keep, head_dim)
+            _write_refit(adapter.attn_out(layer), channels, stats.attn_gram[i], stats.attn_mean[i], ridge)
+            done["attention"] += 1
+    return done
+
+
+# --- sequential calibration -----------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs from a forward pass."""
+
+
+def _layer_inputs(model: nn.Module, adapter, batches: list[torch.Tensor]) -> tuple[list, list[list[dict]]]:
+    """(hidden states entering layer 0, per batch; the keyword arguments of every layer, per batch).
+
+    Layers of one attention type receive the same arguments (masks, rotary tables), so one forward
+    that stops at the first layer suffices unless the layers mix types (e.g. sliding windows).
+    """
+    layers = adapter.layers(model)
+    types = getattr(model.config, "layer_types", None) or ["all"] * len(layers)
+    stop_at = 0 if len(set(types)) == 1 else len(layers) - 1
+    hidden, kwargs = [], []
+    for batch in batches:
+        seen: dict[int, dict] = {}
+
+        def capture(index, seen=seen):
+            def hook(module, args, kw):
+                if index == 0:
+                    hidden.append(args[0] if args else kw["hidden_states"])
+                seen[index] = {k: v for k, v in kw.items() if k != "hidden_states"}
+                if index == stop_at:
+                    raise _StopForward
+
+            return hook
+
+        handles = [
+            layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+        try:
+            adapter.body(model)(input_ids=batch, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        kwargs.append([seen[i] if stop_at else seen[0] for i in range(len(layers))])
+    return hidden, kwargs
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _collect(layer, module: nn.Linear, hidden: list, kwargs: list, layer_index: int):
+    """First- and second-order statistics of ``module``'s input over every batch through ``layer``."""
+    from minigpts.analysis import _ChannelSums, _Moments, _Scratch
+
+    width = module.in_features
+    device = module.weight.device
+    sums, moments = _ChannelSums((width,), device, _Scratch()), _Moments(width, device)
+
+    def record(module, args):
+        sums.add(args[0])
+        moments.add(args[0])
+
+    handle = module.register_forward_pre_hook(record)
+    n = 0
+    try:
+        for h, kw in zip(hidden, kwargs, strict=True):
+            _run_layer(layer, h, kw[layer_index])
+            n += h.shape[0] * h.shape[1]
+    finally:
+        handle.remove()
+    return sums.abs_sum.cpu() / n, sums.square_sum.cpu() / n, moments.gram.cpu() / n, moments.sum.cpu() / n
+
+
+def sequential_reconstruct(
+    model: nn.Module,
+    plan,
+    stats,
+    windows: torch.LongTensor,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Layer by layer, re-measure, re-select and refit on the outputs of the layers already pruned.
+
+    As SparseGPT and Wanda calibrate: layer i's statistics are gathered on what the pruned and refit
+    layers < i produce, so errors do not compound. The widths stay those of ``plan`` (chosen from the
+    one-shot ``stats``); the kept units of every layer are re-chosen by the plan's criterion on the
+    new statistics (random and hand-made plans keep theirs) and written back into ``plan``. Removed
+    units' output columns are zeroed, so the layer computes what the sliced layer will; surgery
+    (``apply_plan``) then slices. Memory: the hidden states of the calibration windows, one layer's
+    second moments at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from minigpts.arch import get_adapter
+    from minigpts.plan import _select_heads, _top, unit_scores
+
+    stats.check_model(model)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    device = next(model.parameters()).device
+    reselect = plan.criterion not in ("random", "none")
+    kept_layers = set(range(len(layers)) if plan.layers_keep is None else plan.layers_keep)
+    live = copy_stats(stats)  # the one-shot statistics, layer i replaced by its sequential ones as we go
+    batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+    done = {"mlp": 0, "attention": 0}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(layers), unit="layer", desc="sequential refit", disable=not progress)
+    try:
+        with torch.inference_mode():
+            hidden, kwargs = _layer_inputs(model, adapter, batches)
+        for i, (layer, layer_plan) in enumerate(zip(layers, plan.layers, strict=True)):
+            n_heads, n_kv, head_dim = adapter.head_layout(layer)
+            if i in kept_layers and len(layer_plan.heads_keep) < n_heads:
+                with torch.inference_mode():
+                    l1, l2sq, gram, mean = _collect(layer, adapter.attn_out(layer), hidden, kwargs, i)
+                live.attn_dim_l1[i], live.attn_dim_l2sq[i], live.attn_gram[i], live.attn_mean[i] = (
+                    l1,
+                    l2sq,
+                    gram,
+                    mean,
+                )
+                if reselect:
+                    kv, per_kv = (
+                        len(layer_plan.kv_heads_keep),
+                        len(layer_plan.heads_keep) // len(layer_plan.kv_heads_keep),
+                    )
+                    scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).heads[i]
+                    layer_plan.heads_keep, layer_plan.kv_heads_keep, _ = _select_heads(
+                        scores, n_kv, kv, per_kv
+                    )
+                channels = _head_channels(layer_plan.heads_keep, head_dim)
+                _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
+                done["attention"] += 1
+            down = adapter.mlp_out(layer)
+            if i in kept_layers and len(layer_plan.mlp_keep) < down.in_features:
+                with torch.inference_mode():
+                    l1, l2sq, gram, mean = _collect(layer, down, hidden, kwargs, i)
+                live.mlp_l1[i], live.mlp_l2sq[i], live.mlp_gram[i], live.mlp_mean[i] = l1, l2sq, gram, mean
+                if reselect:
+                    scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).mlp[i]
+                    layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
+                _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, ridge)
+                done["mlp"] += 1
+            if i in kept_layers:
+                with torch.inference_mode():
+                    hidden = [_run_layer(layer, h, kw[i]) for h, kw in zip(hidden, kwargs, strict=True)]
+            bar.update(1)
+    finally:
+        model.train(was_training)
+        bar.close()
+    return done
+
+
+def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
+    """Refit the kept input columns and zero the others: the layer now computes its pruned self."""
+    _write_refit(linear, keep, gram, mean, ridge)
+    removed = sorted(set(range(linear.in_features)) - set(keep))
+    with torch.no_grad():
+        linear.weight[:, torch.as_tensor(removed, dtype=torch.long, device=linear.weight.device)] = 0
+
+
+def copy_stats(stats):
+    """A copy whose per-layer lists can be replaced without touching ``stats``."""
+    import dataclasses
+
+    fields = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    return type(stats)(**{k: list(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+# --- refit-aware selection ------------------------------------------------------------------------
+
+
+def elimination_order(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    *,
+    group: int = 1,
+    block: int = 1,
+    row_weights: torch.Tensor | None = None,
+    ridge: float = DEFAULT_RIDGE,
+) -> torch.Tensor:
+    """[d / group] rank of every input group in a greedy elimination that refits after each removal.
+
+    Optimal Brain Surgeon for structured units (as ZipLM and SlimGPT prune): with H = C + λI and the
+    current refit W', removing the columns S costs Σ_r f_r · W'[r, S] (H⁻¹[S, S])⁻¹ W'[r, S]ᵀ (f = the
+    rows' weights, e.g. the Fisher of the output channels), and the remaining columns absorb it:
+    W' ← W' − W'[:, S] (H⁻¹[S, S])⁻¹ H⁻¹[S, :], H⁻¹ ← H⁻¹ − H⁻¹[:, S] (H⁻¹[S, S])⁻¹ H⁻¹[S, :]. Each
+    step removes the ``block`` cheapest groups (of ``group`` contiguous columns, e.g. a head); the
+    returned rank is higher for groups eliminated later (keep those), so the best k groups by rank
+    are the set the greedy keeps at width k.
+    """
+    w = weight.detach().to("cpu", torch.float64).clone()
+    h = _centred(gram.to(torch.float64), None if mean is None else mean.to(torch.float64)).clone()
+    h.diagonal().add_(_ridge(h.diagonal(), ridge))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    f = torch.ones(w.shape[0], dtype=torch.float64) if row_weights is None else row_weights.to(torch.float64)
+    root = f.clamp_min(0).sqrt()[:, None]
+    n_groups = w.shape[1] // group
+    columns = torch.arange(w.shape[1]).view(n_groups, group)
+    alive = torch.ones(n_groups, dtype=torch.bool)
+    rank = torch.zeros(n_groups, dtype=torch.float64)
+    removed = 0
+    while removed < n_groups - 1:
+        if group == 1:
+            cost = (root * w).pow(2).sum(0) / inverse.diagonal().clamp_min(1e-300)
+        else:
+            cost = torch.full((n_groups,), float("inf"), dtype=torch.float64)
+            for g in torch.nonzero(alive).flatten().tolist():
+                cols = columns[g]
+                scaled = (root * w[:, cols]).T
+                cost[g] = float((scaled * torch.linalg.solve(inverse[cols][:, cols], scaled)).sum())
+        cost[~alive] = float("inf")
+        take = torch.argsort(cost, stable=True)[: min(block, n_groups - 1 - removed)]
+        cols = columns[take].flatten()
+        rows = torch.linalg.solve(inverse[cols][:, cols], inverse[cols, :])  # (H⁻¹[S, S])⁻¹ H⁻¹[S, :]
+        w -= w[:, cols] @ rows
+        inverse -= inverse[:, cols] @ rows
+        w[:, cols] = 0
+        alive[take] = False
+        rank[take] = torch.arange(removed, removed + len(take), dtype=torch.float64)
+        removed += len(take)
+    rank[alive] = n_groups - 1
+    return rank

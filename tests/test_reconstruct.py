@@ -1,0 +1,415 @@
+"""Closed-form reconstruction and the error allocation: exact against direct computations."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from minigpts.allocation import Component, allocate
+from minigpts.analysis import ActivationStats, analyze
+from minigpts.arch import get_adapter
+from minigpts.errors import UserError
+from minigpts.plan import make_plan
+from minigpts.reconstruct import (
+    elimination_order,
+    error_curve,
+    output_error,
+    reconstruct,
+    refit,
+    sequential_reconstruct,
+)
+from minigpts.surgery import apply_plan
+
+VOCAB = 300
+
+
+def correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Activations with correlated channels and a non-zero mean (what refits exploit)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing + 0.5
+
+
+def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.T @ x / x.shape[0], x.mean(0)
+
+
+def test_refit_is_the_least_squares_solution():
+    x = correlated(400, 12)
+    w = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    keep = [0, 2, 3, 7, 8, 11]
+    gram, _ = moments(x)
+    new, bias = refit(w, keep, gram, ridge=0.0)
+    assert bias is None
+    expected = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
+    torch.testing.assert_close(new, expected, rtol=1e-8, atol=1e-10)
+    # the error it predicts is the error on the data
+    empirical = float(((x @ w.T - x[:, keep] @ new.T) ** 2).sum(1).mean())
+    assert output_error(w, keep, gram, ridge=0.0) == pytest.approx(empirical, rel=1e-8)
+    # and it beats plain slicing
+    sliced = float(((x @ w.T - x[:, keep] @ w[:, keep].T) ** 2).sum(1).mean())
+    assert empirical < sliced
+
+
+def test_refit_with_a_bias_is_least_squares_with_an_intercept():
+    x = correlated(400, 10, seed=3)
+    w = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    keep = [1, 4, 5, 9]
+    gram, mean = moments(x)
+    new, bias = refit(w, keep, gram, mean, ridge=0.0)
+    design = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, x @ w.T).solution.T
+    torch.testing.assert_close(new, solution[:, :-1], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(bias, solution[:, -1], rtol=1e-8, atol=1e-10)
+    empirical = float(((x @ w.T - x[:, keep] @ new.T - bias) ** 2).sum(1).mean())
+    assert output_error(w, keep, gram, mean, ridge=0.0) == pytest.approx(empirical, rel=1e-8)
+
+
+@pytest.mark.parametrize("use_mean", [False, True])
+def test_error_curve_equals_the_error_of_every_prefix(use_mean):
+    x = correlated(300, 9, seed=4)
+    w = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    gram, mean = moments(x)
+    mean = mean if use_mean else None
+    order = torch.tensor([4, 0, 8, 2, 6, 1, 3, 7, 5])
+    curve = error_curve(w, order, gram, mean, ridge=0.0)
+    assert curve.shape == (10,)
+    for k in range(10):
+        expected = output_error(w, order[:k].tolist(), gram, mean, ridge=0.0) if k else None
+        if k == 0:  # nothing kept: everything the projection wrote is lost
+            c = gram if mean is None else gram - torch.outer(mean, mean)
+            expected = float(torch.trace(w @ c @ w.T))
+        assert float(curve[k]) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+    assert torch.all(curve[:-1] >= curve[1:] - 1e-9)  # keeping more never costs more
+
+
+def test_ridge_keeps_dead_inputs_solvable():
+    x = correlated(200, 6)
+    x[:, 2] = 0.0  # a channel the domain never uses: C is singular
+    w = torch.randn(3, 6, dtype=torch.float64)
+    gram, _ = moments(x)
+    new, _ = refit(w, [0, 1, 2, 3], gram)
+    assert torch.isfinite(new).all()
+    curve = error_curve(w, torch.arange(6), gram)
+    assert torch.isfinite(curve).all()
+
+
+# --- on a model -------------------------------------------------------------------------------------
+
+
+def windows(n=6, seq_len=16, seed=1):
+    return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny(seed=0):
+    return make_tiny_llama(VOCAB, seed=seed, intermediate_size=64, num_hidden_layers=3).double()
+
+
+def test_moments_equal_an_independent_computation():
+    model = tiny()
+    ids = windows()
+    captured = {"mlp": [], "attn": []}
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[1]
+    hooks = [
+        adapter.mlp_out(layer).register_forward_pre_hook(lambda m, a: captured["mlp"].append(a[0])),
+        adapter.attn_out(layer).register_forward_pre_hook(lambda m, a: captured["attn"].append(a[0])),
+    ]
+    with torch.no_grad():
+        model.model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    stats = analyze(model, ids, batch_size=4, progress=False, moments=True, fisher_tokens=64)
+    for name, gram, mean in (
+        ("mlp", stats.mlp_gram[1], stats.mlp_mean[1]),
+        ("attn", stats.attn_gram[1], stats.attn_mean[1]),
+    ):
+        x = torch.cat(captured[name]).reshape(-1, gram.shape[0])
+        torch.testing.assert_close(gram, x.T @ x / len(x), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(mean, x.mean(0), rtol=1e-6, atol=1e-9)
+
+
+def test_fisher_equals_autograd_on_each_window():
+    model = tiny()
+    ids = windows(3)
+    stats = analyze(model, ids, progress=False, moments=True, fisher_tokens=48)
+    adapter = get_adapter(model)
+    expected = {"mlp": [0.0] * 3, "attn": [0.0] * 3}
+    for window in ids:
+        outputs = {}
+        hooks = []
+        for i, layer in enumerate(adapter.layers(model)):
+            for kind, module in (("mlp", adapter.mlp_out(layer)), ("attn", adapter.attn_out(layer))):
+                hooks.append(
+                    module.register_forward_hook(
+                        lambda m, a, out, k=(kind, i), o=outputs: o.__setitem__(k, out)
+                    )
+                )
+        loss = model(input_ids=window[None], labels=window[None]).loss * (window.numel() - 1)
+        for h in hooks:
+            h.remove()
+        keys = list(outputs)
+        grads = torch.autograd.grad(loss, [outputs[k] for k in keys])
+        for (kind, i), g in zip(keys, grads, strict=True):
+            expected[kind][i] = expected[kind][i] + g.pow(2).reshape(-1, g.shape[-1]).sum(0)
+    assert stats.fisher_tokens == 48
+    for i in range(3):
+        torch.testing.assert_close(stats.mlp_fisher[i], expected["mlp"][i] / 48, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(stats.attn_fisher[i], expected["attn"][i] / 48, rtol=1e-9, atol=1e-15)
+    assert all(p.requires_grad for p in model.parameters())  # the pass gives back what it switched off
+
+
+def test_moments_survive_save_and_load(tmp_path):
+    stats = analyze(tiny(), windows(), progress=False, moments=True, fisher_tokens=64)
+    stats.save(tmp_path / "s.safetensors")
+    loaded = ActivationStats.load(tmp_path / "s.safetensors")
+    assert loaded.has_moments
+    for a, b in zip(stats.mlp_gram + stats.attn_gram, loaded.mlp_gram + loaded.attn_gram, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12)  # float32 on disk
+    assert loaded.has_fisher and loaded.fisher_tokens == stats.fisher_tokens == 64  # 4 windows of 16
+    for a, b in zip(
+        stats.mlp_fisher + stats.attn_fisher, loaded.mlp_fisher + loaded.attn_fisher, strict=True
+    ):
+        torch.testing.assert_close(b, a)
+    plain = analyze(tiny(), windows(), progress=False)
+    plain.save(tmp_path / "p.safetensors")
+    assert not ActivationStats.load(tmp_path / "p.safetensors").has_moments
+
+
+def test_refit_of_dead_units_changes_nothing():
+    """Units that never fire carry no information: the refit must equal plain slicing, logits unchanged."""
+    model = tiny()
+    adapter = get_adapter(model)
+    dead = list(range(0, 64, 2))
+    for layer in adapter.layers(model):
+        with torch.no_grad():
+            adapter.mlp_in(layer)[1].weight[dead] = 0  # up_proj rows: the gated product is exactly 0
+    ids = windows()
+    stats = analyze(model, ids, progress=False, moments=True, fisher_tokens=64)
+    plan = make_plan(model, stats, mlp_ratio=0.5, round_to=1)
+    assert all(layer.mlp_keep == list(range(1, 64, 2)) for layer in plan.layers)
+    with torch.no_grad():
+        expected = model(ids).logits
+    reconstruct(model, plan, stats, ridge=0.0)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_reconstruction_brings_the_pruned_model_closer_on_its_calibration_data():
+    model = tiny()
+    ids = windows(8)
+    stats = analyze(model, ids, progress=False, moments=True, fisher_tokens=64)
+    with torch.no_grad():
+        reference = model(ids).logits
+    plan = make_plan(model, stats, mlp_ratio=0.5, head_ratio=0.5, round_to=1)
+    errors = {}
+    for method in ("none", "lstsq"):
+        pruned = copy.deepcopy(model)
+        if method == "lstsq":
+            done = reconstruct(pruned, plan, stats, ridge=1e-6)
+            assert done == {"mlp": 3, "attention": 3}
+        apply_plan(pruned, plan)
+        with torch.no_grad():
+            errors[method] = float((pruned(ids).logits - reference).pow(2).mean())
+    assert errors["lstsq"] < 0.7 * errors["none"], errors
+
+
+def test_reconstruct_needs_moments():
+    model = tiny()
+    stats = analyze(model, windows(), progress=False)
+    plan = make_plan(model, stats, mlp_ratio=0.5)
+    with pytest.raises(UserError, match="--moments"):
+        reconstruct(model, plan, stats)
+
+
+# --- allocation -------------------------------------------------------------------------------------
+
+
+def random_component(seed: int, n: int = 6) -> Component:
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.rand(n, generator=g, dtype=torch.float64).sort().values  # convex: growing marginal error
+    errors = torch.cat([torch.zeros(1, dtype=torch.float64), steps.cumsum(0)]).flip(0)
+    return Component([(k, k * 10, float(errors[k])) for k in range(n + 1)])
+
+
+@pytest.mark.parametrize("budget", [10, 40, 70, 130])
+def test_allocation_is_optimal_on_convex_curves(budget):
+    components = [random_component(seed) for seed in range(3)]
+    chosen = allocate(components, budget, lambda o: o[1])
+    saved = sum(60 - c.options[j][1] for c, j in zip(components, chosen, strict=True))
+    assert saved == budget
+    error = sum(c.options[j][2] for c, j in zip(components, chosen, strict=True))
+    best = min(
+        sum(c.options[j][2] for c, j in zip(components, js, strict=True))
+        for js in itertools.product(range(7), repeat=3)
+        if sum(60 - c.options[j][1] for c, j in zip(components, js, strict=True)) == budget
+    )
+    assert error == pytest.approx(best)
+
+
+def test_error_allocation_cuts_the_layer_whose_output_does_not_matter():
+    model = tiny()
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        adapter.mlp_out(adapter.layers(model)[1]).weight.mul_(1e-4)  # layer 1's MLP barely writes
+    stats = analyze(model, windows(), progress=False, moments=True, fisher_tokens=64)
+    plan = make_plan(model, stats, mlp_ratio=0.25, layout="per-layer", min_mlp=8)
+    kept = [len(layer.mlp_keep) for layer in plan.layers]
+    assert kept[1] == 16  # 48 of the 192 channels removed, all of them where they cost nothing
+    assert kept[0] == kept[2] == 64
+    paper = make_plan(model, stats, mlp_ratio=0.25, layout="per-layer", allocation="paper")
+    assert [len(layer.mlp_keep) for layer in paper.layers] != kept
+
+
+def test_error_allocation_without_moments_falls_back_with_a_note():
+    model = tiny()
+    stats = analyze(model, windows(), progress=False)
+    plan = make_plan(model, stats, mlp_ratio=0.25, layout="per-layer")
+    paper = make_plan(model, stats, mlp_ratio=0.25, layout="per-layer", allocation="paper")
+    assert [x.mlp_keep for x in plan.layers] == [x.mlp_keep for x in paper.layers]
+    assert any("second moments" in note for note in plan.summary["notes"])
+    moments_only = analyze(model, windows(), progress=False, moments=True)  # no gradient pass
+    plan = make_plan(model, moments_only, mlp_ratio=0.25, layout="per-layer")
+    assert [x.mlp_keep for x in plan.layers] == [x.mlp_keep for x in paper.layers]
+
+
+@pytest.mark.parametrize("layout", ["uniform", "per-layer"])
+def test_error_target_meets_the_size_and_beats_a_common_ratio(layout):
+    model = tiny(seed=3)
+    ids = windows(8)
+    stats = analyze(model, ids, progress=False, moments=True, fisher_tokens=64)
+    plans = {
+        allocation: make_plan(
+            model, stats, target_params=0.85, layout=layout, allocation=allocation, round_to=4
+        )
+        for allocation in ("error", "paper")
+    }
+    before = plans["error"].summary["params_before"]
+    for plan in plans.values():
+        assert abs(plan.summary["params_after"] / before - 0.85) < 0.035  # a tiny model's steps are coarse
+    assert plans["error"].summary["target"]["allocation"] == "error"
+
+    def summed_error(plan):
+        adapter = get_adapter(model)
+        total = 0.0
+        for i, (layer, lp) in enumerate(zip(adapter.layers(model), plan.layers, strict=True)):
+            total += output_error(adapter.mlp_out(layer).weight, lp.mlp_keep, stats.mlp_gram[i])
+            head_dim = adapter.head_layout(layer)[2]
+            channels = [h * head_dim + d for h in lp.heads_keep for d in range(head_dim)]
+            total += output_error(adapter.attn_out(layer).weight, channels, stats.attn_gram[i])
+        return total
+
+    if layout == "per-layer":  # per-layer error allocation minimises a scaled sum; compare unscaled loosely
+        assert summed_error(plans["error"]) <= 1.5 * summed_error(plans["paper"])
+    else:
+        assert summed_error(plans["error"]) <= summed_error(plans["paper"]) * (1 + 1e-9)
+
+
+# --- sequential ---------------------------------------------------------------------------------------
+
+
+def test_sequential_equals_one_shot_when_only_the_last_layer_is_pruned():
+    model = tiny()
+    ids = windows(8)
+    stats = analyze(model, ids, progress=False, moments=True)
+    plan = make_plan(model, stats, mlp_ratio=0.5, round_to=1)
+    for layer in plan.layers[:-1]:  # layers 0 and 1 keep everything: layer 2's MLP sees the one-shot inputs
+        layer.mlp_keep = list(range(64))
+    one_shot, sequential = copy.deepcopy(model), copy.deepcopy(model)
+    sequential_plan = copy.deepcopy(plan)
+    reconstruct(one_shot, plan, stats)
+    apply_plan(one_shot, plan)
+    done = sequential_reconstruct(sequential, sequential_plan, stats, ids, batch_size=3, progress=False)
+    assert done == {"mlp": 1, "attention": 0}
+    apply_plan(sequential, sequential_plan)
+    assert sequential_plan.layers[-1].mlp_keep == plan.layers[-1].mlp_keep
+    with torch.no_grad():
+        torch.testing.assert_close(sequential(ids).logits, one_shot(ids).logits, rtol=1e-7, atol=1e-9)
+
+
+def test_sequential_calibration_follows_the_pruned_layers():
+    model = tiny(seed=2)
+    ids = windows(8)
+    stats = analyze(model, ids, progress=False, moments=True)
+    with torch.no_grad():
+        reference = model(ids).logits
+    errors, plans = {}, {}
+    for mode in ("one-shot", "sequential"):
+        pruned, plan = (
+            copy.deepcopy(model),
+            make_plan(model, stats, mlp_ratio=0.6, head_ratio=0.5, round_to=1),
+        )
+        if mode == "sequential":
+            sequential_reconstruct(pruned, plan, stats, ids, progress=False)
+        else:
+            reconstruct(pruned, plan, stats)
+        # removed units are already silenced: slicing them changes nothing
+        with torch.no_grad():
+            before_slicing = pruned(ids).logits
+        apply_plan(pruned, plan)
+        with torch.no_grad():
+            logits = pruned(ids).logits
+        if mode == "sequential":
+            torch.testing.assert_close(logits, before_slicing, rtol=1e-7, atol=1e-9)
+        errors[mode] = float((logits - reference).pow(2).mean())
+        plans[mode] = plan
+    assert plans["sequential"].layers[0].heads_keep == plans["one-shot"].layers[0].heads_keep  # same inputs
+    assert plans["sequential"].layers[2].mlp_keep != plans["one-shot"].layers[2].mlp_keep  # re-chosen
+    assert errors["sequential"] < errors["one-shot"], errors
+
+
+# --- refit-aware selection ------------------------------------------------------------------------------
+
+
+def test_elimination_removes_first_what_the_refit_misses_least():
+    x = correlated(500, 8, seed=6)
+    w = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    gram, _ = moments(x)
+    rank = elimination_order(w, gram, ridge=1e-9)
+    first = int(torch.argmin(rank))
+    costs = [output_error(w, [k for k in range(8) if k != j], gram, ridge=1e-9) for j in range(8)]
+    assert first == min(range(8), key=costs.__getitem__)
+    assert sorted(rank.tolist()) == list(range(8))
+
+
+def test_elimination_keeps_one_of_two_duplicate_channels():
+    """Score-by-score criteria keep both copies of a strong channel; the refit needs only one."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(600, 6, generator=g, dtype=torch.float64)
+    x[:, 1] = x[:, 0]  # channel 1 duplicates channel 0, both strong
+    x[:, :2] *= 5
+    x[:, 1] += 1e-3 * torch.randn(600, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    gram, _ = moments(x)
+    rank = elimination_order(w, gram, ridge=1e-9)
+    kept = sorted(torch.topk(rank, 2).indices.tolist())
+    assert len({0, 1} & set(kept)) == 1
+    by_magnitude = sorted(torch.topk(x.abs().mean(0), 2).indices.tolist())
+    assert by_magnitude == [0, 1]
+    assert output_error(w, kept, gram, ridge=1e-9) < output_error(w, by_magnitude, gram, ridge=1e-9)
+
+
+def test_elimination_of_heads_moves_whole_groups():
+    x = correlated(400, 12, seed=9)
+    w = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    gram, _ = moments(x)
+    rank = elimination_order(w, gram, group=3, ridge=1e-9)
+    assert rank.shape == (4,) and sorted(rank.tolist()) == [0, 1, 2, 3]
+    first = int(torch.argmin(rank))
+    costs = [output_error(w, [c for c in range(12) if c // 3 != h], gram, ridge=1e-9) for h in range(4)]
+    assert first == min(range(4), key=costs.__getitem__)
+
+
+def test_refit_criterion_plans_a_model():
+    model = tiny()
+    stats = analyze(model, windows(), progress=False, moments=True, fisher_tokens=64)
+    plan = make_plan(model, stats, criterion="refit", mlp_ratio=0.5, head_ratio=0.5)
+    assert all(len(layer.mlp_keep) == 32 for layer in plan.layers)
+    no_moments = analyze(model, windows(), progress=False)
+    with pytest.raises(UserError, match="--moments"):
+        make_plan(model, no_moments, criterion="refit", mlp_ratio=0.5)
