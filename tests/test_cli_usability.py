@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_tiny_llama
 
 from minigpts.cli import apply_config_file, build_parser, main
@@ -357,11 +356,3 @@ def test_table_titles_print_whole_when_stdout_is_not_a_terminal(capsys):
     assert lines[0] == title
     assert f"corpus {source}" in lines
     assert not any("\x1b[" in line for line in lines)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -5,21 +5,11 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
-import torch
 from conftest import make_tiny_llama
 
 from minigpts.cli import build_parser, main
 from minigpts.evaluation import decode_speed
 from minigpts.sweep import SweepOptions, settings_grid
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only wait on each other on a busy machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_grid_is_criteria_times_sizes():

@@ -53,16 +53,6 @@ ROUND_TRIP = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine every op's thread
-    barrier can wait a whole time slice (uncached generation measured 100x slower with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_supported_model_type_has_a_tiny_config():
     covered = {model_type for model_type, _ in TINY_CONFIGS.values()}
     assert covered == {t for types in SUPPORTED_FAMILIES.values() for t in types}

@@ -25,14 +25,6 @@ VOCAB = 300
 WINDOWS = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(11))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only wait on each other on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def stats_of(model, **passes):
     return analyze(model, WINDOWS, batch_size=2, progress=False, **passes)
 

@@ -260,17 +260,26 @@ def test_llama_cpp_runs_every_layout_with_our_logits(tmp_path, name, vary, hidde
     assert np.abs(ours - theirs).max() < 1e-3
 
 
-@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-legacy", "sentencepiece"])
 def test_llama_cpp_tokenizes_as_we_do(tmp_path, kind):
     pytest.importorskip("llama_cpp")
     from minigpts.llama_cpp_check import llama_tokenize
 
-    tokenizer = byte_level_bpe() if kind == "byte-level" else sentencepiece_bpe(False)
+    tokenizer = {
+        "byte-level": byte_level_bpe,
+        "sentencepiece-legacy": lambda: sentencepiece_bpe(True),
+        "sentencepiece": lambda: sentencepiece_bpe(False),
+    }[kind]()
     selection = select_vocab(tokenizer, count_tokens(tokenizer, domain_sample()), embedding_threshold=0)
     trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
     model = slice_model_vocab(make_tiny_llama(len(tokenizer)), selection.keep_ids)
-    path = export_gguf(model, trimmed, tmp_path / "m.gguf").path
-    texts = TEXTS + ["<|im_start|>user\nhi<|im_end|>\n<tool_call>x"]
+    result = export_gguf(model, trimmed, tmp_path / "m.gguf")
+    path = result.path
+    texts = TEXTS + ["<|im_start|>user\nhi<|im_end|>\n<tool_call>x", "<s>x", "x</s> y", " x"]
+    if kind == "sentencepiece":
+        # Metaspace(prepend_scheme="first"): llama.cpp has only "always" (the note says so)
+        assert any("prepend_scheme='first'" in note for note in result.notes)
+        texts = [t for t in texts if not t[:1].isspace() and "<s>" not in t and "</s>" not in t]
     for text in texts:
         assert llama_tokenize(path, text) == trimmed(text, add_special_tokens=False)["input_ids"], text
 

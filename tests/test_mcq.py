@@ -36,15 +36,6 @@ ITEMS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads fight."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def independent_scores(model, tokenizer, item: MCQItem, max_len: int | None = None, bos=()) -> list[float]:
     """One forward per (prompt, choice), float64 log-softmax, following the documented format."""
     prompt = f"{item.context}\n{item.question}" if item.context else item.question

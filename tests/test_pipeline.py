@@ -28,15 +28,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machines have 2 shared cores; one thread keeps the tiny runs from contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sample_texts(name: str) -> list[str]:
     path = sample_data_dir() / name
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
@@ -344,6 +335,7 @@ def test_run_with_controls_writes_report_and_model(capsys, tmp_path, model_dir):
         "finetuned",
         "control_base_finetuned",
         "control_random_finetuned",
+        "control_general_calibration_finetuned",
     ]
     for name, stage in stages.items():
         for key in STAGE_KEYS:
@@ -357,7 +349,14 @@ def test_run_with_controls_writes_report_and_model(capsys, tmp_path, model_dir):
     assert stages["finetuned"]["params"] == stages["pruned"]["params"]
     assert stages["control_random_finetuned"]["params"] == stages["finetuned"]["params"]
     assert stages["control_base_finetuned"]["params"] == stages["base"]["params"]
-    assert "bits/byte" in (out / "report.md").read_text()
+    # the thesis control: same widths, units chosen from statistics measured on the general text
+    general = stages["control_general_calibration_finetuned"]
+    assert general["params"] == stages["finetuned"]["params"]
+    assert general["calibration"]["data"].endswith("medical.test.jsonl")
+    assert general["calibration"]["stats"]["data"] == general["calibration"]["data"]
+    assert report["stats"]["data"] != general["calibration"]["data"]
+    assert general["finetune"]["steps"] == 2
+    assert "calibrated on general text" in (out / "report.md").read_text()
     assert not (tmp_path / ".run.work").exists()
     model, tokenizer = minigpts.load(out)
     assert (
@@ -730,3 +729,33 @@ def test_yaml_scalars_become_typed_flags_and_the_command_line_wins(tmp_path):
     assert args.target_params == [0.8]
     assert args.controls is True
     assert args.max_steps == 5
+
+
+def test_prune_sequential_refits_layer_by_layer_and_records_it(capsys, tmp_path, model_dir, stats_file):
+    """--sequential through the CLI: the statistics' calibration text is re-run; the plan says so."""
+    from minigpts.analysis import ActivationStats
+
+    assert ActivationStats.load(stats_file).has_moments  # analyze records second moments by default
+    outs = {}
+    for mode in ("--sequential", "--no-sequential"):
+        out = tmp_path / mode.strip("-")
+        code, _, err = run_cli(
+            capsys, "prune", "--model", model_dir, "--stats", stats_file, "--data", "sample",
+            "--mlp-ratio", "0.5", "--head-ratio", "0.5", mode, *CPU, "--out", out,
+        )  # fmt: skip
+        assert code == 0, err
+        outs[mode] = json.loads((out / "minigpts.json").read_text())["plan"]
+    sequential, one_shot = outs["--sequential"], outs["--no-sequential"]
+    assert sequential["settings"]["sequential"] is True and one_shot["settings"]["sequential"] is False
+    assert sequential["settings"]["reconstruct"] == one_shot["settings"]["reconstruct"] == "lstsq"
+    assert sequential["summary"]["reconstructed"] == {"mlp": 2, "attention": 2}
+    # layer 0 sees the same inputs either way: its heads are chosen alike; later layers may differ
+    assert sequential["layers"][0]["heads_keep"] == one_shot["layers"][0]["heads_keep"]
+
+
+def test_prune_sequential_needs_the_calibration_data(capsys, tmp_path, model_dir, stats_file):
+    code, _, err = run_cli(
+        capsys, "prune", "--model", model_dir, "--stats", stats_file, "--mlp-ratio", "0.5", "--sequential",
+        *CPU, "--out", tmp_path / "x",
+    )  # fmt: skip
+    assert code == 2 and "--sequential" in err and "--data" in err and len(err.strip().splitlines()) == 1

@@ -25,14 +25,6 @@ from minigpts.recovery import (
 SEQ_LEN = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def windows(tiny_tokenizer):
     all_windows = make_windows(tokenize_stream(tiny_tokenizer, [SAMPLE_TEXT] * 3), SEQ_LEN)

@@ -6,12 +6,12 @@ whose activations happen to be small, whatever they are worth (measured on held-
 random cut's 4.02). The output error a block is left with after the closed-form refit
 (``minigpts.reconstruct``) is not comparable either, raw or divided by the residual stream's energy
 (measured, SmolLM2 on economics, 50 % of the MLP by error per channel: 1.45 and 1.84 bits/byte
-against uniform's 1.13). What makes it comparable is what the error does to the loss: with g the
-gradient of the loss at the block's output and δ the output error, the loss grows by about
-E[(g·δ)²]-weighted terms; with the diagonal Fisher F = E[g²] per residual channel (``analyze``'s
-gradient pass), the cost of keeping K is tr(diag(F) D C Dᵀ), D = W − W'S, i.e. the refit error of
-the rows of W scaled by √F (the refit itself is row-wise and does not change). The same cut by that
-cost: 1.06 bits/byte. Each component (the MLP, the attention of each layer) gets a curve of that
+against uniform's 1.13). What makes it comparable is what the error does to the loss: to second
+order, an error δ at a block's output raises the loss by ½ δᵀ F δ, F the Fisher of the loss at that
+output (≈ E[g gᵀ], g the gradient there). With its diagonal, F = E[g²] per residual channel
+(``analyze``'s gradient pass), the cost of keeping K is tr(diag(F) D C Dᵀ), D = W − W'S: the refit
+error of the rows of W scaled by √F (the refit itself is row-wise and does not change). The same cut
+by that cost: 1.06 bits/byte. Each component (the MLP, the attention of each layer) gets a curve of that
 cost over its legal widths; the allocation takes removals cheapest in cost per saved unit
 (parameters, or units for a ratio) first, over the curves' convex hulls.
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minigpts.arch.base import projection_weight
 from minigpts.reconstruct import DEFAULT_RIDGE, error_curve, output_error
 
 ALLOCATIONS = ("error", "paper")
@@ -114,7 +115,7 @@ def allocate(components: list[Component], budget: float, cost: Callable[[tuple],
 
 def weighted(linear, fisher: torch.Tensor | None) -> torch.Tensor:
     """The projection's weight with each output row scaled by √F: its refit error becomes a loss estimate."""
-    weight = linear.weight.detach().to("cpu", torch.float64)
+    weight = projection_weight(linear).detach().to("cpu", torch.float64)
     return weight if fisher is None else fisher.to(torch.float64).clamp_min(0).sqrt()[:, None] * weight
 
 

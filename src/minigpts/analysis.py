@@ -434,7 +434,10 @@ def analyze(
     handles = []
     was_training = model.training
     n_windows, seq_len = windows.shape
-    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+    from minigpts import distributed
+
+    local = distributed.shard(windows, batch_size)  # all of them on one process
+    bar = tqdm(total=local.numel(), unit="tok", unit_scale=True, desc="analyze", disable=not progress)
     started = time.perf_counter()
     try:
         for i, layer in enumerate(layers):
@@ -451,8 +454,8 @@ def analyze(
         model.eval()
         body = adapter.body(model)
         with torch.inference_mode():
-            for start in range(0, n_windows, batch_size):
-                batch = windows[start : start + batch_size].to(device, non_blocking=True)
+            for start in range(0, len(local), batch_size):
+                batch = local[start : start + batch_size].to(device, non_blocking=True)
                 body(input_ids=batch, use_cache=False)
                 bar.update(batch.numel())
     finally:
@@ -460,6 +463,11 @@ def analyze(
             handle.remove()
         model.train(was_training)
         bar.close()
+    distributed.reduce(  # the other processes' sums over their windows (no-op on one process)
+        [t for s in mlp + attn + reader_sums for t in (s.abs_sum, s.square_sum, s.signed_sum, s.window_l2)]
+        + [influence.sums, influence.tokens]
+        + [t for m in (mlp_moments or []) + (attn_moments or []) for t in (m.sum, m.gram)]
+    )
     seconds = time.perf_counter() - started
 
     n_tokens = windows.numel()
@@ -576,16 +584,19 @@ def gradient_moments(
         handles.append(adapter.attn_out(layer).register_forward_hook(capture(sums["attn"][i])))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
+    from minigpts import distributed
+
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="gradients", disable=not progress)
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        for window in windows:
+        for window in distributed.shard(windows):  # all of them on one process
             batch = window.unsqueeze(0).to(device)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             (loss * (batch.numel() - 1)).backward()
             bar.update(batch.numel())
+        distributed.reduce(sums["mlp"] + sums["attn"])
     finally:
         for handle in handles:
             handle.remove()
@@ -668,11 +679,18 @@ def taylor_importance(
         for p in coupled:
             p.requires_grad_(True)
         model.eval()
-        for window in windows:
+        from minigpts import distributed
+
+        for window in distributed.shard(windows):  # all of them on one process
             batch = window.unsqueeze(0).to(device)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             (loss * (batch.numel() - 1) / targets).backward()  # gradients of the mean over all windows
             bar.update(batch.numel())
+        if distributed.active():  # sum the gradients over the processes before |w·g| (not linear)
+            for p in coupled:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.reduce([p.grad for p in coupled])
 
         def salience(p: torch.Tensor | None) -> torch.Tensor | None:
             if p is None or p.grad is None:

@@ -662,6 +662,10 @@ def cmd_eval(args) -> int:
             stem: evaluate_mcq(loaded.model, loaded.tokenizer, items, batch_size=max(1, 2 * args.batch_size))
             for stem, items in mcq_sets.items()
         }
+    from minigpts import distributed
+
+    if not distributed.is_main():  # data parallel: the metrics are reduced; rank 0 prints and writes
+        return 0
     if texts is not None:
         print_eval_table([(loaded.name, result)], f"held-out evaluation ({loaded.description})")
     else:
@@ -693,6 +697,10 @@ def cmd_analyze(args) -> int:
     print_splits(corpus)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, **model_access(args))
     stats = run_analysis(loaded.model, loaded.tokenizer, corpus, options, model_name=loaded.source_id)
+    from minigpts import distributed
+
+    if not distributed.is_main():  # data parallel: the statistics are reduced; rank 0 writes them
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)
     console().print(f"statistics of {stats.n_tokens:,} calibration tokens written to {out}")
@@ -843,11 +851,13 @@ def cmd_prune(args) -> int:
 def cmd_finetune(args) -> int:
     import json as _json
 
+    from minigpts import distributed
     from minigpts.export import save_model
     from minigpts.models import load_model
     from minigpts.pipeline import check_output_dir, run_finetune, validation_bpb_target, work_dir_for
 
     out = check_output_dir(args.out, args.force)
+    distributed.barrier()  # every process has checked --out before rank 0 writes into it
     options = finetune_options(args, args.method)
     corpus = load_data(args)
     print_splits(corpus)
@@ -894,6 +904,9 @@ def cmd_finetune(args) -> int:
     )
     metadata = dict(info.get("metadata") or {})
     metadata["finetune"] = result.to_dict()
+    if not distributed.is_main():  # data parallel: every process holds the same weights; rank 0 saves
+        distributed.barrier()
+        return 0
     from minigpts.plan import PruningPlan
 
     save_model(
@@ -907,6 +920,7 @@ def cmd_finetune(args) -> int:
     from minigpts.pipeline import cleanup
 
     cleanup(work_dir_for(out))
+    distributed.barrier()
     console().print(
         f"fine-tuned ({result.method}, {result.steps} steps, {result.train_tokens:,} tokens, "
         f"{result.seconds:.0f} s, stopped: {result.stopped_because}) → {out}"
@@ -946,6 +960,10 @@ def cmd_run(args) -> int:
     print_splits(corpus)
     out = console()
     report = run_experiment(options, corpus=corpus, say=out.print)
+    from minigpts import distributed
+
+    if not distributed.is_main():  # data parallel: rank 0 prints, writes and exports
+        return 0
     if args.dry_run:
         print_plan(report["plan"])
         out.print("[dim]--dry-run: nothing written[/dim]")
@@ -1135,10 +1153,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minigpts.recovery import recovery_method_help
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="minigpts",
         description="Contextual pruning: turn a causal LM and a domain corpus into a smaller domain model.",
     )
@@ -1295,7 +1320,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"minigpts: error: {err}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a one-line usage error (OneLineParser)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    from minigpts import distributed
+
+    distributed.init()  # under torchrun / accelerate launch (WORLD_SIZE > 1): the process group
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
     if not debug:
         from transformers.utils import logging as hf_logging

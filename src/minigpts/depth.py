@@ -97,14 +97,17 @@ def removal_loss(model: nn.Module, windows: torch.LongTensor, *, progress: bool 
         disable=not progress,
     )
 
+    from minigpts import distributed
+
     def mean_loss() -> float:
         total, count = 0.0, 0
-        for window in windows:
+        for window in distributed.shard(windows):  # all of them on one process
             batch = window.unsqueeze(0).to(device)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             total += float(loss.double()) * (batch.numel() - 1)
             count += batch.numel() - 1
             bar.update(batch.numel())
+        total, count = distributed.reduce_numbers(total, count)  # themselves on one process
         return total / max(count, 1)
 
     was_training = model.training

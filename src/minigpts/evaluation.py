@@ -233,15 +233,30 @@ def _nll_sum(model, head, ids: torch.Tensor) -> float:
     return total
 
 
-@torch.inference_mode()
 def evaluate_windows(model, windows, byte_lengths, batch_size: int = 4, progress=None) -> dict:
     """Sum of next-token NLL (nats) over every token but each window's first, with tokens and bytes.
 
-    ``windows`` is a [N, L] tensor or a list of 1-D tensors (lengths may differ).
+    ``windows`` is a [N, L] tensor or a list of 1-D tensors (lengths may differ). Under
+    ``torch.distributed`` each process scores a contiguous share (cut on batch boundaries) and the
+    three sums are all-reduced, so every process returns the totals over all windows.
     """
-    device = next(model.parameters()).device
+    from minigpts import distributed
+
     if isinstance(windows, torch.Tensor):
         windows = list(windows)
+    if not distributed.active():
+        return _evaluate_windows(model, windows, byte_lengths, batch_size, progress)
+    local = _evaluate_windows(
+        model, distributed.shard(windows, batch_size), byte_lengths, batch_size, progress
+    )
+    nll_sum, tokens, n_bytes = distributed.reduce_numbers(local["nll_sum"], local["tokens"], local["bytes"])
+    return {"nll_sum": nll_sum, "tokens": int(tokens), "bytes": int(n_bytes)}
+
+
+@torch.inference_mode()
+def _evaluate_windows(model, windows: list, byte_lengths, batch_size: int, progress) -> dict:
+    """``evaluate_windows`` on this process alone."""
+    device = next(model.parameters()).device
     nll_sum = 0.0
     tokens = 0
     n_bytes = 0

@@ -199,6 +199,7 @@ class TokenizerFields:
     add_eos: bool
     add_space_prefix: bool | None
     chat_template: str | None
+    notes: list[str] = field(default_factory=list)
 
 
 # Pre-tokenizer regexes that transformers' GGUF loader rebuilds by name, in reverse; llama.cpp knows
@@ -396,10 +397,19 @@ def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos
             f"{where}: neither byte-level BPE nor SentencePiece-style BPE with byte fallback "
             f"(normalizer {normalizers}, pre-tokenizer {pre})"
         )
+    notes = []
     if metaspace:
         meta = _components(spec.get("pre_tokenizer"))[0]
-        if meta.get("prepend_scheme", "always") != "first" and meta.get("split", False):
+        if meta.get("split", False):
             raise GgufUnsupported(f"{where}: a Metaspace that splits on spaces has no llama.cpp equivalent")
+        if meta.get("prepend_scheme", "always") != "always":
+            # llama.cpp's SentencePiece path has one switch, add_space_prefix, applied to every piece of
+            # text between special tokens; Metaspace(prepend_scheme="first") adds "▁" only at the very
+            # start and not before a space (the legacy Prepend normalizer matches llama.cpp exactly)
+            notes.append(
+                "tokenizer: Metaspace(prepend_scheme='first'): llama.cpp adds one more '▁' to text that starts "
+                "with a space or follows a special token; all other text gets our ids"
+            )
     rank = {}
     for index, merge in enumerate(merges):
         left, right = merge.split(" ", 1)
@@ -433,6 +443,7 @@ def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos
         add_eos=add_eos,
         add_space_prefix=True,
         chat_template=template,
+        notes=notes,
     )
 
 
@@ -661,7 +672,7 @@ def export_gguf(
         n_tensors=len(tensors),
         tensor_types=counts,
         tokenizer_pre=fields.pre,
-        notes=layout.notes,
+        notes=layout.notes + fields.notes,
     )
 
 

@@ -133,12 +133,19 @@ def llama_greedy(path_or_model, prompt: list[int], tokens: int) -> tuple[list[in
         model = open_model(path_or_model, n_ctx=len(prompt) + tokens + 8)
     else:
         model = path_or_model
+    import llama_cpp
+
+    def last_logits() -> np.ndarray:
+        # without logits_all, llama-cpp-python keeps no copy: read the last row from llama.cpp itself
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(vocab,))
+
+    vocab = model.n_vocab()
     model.reset()
     model.eval(list(prompt))
     out = []
     start = time.perf_counter()
     for _ in range(tokens):
-        token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         out.append(token)
         model.eval([token])
     return out, time.perf_counter() - start

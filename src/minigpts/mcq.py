@@ -416,8 +416,30 @@ def score_choices(
     same tokens with the same conditioning and positions, so they differ only by float rounding
     (log-probabilities are summed in float64). A forward pass holds at most the tokens of ``batch_size``
     of the longest sequences. Runs on the model's device, in inference mode; the model is put in eval
-    mode for the call and restored afterwards.
+    mode for the call and restored afterwards. Under ``torch.distributed`` each process scores a
+    contiguous share of the questions and the scores are all-reduced (every process gets them all).
     """
+    from minigpts import distributed
+
+    if distributed.active():
+        start, stop = distributed.bounds(len(items))
+        local = _score_choices_local(model, tokenizer, items[start:stop], batch_size=batch_size, cache=cache)
+        offsets = [0]
+        for item in items:
+            offsets.append(offsets[-1] + len(item.choices))
+        flat = torch.zeros(offsets[-1], dtype=torch.float64)
+        values = [score for question in local for score in question]
+        flat[offsets[start] : offsets[stop]] = torch.tensor(values, dtype=torch.float64)
+        distributed.reduce([flat])  # zeros elsewhere: the sum is each question's own scores
+        flat = flat.tolist()
+        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(items))]
+    return _score_choices_local(model, tokenizer, items, batch_size=batch_size, cache=cache)
+
+
+def _score_choices_local(
+    model, tokenizer, items: list[MCQItem], *, batch_size: int = 8, cache: bool = True
+) -> list[list[float]]:
+    """``score_choices`` on this process alone."""
     requests = _requests(tokenizer, items, _max_positions(model))
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -556,6 +556,27 @@ def validation_bpb_target(base_model, base_tokenizer, corpus: Corpus, options: F
     return r.bits_per_byte
 
 
+def validation_bpb(
+    model, tokenizer, corpus: Corpus, *, seq_len: int, max_tokens: int | None, budget_tokenizer=None
+) -> float:
+    """Bits-per-byte on the validation split: the first ``max_tokens`` (``--max-val-tokens``) counted in
+    ``budget_tokenizer``'s tokens (the base's), in windows of ``seq_len``; what the sweep's frontier compares."""
+    from minigpts.evaluation import evaluate
+
+    r = evaluate(
+        model,
+        tokenizer,
+        corpus.split("validation"),
+        model_name="validation",
+        split="validation",
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        progress=False,
+        budget_tokenizer=budget_tokenizer,
+    )
+    return r.bits_per_byte
+
+
 def run_finetune(
     model,
     tokenizer,
@@ -642,6 +663,10 @@ def recover_stage(
 
     Returns (model, stage dict with the evaluation keys and a ``finetune`` object).
     """
+    # a resumed `run` continues each recovery that saved a checkpoint and starts the others afresh
+    recovery = dataclasses.replace(
+        recovery, resume=recovery.resume and _has_checkpoint(work_dir / "checkpoints")
+    )
     model, result = run_finetune(
         model,
         tokenizer,
@@ -719,12 +744,99 @@ def random_plan_like(model, plan, seed: int = 0):
     )
 
 
+GENERAL_CONTROL = "control_general_calibration"
+GENERAL_CONTROL_NEEDS = (
+    "control_general_calibration (the same cut calibrated on general text) needs --general-data: a "
+    "general-domain corpus such as a WikiText sample (none is bundled: WikiText is CC BY-SA)"
+)
+
+
+def general_calibration_corpus(general: Corpus) -> Corpus:
+    """The general corpus as calibration text: its calibration split, else every document it has
+    (``sample-medical`` is a test split only); train = the same text, for the vocabulary counts."""
+    texts = general.splits.get("calibration") or list(
+        dict.fromkeys(doc for docs in general.splits.values() for doc in docs)
+    )
+    return Corpus(
+        general.source,
+        {"calibration": list(texts), "train": list(texts)},
+        presplit=True,
+        seed=general.seed,
+        notes=[f"general calibration text of {general.source}"],
+    )
+
+
+def general_plan_like(model, tokenizer, plan, general_stats, general_corpus: Corpus, options: PlanOptions):
+    """The thesis control's plan: exactly ``plan``'s widths per layer (so the same parameter count),
+    but the units chosen by the same criterion scored on statistics of general text, and the
+    vocabulary (same size) chosen by the general text's token counts."""
+    from minigpts.arch import get_adapter
+    from minigpts.plan import LayerPlan, PruningPlan, _select_heads, _top, unit_scores
+
+    adapter = get_adapter(model)
+    notes = []
+    layers, hidden = plan.layers, plan.hidden_keep
+    if options.has_structure():
+        scores = unit_scores(model, general_stats, options.criterion, options.seed)
+        layers = []
+        for i, (layer, layer_plan) in enumerate(zip(adapter.layers(model), plan.layers, strict=True)):
+            n_heads, n_kv, _ = adapter.head_layout(layer)
+            kv_kept = len(layer_plan.kv_heads_keep)
+            per_kv = len(layer_plan.heads_keep) // max(1, kv_kept)
+            heads, kv, _ = _select_heads(scores.heads[i], n_kv, kv_kept, per_kv)
+            layers.append(
+                LayerPlan(
+                    mlp_keep=_top(scores.mlp[i], len(layer_plan.mlp_keep)), heads_keep=heads, kv_heads_keep=kv
+                )
+            )
+        if plan.hidden_keep is not None:
+            hidden = _top(scores.hidden, len(plan.hidden_keep))
+        if plan.layers_keep is not None:
+            notes.append("dropped layers: the domain plan's (layer removal is not re-chosen on general text)")
+    vocab = plan.vocab_keep
+    if plan.vocab_keep is not None:
+        from minigpts.vocab import select_vocab
+
+        selection = select_vocab(
+            tokenizer,
+            domain_token_counts(tokenizer, general_corpus),
+            vocab_size=len(plan.vocab_keep),
+            model_config=model.config,
+            generation_config=getattr(model, "generation_config", None),
+        )
+        if len(selection.keep_ids) == len(plan.vocab_keep):
+            vocab = list(selection.keep_ids)
+        else:
+            notes.append("vocabulary: the domain plan's (general counts could not give the same size)")
+    settings = {
+        **plan.settings,
+        "control": "units chosen on general text, same widths",
+        "calibration_data": general_corpus.source,
+    }
+    if notes:
+        settings["control_notes"] = notes
+    return PruningPlan(
+        family=plan.family,
+        layers=layers,
+        hidden_keep=hidden,
+        vocab_keep=vocab,
+        layers_keep=plan.layers_keep,
+        layout=plan.layout,
+        criterion=plan.criterion,
+        settings=settings,
+        summary=dict(plan.summary),
+    )
+
+
 def copy_model(model):
     return copy.deepcopy(model)
 
 
 def cleanup(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    from minigpts import distributed
+
+    if distributed.is_main():  # data parallel: rank 0 owns the files
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -735,6 +847,86 @@ def timed(timings: dict, name: str):
         yield
     finally:
         timings[name] = round(time.perf_counter() - start, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finished stages of `run`, kept in the work dir for --resume
+
+TEST_INTERRUPT_ENV = "MINIGPTS_TEST_INTERRUPT_AFTER"
+
+
+def interrupt_point(stage: str) -> None:
+    """Test hook: deliver SIGINT to this process right after ``stage`` when the environment variable
+    ``MINIGPTS_TEST_INTERRUPT_AFTER`` names it (``analyze``, ``plan``, ``eval_base``, ``prune``,
+    ``eval_pruned``, or ``checkpoint-N`` after fine-tuning saved step N), so tests interrupt a run
+    at a known point, exactly as Ctrl-C would. Unset (always, outside tests): nothing happens."""
+    if os.environ.get(TEST_INTERRUPT_ENV) == stage:
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+
+
+def _stage_key(*parts) -> str:
+    """A short hash of the options (and data) that produced a stage's output."""
+    import hashlib
+
+    text = json.dumps(parts, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _corpus_fingerprint(corpus: Corpus) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(corpus.splits):
+        digest.update(name.encode() + b"\0")
+        for text in corpus.splits[name]:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StageCache:
+    """Where `run` keeps each finished stage (``work/stages``), keyed by what produced it."""
+
+    root: Path
+    stats: Path
+    plan: Path
+    base: Path
+    pruned_dir: Path
+    pruned: Path
+
+    @classmethod
+    def for_run(cls, work: Path, options: RunOptions, corpus: Corpus) -> StageCache:
+        source = [options.model, options.dtype, options.seed, _corpus_fingerprint(corpus), __version__]
+        stats = _stage_key(source, dataclasses.asdict(options.analysis))
+        plan = _stage_key(stats, dataclasses.asdict(options.plan))
+        base = _stage_key(source, dataclasses.asdict(options.evaluation))
+        pruned = _stage_key(plan, base)
+        root = work / "stages"
+        return cls(
+            root=root,
+            stats=root / f"stats-{stats}.safetensors",
+            plan=root / f"plan-{plan}.json",
+            base=root / f"base-{base}.json",
+            pruned_dir=root / f"pruned-{pruned}",
+            pruned=root / f"pruned-{pruned}.json",
+        )
+
+    def finished(self) -> list[str]:
+        names = {
+            "statistics": self.stats,
+            "plan": self.plan,
+            "base metrics": self.base,
+            "pruning": self.pruned,
+        }
+        return [name for name, path in names.items() if path.exists()]
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return folder.is_dir() and get_last_checkpoint(str(folder)) is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -775,6 +967,9 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     out = Path(options.out) if options.out is not None else None
     if not options.dry_run:
         check_output_dir(out, options.force)
+    from minigpts import distributed
+
+    distributed.barrier()  # data parallel: every process has checked --out before rank 0 writes
     timings: dict[str, float] = {}
     if corpus is None:
         corpus = load_corpus(
@@ -784,6 +979,29 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     if options.evaluation.general_data:
         general = load_corpus(options.evaluation.general_data, seed=options.seed)
     mcq_sets = load_mcq_sets(options.evaluation.mcq) if options.evaluation.mcq else None
+    work = cache = None
+    resume = options.recovery.resume and not options.dry_run
+    if out is not None and not options.dry_run:
+        work = work_dir_for(out)
+        cache = StageCache.for_run(work, options, corpus)
+        checkpoints = [
+            name
+            for name in ("finetuned", "control_base", "control_random", "control_general")
+            if _has_checkpoint(work / name / "checkpoints")
+        ]
+        if resume:
+            finished = cache.finished() + [f"{name} checkpoint" for name in checkpoints]
+            if not finished:
+                raise UserError(
+                    f"--resume: nothing to resume for these options under {work} (no finished stage, no "
+                    "checkpoint): run without --resume"
+                )
+            say(f"resume: reusing {', '.join(finished)} from {work}")
+        elif checkpoints and options.finetune != "none":
+            raise UserError(
+                f"{work} holds fine-tuning checkpoints of an interrupted run: pass --resume to continue it, "
+                "or delete that folder to start over"
+            )
 
     with timed(timings, "load"):
         loaded = load_model(
@@ -797,7 +1015,12 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     say(f"model: {loaded.description}")
 
     stats = None
-    if options.plan.has_structure():
+    if options.plan.has_structure() and resume and cache.stats.is_file():
+        from minigpts.analysis import ActivationStats
+
+        stats = ActivationStats.load(cache.stats)
+        say(f"analysis: reused {cache.stats.name}")
+    elif options.plan.has_structure():
         say(
             f"analysis: {options.analysis.calib_tokens:,} calibration tokens, windows of {options.analysis.seq_len}"
         )
@@ -810,8 +1033,25 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
                 model_name=loaded.source_id,
                 progress=progress,
             )
+        if cache is not None:  # kept for --resume; read back so a resumed run sees the same numbers
+            from minigpts.analysis import ActivationStats
+
+            stats.save(cache.stats)
+            stats = ActivationStats.load(cache.stats)
+            interrupt_point("analyze")
     with timed(timings, "plan"):
-        plan = build_plan(base_model, base_tokenizer, stats, options.plan, corpus=corpus, progress=progress)
+        if resume and cache.plan.is_file():
+            from minigpts.plan import PruningPlan
+
+            plan = PruningPlan.load(cache.plan)
+            say(f"plan: reused {cache.plan.name}")
+        else:
+            plan = build_plan(
+                base_model, base_tokenizer, stats, options.plan, corpus=corpus, progress=progress
+            )
+            if cache is not None:
+                write_json_atomic(cache.plan, plan.to_dict())
+                interrupt_point("plan")
     if options.dry_run:
         return {"plan": plan, "timings": timings}
     from rich.markup import escape
@@ -822,16 +1062,23 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
 
     stages: dict[str, dict] = {}
     eval_kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress, budget_tokenizer=base_tokenizer)
-    with timed(timings, "eval_base"):
-        stages["base"] = evaluate_stage(
-            base_model,
-            base_tokenizer,
-            corpus,
-            options.evaluation,
-            name="base",
-            model_path=loaded.path,
-            **eval_kwargs,
-        )
+    if resume and cache.base.is_file():
+        stages["base"] = json.loads(cache.base.read_text())
+        say(f"base evaluation: reused {cache.base.name}")
+    else:
+        with timed(timings, "eval_base"):
+            stages["base"] = evaluate_stage(
+                base_model,
+                base_tokenizer,
+                corpus,
+                options.evaluation,
+                name="base",
+                model_path=loaded.path,
+                **eval_kwargs,
+            )
+        if cache is not None:
+            write_json_atomic(cache.base, stages["base"])
+            interrupt_point("eval_base")
     say(
         f"base: bits/byte {stages['base']['bits_per_byte']:.4f}, perplexity {stages['base']['perplexity']:.3f}"
     )
@@ -844,32 +1091,50 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     # The unpruned model is only needed later as a teacher or to build the controls; otherwise it is
     # pruned in place, so the run never holds two models (peak memory ≈ one model + activations).
     keep_base = options.controls or (method is not None and method.needs_teacher)
-    with timed(timings, "prune"):
-        target = copy_model(base_model) if keep_base else base_model
-        calibration = None
-        if options.plan.sequential and options.plan.reconstruct == "lstsq":
-            calibration = calibration_windows(base_tokenizer, corpus, options.analysis)
-        pruned, pruned_tokenizer = apply_full_plan(
-            target,
-            base_tokenizer,
-            plan,
-            stats=stats,
-            reconstruct=options.plan.reconstruct,
-            ridge=options.plan.ridge,
-            calibration=calibration,
+    calibration = None
+    if options.plan.sequential and options.plan.reconstruct == "lstsq":
+        calibration = calibration_windows(base_tokenizer, corpus, options.analysis)
+    pruned_plan_file = cache.pruned_dir.with_suffix(".plan.json") if cache is not None else None
+    if resume and cache.pruned_dir.is_dir() and pruned_plan_file.is_file():
+        from minigpts.export import load as load_saved
+        from minigpts.models import resolve_device, resolve_dtype
+        from minigpts.plan import PruningPlan
+
+        device = resolve_device(options.device)
+        pruned, pruned_tokenizer = load_saved(
+            cache.pruned_dir, device=device, dtype=resolve_dtype(options.dtype, device)
         )
+        plan = PruningPlan.load(pruned_plan_file)
+        say(f"pruning: reused {cache.pruned_dir.name}")
         if not keep_base:
             base_model = loaded.model = None
-    with timed(timings, "eval_pruned"):
-        stages["pruned"] = evaluate_stage(
-            pruned, pruned_tokenizer, corpus, options.evaluation, name="pruned", **eval_kwargs
-        )
+    else:
+        with timed(timings, "prune"):
+            pruned, pruned_tokenizer = _prune(
+                base_model, base_tokenizer, plan, stats, options, calibration, keep_base
+            )
+            if not keep_base:
+                base_model = loaded.model = None
+        if cache is not None:
+            write_json_atomic(pruned_plan_file, plan.to_dict())
+            save_model(pruned, pruned_tokenizer, cache.pruned_dir, plan=plan, force=True)
+            interrupt_point("prune")
+    if resume and cache.pruned.is_file():
+        stages["pruned"] = json.loads(cache.pruned.read_text())
+        say(f"pruned evaluation: reused {cache.pruned.name}")
+    else:
+        with timed(timings, "eval_pruned"):
+            stages["pruned"] = evaluate_stage(
+                pruned, pruned_tokenizer, corpus, options.evaluation, name="pruned", **eval_kwargs
+            )
+        if cache is not None:
+            write_json_atomic(cache.pruned, stages["pruned"])
+            interrupt_point("eval_pruned")
     say(
         f"pruned: bits/byte {stages['pruned']['bits_per_byte']:.4f}, perplexity {stages['pruned']['perplexity']:.3f}"
     )
 
     final_model, final_tokenizer = pruned, pruned_tokenizer
-    work = work_dir_for(out)
     recovery = with_shared_teacher_cache(recovery, method, work)
     recover = functools.partial(
         recover_stage,
@@ -929,6 +1194,24 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
                     **eval_kwargs,
                 )
         del control
+        if general is None:
+            say(f"[yellow]skipped {GENERAL_CONTROL}: {GENERAL_CONTROL_NEEDS}[/yellow]")
+        else:
+            with timed(timings, GENERAL_CONTROL):
+                name, stage = general_control_stage(
+                    base_model,
+                    base_tokenizer,
+                    plan,
+                    corpus,
+                    general,
+                    options,
+                    recover,
+                    eval_kwargs,
+                    work,
+                    model_name=loaded.source_id,
+                    progress=progress,
+                )
+                stages[name] = stage
 
     report = {
         "minigpts_version": __version__,
@@ -948,6 +1231,8 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         **stages,
         "timings": timings,
     }
+    if not distributed.is_main():  # data parallel: every process holds the same model; rank 0 saves
+        return report
     with timed(timings, "save"):
         from minigpts.export import base_license
 
@@ -978,6 +1263,69 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     write_report(report, out, stats=stats)
     cleanup(work)
     return report
+
+
+def general_control_stage(
+    base_model,
+    base_tokenizer,
+    plan,
+    corpus,
+    general,
+    options: RunOptions,
+    recover,
+    eval_kwargs,
+    work,
+    *,
+    model_name,
+    progress,
+):
+    """(stage name, stage) of control_general_calibration in `run`: statistics of the general text
+    (same analysis options and calibration budget), the same widths, refit and recovery."""
+    text = general_calibration_corpus(general)
+    general_stats = None
+    if options.plan.has_structure():
+        general_stats = run_analysis(
+            base_model, base_tokenizer, text, options.analysis, model_name=model_name, progress=progress
+        )
+    control_plan = general_plan_like(base_model, base_tokenizer, plan, general_stats, text, options.plan)
+    calibration = None
+    if options.plan.sequential and options.plan.reconstruct == "lstsq":
+        calibration = calibration_windows(base_tokenizer, text, options.analysis)
+    model, tokenizer = apply_full_plan(
+        copy_model(base_model),
+        base_tokenizer,
+        control_plan,
+        stats=general_stats,
+        reconstruct=options.plan.reconstruct,
+        ridge=options.plan.ridge,
+        calibration=calibration,
+    )
+    if options.finetune != "none":
+        name = f"{GENERAL_CONTROL}_finetuned"
+        _, stage = recover(model, tokenizer, name, work / "control_general", control_plan.vocab_keep)
+    else:
+        name = GENERAL_CONTROL
+        stage = evaluate_stage(model, tokenizer, corpus, options.evaluation, name=name, **eval_kwargs)
+    stage["calibration"] = {
+        "data": general.source,
+        "stats": general_stats.metadata if general_stats is not None else None,
+        "plan_settings": control_plan.settings,
+    }
+    return name, stage
+
+
+def _prune(base_model, base_tokenizer, plan, stats, options: RunOptions, calibration, keep_base: bool):
+    """The pruned (model, tokenizer): ``base_model`` itself, or a copy when the run still needs it."""
+    target = copy_model(base_model) if keep_base else base_model
+    return apply_full_plan(
+        target,
+        base_tokenizer,
+        plan,
+        stats=stats,
+        reconstruct=options.plan.reconstruct,
+        ridge=options.plan.ridge,
+        calibration=calibration,
+    )
 
 
 def _card_metrics(stage: dict) -> dict:

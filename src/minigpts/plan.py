@@ -596,7 +596,7 @@ def _plan_with_depth(
         stats.check_model(model)
     scores = depth.layer_scores(stats, layer_criterion)
     keep = depth.layers_to_keep(scores, n_drop)
-    full = [(adapter.mlp_out(layer).in_features, *adapter.head_layout(layer)[:2]) for layer in layers]
+    full = [(adapter.mlp_width(layer), *adapter.head_layout(layer)[:2]) for layer in layers]
     hidden = _hidden_size(adapter, layers)
     before = _ParamCounter(model, adapter).count(full, hidden)
     requested = widths["target_params"]
@@ -611,7 +611,16 @@ def _plan_with_depth(
                     f"the {n_drop} dropped layers alone reach --target-params {requested:g} "
                     f"({shallow / before['params']:.1%} of the parameters left): no width was pruned"
                 )
-        plan = make_plan(model, depth.stats_for_layers(stats, keep), **inner)
+        try:
+            plan = make_plan(model, depth.stats_for_layers(stats, keep), **inner)
+        except UserError as error:
+            if requested is None:
+                raise
+            raise UserError(  # the inner planner's fractions are of the model without the dropped layers
+                f"--target-params {requested:g} with {n_drop} of {len(layers)} layers dropped "
+                f"({shallow / before['params']:.1%} of the parameters left); in terms of that smaller "
+                f"model: {error}"
+            ) from None
     entries = iter(plan.layers)
     plan.layers = [
         next(entries)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from minigpts.arch.base import projection_in_features, projection_weight
 from minigpts.errors import UserError
 
 DEFAULT_RIDGE = 1e-2
@@ -126,13 +127,14 @@ def _head_channels(heads: Sequence[int], head_dim: int) -> list[int]:
     return [h * head_dim + d for h in heads for d in range(head_dim)]
 
 
-def _write_refit(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
+def _write_refit(linear: nn.Module, keep: list[int], gram, mean, ridge: float) -> None:
     """Overwrite the kept input columns (and the bias) with their refit; surgery then slices."""
+    weight = projection_weight(linear)  # [out, in], a view for Conv1D
     use_mean = mean if linear.bias is not None else None
-    new, bias = refit(linear.weight, keep, gram, use_mean, ridge=ridge)
-    keep_t = torch.as_tensor(keep, dtype=torch.long, device=linear.weight.device)
+    new, bias = refit(weight, keep, gram, use_mean, ridge=ridge)
+    keep_t = torch.as_tensor(keep, dtype=torch.long, device=weight.device)
     with torch.no_grad():
-        linear.weight[:, keep_t] = new.to(linear.weight.device, linear.weight.dtype)
+        weight[:, keep_t] = new.to(weight.device, weight.dtype)
         if bias is not None:
             linear.bias += bias.to(linear.bias.device, linear.bias.dtype)
 
@@ -159,7 +161,7 @@ def reconstruct(model: nn.Module, plan, stats, *, ridge: float = DEFAULT_RIDGE) 
         if i not in kept_layers:
             continue
         down = adapter.mlp_out(layer)
-        if len(layer_plan.mlp_keep) < down.in_features:
+        if len(layer_plan.mlp_keep) < projection_in_features(down):
             _write_refit(down, list(layer_plan.mlp_keep), stats.mlp_gram[i], stats.mlp_mean[i], ridge)
             done["mlp"] += 1
         n_heads, _, head_dim = adapter.head_layout(layer)
@@ -223,7 +225,7 @@ def _collect(layer, module: nn.Linear, hidden: list, kwargs: list, layer_index: 
     """First- and second-order statistics of ``module``'s input over every batch through ``layer``."""
     from minigpts.analysis import _ChannelSums, _Moments, _Scratch
 
-    width = module.in_features
+    width = projection_in_features(module)
     device = module.weight.device
     sums, moments = _ChannelSums((width,), device, _Scratch()), _Moments(width, device)
 
@@ -306,7 +308,7 @@ def sequential_reconstruct(
                 _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
                 done["attention"] += 1
             down = adapter.mlp_out(layer)
-            if i in kept_layers and len(layer_plan.mlp_keep) < down.in_features:
+            if i in kept_layers and len(layer_plan.mlp_keep) < projection_in_features(down):
                 with torch.inference_mode():
                     l1, l2sq, gram, mean = _collect(layer, down, hidden, kwargs, i)
                 live.mlp_l1[i], live.mlp_l2sq[i], live.mlp_gram[i], live.mlp_mean[i] = l1, l2sq, gram, mean
@@ -328,9 +330,10 @@ def sequential_reconstruct(
 def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
     """Refit the kept input columns and zero the others: the layer now computes its pruned self."""
     _write_refit(linear, keep, gram, mean, ridge)
-    removed = sorted(set(range(linear.in_features)) - set(keep))
+    weight = projection_weight(linear)
+    removed = sorted(set(range(weight.shape[1])) - set(keep))
     with torch.no_grad():
-        linear.weight[:, torch.as_tensor(removed, dtype=torch.long, device=linear.weight.device)] = 0
+        weight[:, torch.as_tensor(removed, dtype=torch.long, device=weight.device)] = 0
 
 
 def copy_stats(stats):
@@ -371,28 +374,29 @@ def elimination_order(
     f = torch.ones(w.shape[0], dtype=torch.float64) if row_weights is None else row_weights.to(torch.float64)
     root = f.clamp_min(0).sqrt()[:, None]
     n_groups = w.shape[1] // group
-    columns = torch.arange(w.shape[1]).view(n_groups, group)
-    alive = torch.ones(n_groups, dtype=torch.bool)
+    alive = torch.arange(n_groups)  # original group ids still kept, in the order of the columns below
     rank = torch.zeros(n_groups, dtype=torch.float64)
     removed = 0
     while removed < n_groups - 1:
+        # w and inverse hold the alive groups' columns only (compacted after every step: ~3x less work)
         if group == 1:
             cost = (root * w).pow(2).sum(0) / inverse.diagonal().clamp_min(1e-300)
         else:
-            cost = torch.full((n_groups,), float("inf"), dtype=torch.float64)
-            for g in torch.nonzero(alive).flatten().tolist():
-                cols = columns[g]
+            cost = torch.empty(len(alive), dtype=torch.float64)
+            for g in range(len(alive)):
+                cols = slice(g * group, (g + 1) * group)
                 scaled = (root * w[:, cols]).T
-                cost[g] = float((scaled * torch.linalg.solve(inverse[cols][:, cols], scaled)).sum())
-        cost[~alive] = float("inf")
+                cost[g] = float((scaled * torch.linalg.solve(inverse[cols, cols], scaled)).sum())
         take = torch.argsort(cost, stable=True)[: min(block, n_groups - 1 - removed)]
-        cols = columns[take].flatten()
+        cols = (take[:, None] * group + torch.arange(group)).flatten()
         rows = torch.linalg.solve(inverse[cols][:, cols], inverse[cols, :])  # (H⁻¹[S, S])⁻¹ H⁻¹[S, :]
         w -= w[:, cols] @ rows
         inverse -= inverse[:, cols] @ rows
-        w[:, cols] = 0
-        alive[take] = False
-        rank[take] = torch.arange(removed, removed + len(take), dtype=torch.float64)
+        rank[alive[take]] = torch.arange(removed, removed + len(take), dtype=torch.float64)
         removed += len(take)
+        keep_groups = torch.ones(len(alive), dtype=torch.bool)
+        keep_groups[take] = False
+        keep_cols = keep_groups.repeat_interleave(group)
+        alive, w, inverse = alive[keep_groups], w[:, keep_cols], inverse[keep_cols][:, keep_cols]
     rank[alive] = n_groups - 1
     return rank

@@ -20,13 +20,25 @@ from typing import Any
 DASH = "–"
 
 # Stage order of a `run` report; the table follows it whatever order the dict arrives in.
-STAGE_ORDER = ("base", "pruned", "finetuned", "control_base_finetuned", "control_random_finetuned")
+STAGE_ORDER = (
+    "base",
+    "pruned",
+    "finetuned",
+    "control_base_finetuned",
+    "control_random_finetuned",
+    "control_random",
+    "control_general_calibration_finetuned",
+    "control_general_calibration",
+)
 STAGE_LABELS = {
     "base": "base",
     "pruned": "pruned",
     "finetuned": "pruned + recovered",
     "control_base_finetuned": "control: base, same fine-tuning",
     "control_random_finetuned": "control: random same size, recovered",
+    "control_random": "control: random same size",
+    "control_general_calibration_finetuned": "control: calibrated on general text, recovered",
+    "control_general_calibration": "control: calibrated on general text",
 }
 
 # The documented columns of sweep rows, in the order sweep.csv writes them (extra keys follow).
@@ -53,6 +65,10 @@ SWEEP_COLUMNS = (
     "criterion",
     "decode_tps_base",
     "decode_tps",
+    "control_general_bpb",
+    "control_general_params",
+    "bpb_val_base",
+    "bpb_val",
 )
 
 # The paper's linear/activation thresholds, drawn on the magnitude plot to show what each would cut.
@@ -62,8 +78,14 @@ SWEEP_NOTE = (
     "Bits per byte (bpb) on the held-out test split: lower is better, and unlike per-token perplexity it "
     "stays comparable when the vocabulary is trimmed. Relative size = parameters / base parameters. "
     "Δbpb compares the recovered model with the unpruned base. Controls: the unpruned model fine-tuned "
-    "with the same budget (base fine-tuned) and a random pruning of the same size recovered the same way "
-    "(random)."
+    "with the same budget (base fine-tuned), a random pruning of the same size recovered the same way "
+    "(random) and, with --general-data, the same widths chosen from statistics of general text instead "
+    "of the domain's (general)."
+)
+
+FRONTIER_NOTE = (
+    "Frontier: the largest parameter reduction whose final model (recovered, else pruned) has validation "
+    "bits/byte ≤ the unpruned base's, chosen on the validation split and then confirmed (or not) on test."
 )
 
 
@@ -500,6 +522,11 @@ def _controls_cell(row: Mapping) -> str:
     return (
         f"base ft {_num(row.get('control_base_finetuned_bpb'), 4)} · "
         f"random {_num(row.get('control_random_bpb'), 4)}"
+        + (
+            ""
+            if _is_missing(row.get("control_general_bpb"))
+            else f" · general {_num(row.get('control_general_bpb'), 4)}"
+        )
     )
 
 
@@ -522,7 +549,9 @@ def sweep_table(rows: list[Mapping]) -> tuple[list[str], str, list[list[str]]]:
     if any(not _is_missing(r.get(f"mcq_{s}")) for r in rows for s in ("base", "pruned", "recovered")):
         columns.append(("MCQ base → pruned → recovered", "r", lambda r: _arrow(r, "mcq", _accuracy)))
     if any(
-        not _is_missing(r.get(k)) for r in rows for k in ("control_base_finetuned_bpb", "control_random_bpb")
+        not _is_missing(r.get(k))
+        for r in rows
+        for k in ("control_base_finetuned_bpb", "control_random_bpb", "control_general_bpb")
     ):
         columns.append(("controls bpb", "r", _controls_cell))
     if any(not _is_missing(r.get("decode_tps")) for r in rows):
@@ -575,6 +604,7 @@ def read_sweep_inputs(directory: str | Path) -> dict[str, Any]:
     rebuilds it from files alone (sweep.json, plus sweep_figures.json when plots had data)."""
     directory = Path(directory)
     inputs = json.loads((directory / "sweep.json").read_text(encoding="utf-8"))
+    inputs.pop("frontier", None)  # derived from the rows; write_sweep_report recomputes it
     figures = directory / "sweep_figures.json"
     if figures.exists():
         inputs.update(json.loads(figures.read_text(encoding="utf-8")))
@@ -665,6 +695,87 @@ def plot_token_frequencies(token_frequencies: Mapping[str, Any], path: str | Pat
     return Path(path)
 
 
+def sweep_frontier(rows: list[Mapping]) -> list[dict[str, Any]]:
+    """Per model, domain and criterion: the setting with the smallest relative size whose final model
+    has validation bits/byte ≤ the base's (``found``), with its test bits/byte and whether test agrees;
+    when none reaches the base, ``found`` is False and the setting is the closest on validation."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault((row.get("model"), row.get("domain"), row.get("criterion")), []).append(row)
+    frontier = []
+    for (model, domain, criterion), group in groups.items():
+        entry: dict[str, Any] = {"model": model, "domain": domain, "criterion": criterion, "found": False}
+        usable = [
+            r
+            for r in group
+            if not any(_is_missing(r.get(k)) for k in ("bpb_val", "bpb_val_base", "relative_size"))
+        ]
+        if not usable:
+            frontier.append({**entry, "setting": None, "note": "no validation bits/byte in these rows"})
+            continue
+        reaching = [r for r in usable if float(r["bpb_val"]) <= float(r["bpb_val_base"])]
+        if reaching:
+            best = min(reaching, key=lambda r: (float(r["relative_size"]), float(r["bpb_val"])))
+        else:
+            best = min(usable, key=lambda r: float(r["bpb_val"]) - float(r["bpb_val_base"]))
+        test = best.get("bpb_recovered")
+        if _is_missing(test):
+            test = best.get("bpb_pruned")
+        base_test = best.get("bpb_base")
+        confirmed = None
+        if not _is_missing(test) and not _is_missing(base_test):
+            confirmed = float(test) <= float(base_test)
+        frontier.append(
+            {
+                **entry,
+                "found": bool(reaching),
+                "setting": best.get("setting"),
+                "relative_size": float(best["relative_size"]),
+                "parameter_reduction": 1.0 - float(best["relative_size"]),
+                "params": best.get("params"),
+                "bpb_val": float(best["bpb_val"]),
+                "bpb_val_base": float(best["bpb_val_base"]),
+                "bpb_test": None if _is_missing(test) else float(test),
+                "bpb_test_base": None if _is_missing(base_test) else float(base_test),
+                "confirmed_on_test": confirmed,
+            }
+        )
+    return frontier
+
+
+def frontier_lines(frontier: list[Mapping]) -> list[str]:
+    """One sentence per frontier entry, for sweep.md and the console."""
+    several_models = len({f.get("model") for f in frontier}) > 1
+    several_criteria = len({f.get("criterion") for f in frontier}) > 1
+    lines = []
+    for f in frontier:
+        who = f"{f.get('model')} · " if several_models else ""
+        who += str(f.get("domain"))
+        if several_criteria:
+            who += f" ({f.get('criterion')})"
+        if f.get("setting") is None:
+            lines.append(f"frontier {who}: none ({f.get('note', 'no data')})")
+            continue
+        if f["found"]:
+            verdict = {True: "confirmed", False: "not confirmed", None: "no test number"}[
+                f["confirmed_on_test"]
+            ]
+            lines.append(
+                f"frontier {who}: {f['setting']}: {f['parameter_reduction']:.1%} fewer parameters "
+                f"(relative size {f['relative_size']:.3f}), validation bits/byte {f['bpb_val']:.4f} ≤ base "
+                f"{f['bpb_val_base']:.4f}; test {_num(f['bpb_test'], 4)} vs base {_num(f['bpb_test_base'], 4)} "
+                f"({verdict} on test)"
+            )
+        else:
+            lines.append(
+                f"frontier {who}: none reaches the base's validation bits/byte {f['bpb_val_base']:.4f}; closest: "
+                f"{f['setting']} (relative size {f['relative_size']:.3f}) at {f['bpb_val']:.4f} "
+                f"({pct(f['bpb_val'], f['bpb_val_base'])}), test {_num(f['bpb_test'], 4)} vs base "
+                f"{_num(f['bpb_test_base'], 4)}"
+            )
+    return lines
+
+
 def _points(rows: list[Mapping], x_key: str | None, y_key: str) -> tuple[list[float], list[float]]:
     """(x, y) pairs with both present, sorted by x; ``x_key`` None pins x to 1 (the unpruned size)."""
     pairs = sorted(
@@ -717,6 +828,25 @@ def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path
             ax.plot(x, y, "*", color=color, ms=13, mec="black", mew=0.6)
             drawn.add("base_ft")
         ys += y
+        x, y = _points(group, "relative_size", "control_general_bpb")
+        if x:
+            ax.plot(x, y, "s", color=color, mfc="none", ms=8, mew=1.5)
+            drawn.add("general")
+        ys += y
+        for point in sweep_frontier(group):
+            if point["found"] and not _is_missing(point.get("bpb_test")):
+                ax.plot(
+                    [point["relative_size"]], [point["bpb_test"]], "o", color=color, mfc="none", ms=17, mew=2
+                )
+                ax.annotate(
+                    f"frontier {point['relative_size']:.2f}×",
+                    (point["relative_size"], point["bpb_test"]),
+                    textcoords="offset points",
+                    xytext=(8, 10),
+                    fontsize=8,
+                    color=color,
+                )
+                drawn.add("frontier")
     positive = [y for y in ys if y > 0]
     if positive and max(positive) / min(positive) > 3:
         ax.set_yscale("log")  # an unrecovered pruning can sit far above; keep the recovered curves readable
@@ -734,6 +864,26 @@ def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path
         "random": Line2D([], [], color="0.2", ls="", marker="x", mew=2, label="random same size, recovered"),
         "base_ft": Line2D(
             [], [], color="0.2", ls="", marker="*", ms=11, label="base fine-tuned, same budget"
+        ),
+        "general": Line2D(
+            [],
+            [],
+            color="0.2",
+            ls="",
+            marker="s",
+            mfc="none",
+            label="same widths, calibrated on general text",
+        ),
+        "frontier": Line2D(
+            [],
+            [],
+            color="0.2",
+            ls="",
+            marker="o",
+            mfc="none",
+            ms=12,
+            mew=2,
+            label="frontier (≤ base on validation)",
         ),
     }
     fig.legend(
@@ -828,6 +978,11 @@ def run_size_row(report: Mapping) -> dict[str, Any]:
         "bpb_recovered": final.get("bits_per_byte"),
         "control_base_finetuned_bpb": (stages.get("control_base_finetuned") or {}).get("bits_per_byte"),
         "control_random_bpb": control_random.get("bits_per_byte"),
+        "control_general_bpb": (
+            stages.get("control_general_calibration_finetuned")
+            or stages.get("control_general_calibration")
+            or {}
+        ).get("bits_per_byte"),
     }
 
 
@@ -960,7 +1115,9 @@ def write_sweep_report(
 
     headers, align, cells = sweep_table(rows)
     notes = [SWEEP_NOTE] + ([f"Protocol: {protocol}"] if protocol else [])
+    frontier = sweep_frontier(rows)
     markdown = [f"# {title}", *notes, _md_table(headers, align, cells)]
+    markdown += ["## Frontier", FRONTIER_NOTE, "\n".join(f"- {line}" for line in frontier_lines(frontier))]
     markdown += [f"![{caption}]({path.name})" for caption, path in images]
     paths["markdown"] = out / "sweep.md"
     paths["markdown"].write_text("\n\n".join(markdown) + "\n", encoding="utf-8")
@@ -968,7 +1125,7 @@ def write_sweep_report(
     paths["csv"] = out / "sweep.csv"
     _write_csv(rows, paths["csv"])
     paths["json"] = out / "sweep.json"
-    saved = {"title": title, "protocol": protocol, "rows": _jsonable(rows)}
+    saved = {"title": title, "protocol": protocol, "rows": _jsonable(rows), "frontier": _jsonable(frontier)}
     paths["json"].write_text(json.dumps(saved, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     if magnitudes or token_frequencies:
         paths["figures_json"] = out / "sweep_figures.json"

@@ -20,6 +20,7 @@ import torch
 from minigpts.errors import UserError
 from minigpts.evaluation import decode_speed
 from minigpts.pipeline import (
+    GENERAL_CONTROL_NEEDS,
     AnalysisOptions,
     EvalOptions,
     FinetuneOptions,
@@ -30,17 +31,21 @@ from minigpts.pipeline import (
     check_output_dir,
     cleanup,
     evaluate_stage,
+    general_calibration_corpus,
+    general_plan_like,
     load_mcq_sets,
     random_plan_like,
     recover_stage,
     recovery_method_or_none,
     run_analysis,
+    validation_bpb,
     validation_bpb_target,
     with_shared_teacher_cache,
     work_dir_for,
     write_json_atomic,
 )
 from minigpts.recovery import get_recovery_method
+from minigpts.report import frontier_lines, sweep_frontier
 
 PAPER_GRID = [(e, e, emb) for e in (1e-5, 1e-3, 1e-1) for emb in (None, 0.0)]
 
@@ -189,6 +194,21 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
     frequencies: dict[str, list[int]] = {}
     runs: dict[str, dict] = {}
     protocol = None
+    general_text = general_stats = None
+    if options.controls and general is None:
+        say(f"[yellow]skipped control_general_calibration: {GENERAL_CONTROL_NEEDS}[/yellow]")
+    elif options.controls:  # one analysis of the general text serves every domain
+        general_text = general_calibration_corpus(general)
+        if any(p.has_structure() for _, p in grid):
+            say(f"general calibration: analysis of {general.source}")
+            general_stats = run_analysis(
+                base_model,
+                base_tokenizer,
+                general_text,
+                options.analysis,
+                model_name=loaded.source_id,
+                progress=progress,
+            )
     for domain in domains:
         corpus = corpora[domain]
         say(f"[bold]{domain}[/bold]: {len(grid)} settings")
@@ -220,6 +240,10 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         stop_at_bpb = None
         if options.finetune != "none" and recovery.stop_at_base:
             stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
+        # the frontier is chosen on validation (then confirmed on test): the base's bits/byte there
+        base_eval["validation_bits_per_byte"] = validation_bpb(
+            base_model, base_tokenizer, corpus, **_validation_protocol(options, base_tokenizer)
+        )
         control_base = None
         if options.controls and options.finetune != "none":
             _, control_base = recover_stage(
@@ -277,16 +301,43 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                     stats=stats,
                     plan_options=plan_options,
                 )
+            control_general = None
+            if general_text is not None:
+                general_plan = general_plan_like(
+                    base_model, base_tokenizer, plan, general_stats, general_text, plan_options
+                )
+                control_general = _prune_recover(
+                    base_model,
+                    base_tokenizer,
+                    general_plan,
+                    corpus,
+                    options,
+                    recovery,
+                    stop_at_bpb,
+                    work / f"{domain}-{index}-general",
+                    kwargs,
+                    stats=general_stats,
+                    plan_options=plan_options,
+                    calibration_corpus=general_text,
+                )
+                control_general["calibration"] = {
+                    "data": general.source,
+                    "stats": general_stats.metadata if general_stats is not None else None,
+                    "plan_settings": general_plan.settings,
+                }
             domain_runs["settings"][label] = {
                 "plan_summary": plan.summary,
                 **stage,
                 "control_random": control_random,
+                "control_general_calibration": control_general,
             }
             final = stage.get("finetuned") or stage["pruned"]
             finetune_info = (stage.get("finetuned") or {}).get("finetune") or {}
-            control_final = None
+            control_final = general_final = None
             if control_random is not None:
                 control_final = control_random.get("finetuned") or control_random["pruned"]
+            if control_general is not None:
+                general_final = control_general.get("finetuned") or control_general["pruned"]
             rows.append(
                 {
                     "model": loaded.name,
@@ -309,6 +360,10 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
                     "recovery_seconds": finetune_info.get("seconds"),
                     "control_base_finetuned_bpb": control_base["bits_per_byte"] if control_base else None,
                     "control_random_bpb": control_final["bits_per_byte"] if control_final else None,
+                    "control_general_bpb": general_final["bits_per_byte"] if general_final else None,
+                    "control_general_params": general_final["params"] if general_final else None,
+                    "bpb_val_base": base_eval["validation_bits_per_byte"],
+                    "bpb_val": stage["validation_bits_per_byte"],
                     "decode_tps_base": base_eval["decode_tokens_per_second"],
                     "decode_tps": stage["decode_tokens_per_second"],
                 }
@@ -325,8 +380,19 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
         protocol=protocol,
     )
     write_json_atomic(out / "sweep_runs.json", runs)
+    for line in frontier_lines(sweep_frontier(rows)):
+        say(line)
     cleanup(work)
     return {"rows": rows, "paths": paths, "runs": runs}
+
+
+def _validation_protocol(options: SweepOptions, base_tokenizer) -> dict:
+    """The frontier's validation evaluation: the test protocol's windows, --max-val-tokens base tokens."""
+    return {
+        "seq_len": options.evaluation.seq_len,
+        "max_tokens": options.recovery.max_val_tokens,
+        "budget_tokenizer": base_tokenizer,
+    }
 
 
 def _prune_recover(
@@ -342,8 +408,11 @@ def _prune_recover(
     *,
     stats,
     plan_options,
+    calibration_corpus=None,
 ) -> dict:
-    """Prune a copy of the base model with ``plan`` (refit as ``plan_options`` says), evaluate, recover, evaluate."""
+    """Prune a copy of the base model with ``plan`` (refit as ``plan_options`` says), evaluate, recover,
+    evaluate (the final model on validation too, for the frontier). ``calibration_corpus``: where the
+    sequential refit's windows come from (default ``corpus``)."""
     model, tokenizer = apply_full_plan(
         copy.deepcopy(base_model),
         base_tokenizer,
@@ -351,14 +420,15 @@ def _prune_recover(
         stats=stats,
         reconstruct=plan_options.reconstruct,
         ridge=plan_options.ridge,
-        calibration=calibration_windows(base_tokenizer, corpus, options.analysis)
+        calibration=calibration_windows(base_tokenizer, calibration_corpus or corpus, options.analysis)
         if plan_options.sequential and plan_options.reconstruct == "lstsq"
         else None,
     )
     stage = {"pruned": evaluate_stage(model, tokenizer, corpus, options.evaluation, name="pruned", **kwargs)}
     stage["decode_tokens_per_second"] = decode_speed(model)  # recovery changes no shape
+    final = None
     if options.finetune != "none":
-        _, stage["finetuned"] = recover_stage(
+        final, stage["finetuned"] = recover_stage(
             model,
             tokenizer,
             "finetuned",
@@ -371,4 +441,10 @@ def _prune_recover(
             stop_at_bpb=stop_at_bpb,
             eval_kwargs=kwargs,
         )
+    stage["validation_bits_per_byte"] = validation_bpb(
+        final if final is not None else model,
+        tokenizer,
+        corpus,
+        **_validation_protocol(options, base_tokenizer),
+    )
     return stage

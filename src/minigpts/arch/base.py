@@ -2,7 +2,10 @@
 
 Analysis, planning, surgery and export never name a module themselves; they ask an adapter. A family
 is then a small declarative subclass (module paths and config field names), and the logic that walks
-those paths lives here once.
+those paths lives here once. So do the module operations (a projection's [out, in] weight and widths,
+slicing its rows and columns, MLP / head / hidden pruning, norm shrinking): nn.Linear and GPT-2's
+Conv1D by default, overridden by the few families whose projections are fused (Phi-3, GPT-NeoX, GPT-2)
+or whose norms and embeddings differ (Gemma).
 """
 
 from __future__ import annotations

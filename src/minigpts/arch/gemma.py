@@ -49,6 +49,15 @@ class GemmaAdapter(ArchAdapter):
     def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
         return [get_module(layer, path) for path in self.layer_norm_paths if hasattr(layer, path)]
 
+    def width_problem(self, config: Any, hidden_size: int, n_heads: int) -> str | None:
+        if config.model_type in ("gemma2", "gemma3_text") and hidden_size % n_heads:
+            # Gemma2Config / Gemma3TextConfig.validate_architecture, run on save and on load
+            return (
+                f"transformers' {type(config).__name__} needs hidden_size ({hidden_size}) to be a multiple of "
+                f"num_attention_heads ({n_heads}): keep a head count that divides the hidden size"
+            )
+        return None
+
     def prune_hidden(self, model: nn.Module, keep: list[int]) -> None:
         hidden = self.hidden_size(model)
         super().prune_hidden(model, keep)  # rescales every residual norm and config.rms_norm_eps by D / D'

@@ -206,7 +206,10 @@ class BudgetTracker(TrainerCallback):
         step = state.global_step
         if self.max_seconds is not None and not control.should_training_stop and step < state.max_steps:
             pending = self.predicted_eval() if control.should_evaluate else 0.0
-            if t + pending + self.predicted_step() + self.predicted_eval() > self.max_seconds:
+            from minigpts import distributed
+
+            over = t + pending + self.predicted_step() + self.predicted_eval() > self.max_seconds
+            if distributed.any_true(over):  # data parallel: the clocks differ; all stop when one must
                 self.reason = "max_minutes"
                 control.should_training_stop = True
                 control.should_evaluate = control.should_save = True  # a stopped run can be resumed

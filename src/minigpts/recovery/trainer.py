@@ -34,6 +34,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
+from minigpts import distributed
 from minigpts.errors import UserError
 from minigpts.recovery.budget import BudgetTracker, Clock, ProgressBar, plan_budget
 from minigpts.recovery.methods import RecoveryContext, get_recovery_method, vocab_size_of
@@ -181,7 +182,30 @@ class _RunGuard(TrainerCallback):
                     "eval_seconds": self.tracker.predicted_eval() or None,
                 }
                 (folder / RUN_STATE_FILE).write_text(json.dumps(run_state))
+                from minigpts.pipeline import interrupt_point
+
+                # test hook: MINIGPTS_TEST_INTERRUPT_AFTER=checkpoint-N sends SIGINT here
+                interrupt_point(f"checkpoint-{state.global_step}")
         return control
+
+
+def _unprepare_for_training(trainer) -> None:
+    """Let ``train()`` wrap the model for data parallelism after an ``evaluate()`` prepared it.
+
+    ``Trainer.evaluate`` before ``train`` prepares the model in accelerate's evaluation mode (no DDP
+    wrapper) and marks it prepared, so ``train`` then skips the wrapping: every process would train
+    alone on its share of the batch (measured: the processes' weights differ after one step). Undo
+    the mark (and the autocast ``forward`` it installed) so ``train`` wraps it as without evaluation.
+    """
+    model = trainer.model
+    if not getattr(model, "_is_accelerate_prepared", False):
+        return
+    if "_original_forward" in vars(model):
+        model.forward = model._original_forward
+        del model._original_forward
+    del model._is_accelerate_prepared
+    trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
+    trainer.model_wrapped = model
 
 
 def _ppl(loss: float) -> float:
@@ -367,6 +391,8 @@ def finetune(
         include_num_input_tokens_seen="all",
         disable_tqdm=True,
         report_to="none",
+        # torchrun / accelerate launch without a GPU: the Trainer's DDP runs over gloo only with use_cpu
+        **({"use_cpu": True} if not on_gpu and distributed.launched() else {}),
     )
     plan = plan_budget(
         n_train=len(train_windows),
@@ -476,9 +502,13 @@ def finetune(
             trained = False
             if resume_from is None and stop_at_ppl is not None and _ppl(initial_eval[1]) <= stop_at_ppl:
                 guard.reason = "stop_at_ppl"  # the paper's rule trains no step
-            elif max_seconds is not None and clock.elapsed() + tracker.predicted_eval() >= max_seconds:
+            elif max_seconds is not None and distributed.any_true(
+                clock.elapsed() + tracker.predicted_eval() >= max_seconds  # all processes agree
+            ):
                 tracker.reason = "max_minutes"  # the cap is spent before the first step
             else:
+                if distributed.active():
+                    _unprepare_for_training(trainer)
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 trained = True
 
