@@ -76,7 +76,9 @@ def greedy_ids(model, tokenizer, tokens: int) -> tuple[list[int], list[int]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-eval-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -110,7 +112,9 @@ def main() -> int:
     for name, vary in (("uniform cut", False), ("per-layer cut", True)):
         if name in args.layouts:
             cut = apply_plan(copy.deepcopy(base), cut_plan(base, args.mlp_ratio, args.head_ratio, vary=vary))
-            models[name] = trim_vocabulary(cut, tokenizer, args.vocab_size) if args.vocab_size else (cut, tokenizer)
+            models[name] = (
+                trim_vocabulary(cut, tokenizer, args.vocab_size) if args.vocab_size else (cut, tokenizer)
+            )
 
     keep_dir = Path(args.keep) if args.keep else None
     if keep_dir:
@@ -146,7 +150,9 @@ def main() -> int:
                 theirs = llama_bits_per_byte(path, windows, byte_lengths)
                 llama_seconds = time.perf_counter() - start
                 decoded, _ = llama_greedy(runner, prompt, args.decode_tokens)
-                agree = next((i for i, (a, b) in enumerate(zip(decoded, ours_greedy)) if a != b), len(decoded))
+                agree = next(
+                    (i for i, (a, b) in enumerate(zip(decoded, ours_greedy)) if a != b), len(decoded)
+                )
                 relative = theirs["bits_per_byte"] / ours_bpb - 1
                 ok = (
                     ids_equal == len(documents)

@@ -230,9 +230,10 @@ def assert_scores(scores, reference, **tolerance):
 def test_flap_is_the_standardised_fluctuation(name):
     model, stats = measured(name)
     # E[a²] − E[a]² from streamed float32 block sums against a two-pass float64 variance: Phi's large
-    # biases give means far above the spread, so a few standardised scores (~1) differ by ~6e-5
+    # biases give means far above the spread, so a few standardised scores (~1) differ by up to ~2e-4
+    # (how much depends on the summation order, i.e. on the thread count)
     assert_scores(
-        unit_scores(model, stats, "flap"), reference_flap(model, captured_inputs(model)), rtol=1e-4, atol=1e-4
+        unit_scores(model, stats, "flap"), reference_flap(model, captured_inputs(model)), rtol=1e-3, atol=1e-3
     )
 
 

@@ -76,3 +76,42 @@ def test_vocabulary_cut_on_the_bundled_sample_keeps_held_out_bits_per_byte(smoll
     assert abs(widened / base.bits_per_byte - 1) < 0.03
     assert seen_vocab < widened_vocab
     assert seen / base.bits_per_byte - 1 > 0.10
+
+
+@pytest.mark.slow
+def test_refit_and_error_allocation_beat_slicing_and_uniform_on_held_out_text(smollm2):
+    """The two round-2 claims, on the real model: the refit beats plain slicing at equal widths, and
+    per-layer widths chosen by (Fisher-weighted) output error beat uniform ones at equal parameters."""
+    from minigpts.plan import make_plan
+
+    corpus = load_corpus(str(sample_data_dir() / "economics.*.jsonl"))
+    options = AnalysisOptions(calib_tokens=4096, seq_len=512, batch_size=4, fisher_tokens=1024)
+    stats = run_analysis(
+        smollm2.model, smollm2.tokenizer, corpus, options, model_name="smollm2", progress=False
+    )
+    assert stats.has_moments and stats.has_fisher
+
+    def bpb(plan, reconstruct):
+        model, tokenizer = apply_full_plan(
+            copy.deepcopy(smollm2.model), smollm2.tokenizer, plan, stats=stats, reconstruct=reconstruct
+        )
+        result = evaluate(
+            model,
+            tokenizer,
+            corpus.split("test"),
+            model_name="x",
+            seq_len=512,
+            max_tokens=2048,
+            progress=False,
+        )
+        return result.bits_per_byte, result.params
+
+    uniform = make_plan(smollm2.model, stats, mlp_ratio=0.5)
+    sliced, refit = bpb(uniform, "none"), bpb(uniform, "lstsq")
+    assert refit[1] == sliced[1] and refit[0] < sliced[0] - 0.05
+    common = make_plan(smollm2.model, stats, target_params=0.8, allocation="paper")
+    by_error = make_plan(smollm2.model, stats, target_params=0.8, layout="per-layer")
+    uniform_bpb, uniform_params = bpb(common, "lstsq")
+    error_bpb, error_params = bpb(by_error, "lstsq")
+    assert abs(error_params - uniform_params) < 0.01 * uniform_params
+    assert error_bpb < uniform_bpb
