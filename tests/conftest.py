@@ -14,6 +14,11 @@ SAMPLE_TEXT = (
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def build_tiny_tokenizer():
+    """A 400-token byte-level BPE trained on SAMPLE_TEXT (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -114,8 +114,10 @@ def test_evaluation_and_mcq_equal_single_process(launched):
     assert multi["eval"]["bytes"] == single["eval"]["bytes"]
     assert multi["eval"]["nll_sum"] == pytest.approx(single["eval"]["nll_sum"], rel=STRICT)
     assert len(multi["mcq"]) == len(single["mcq"]) == 6
+    # MCQ packs each process's questions into its own rows (minigpts.mcq), so a score's matrix
+    # products group other tokens than on one process: equal to float rounding (~1e-9), not bit for bit
     for a, b in zip(multi["mcq"], single["mcq"], strict=True):
-        assert a == pytest.approx(b, rel=STRICT)
+        assert a == pytest.approx(b, rel=1e-7)
 
 
 def test_ddp_recovery_step_equals_single_process_step(launched):

@@ -17,9 +17,12 @@ from test_export import prune
 from test_surgery import VOCAB
 from test_vocab import byte_level_bpe, domain_sample, read_sample, sentencepiece_bpe
 
+from minigpts.arch import get_adapter
 from minigpts.cli import main
 from minigpts.export import save_model
 from minigpts.export_gguf import GgufUnsupported, export_gguf, gguf_layout, load_gguf_with_transformers
+from minigpts.plan import LayerPlan, PruningPlan
+from minigpts.surgery import apply_plan
 from minigpts.vocab import count_tokens, select_vocab, slice_model_vocab, trim_tokenizer
 
 
@@ -99,13 +102,32 @@ def test_other_llama_family_members_reload_in_transformers(tmp_path, tiny_tokeni
     check_with_transformers(model, tiny_tokenizer, result.path, 1e-4)
 
 
+def gemma_style_bpe():
+    """SentencePiece-style BPE as Gemma's tokenizer.json has it: spaces replaced by "▁", none prepended."""
+    from tokenizers import decoders, normalizers
+
+    tokenizer = sentencepiece_bpe(True)
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return tokenizer
+
+
+TOKENIZERS = {
+    "byte-level": byte_level_bpe,
+    "sentencepiece": lambda: sentencepiece_bpe(False),
+    "sentencepiece-legacy": lambda: sentencepiece_bpe(True),
+    "sentencepiece-gemma": gemma_style_bpe,
+}
+
+
+# Gemma-style (add_space_prefix false) is checked in llama.cpp only: transformers' GGUF loader rebuilds
+# every SentencePiece-style vocabulary with a "▁" prepended
 @pytest.mark.parametrize("kind", ["byte-level", "sentencepiece", "sentencepiece-legacy"])
 def test_trimmed_vocabulary_keeps_our_ids_in_the_gguf(tmp_path, kind):
-    tokenizer = {
-        "byte-level": byte_level_bpe,
-        "sentencepiece": lambda: sentencepiece_bpe(False),
-        "sentencepiece-legacy": lambda: sentencepiece_bpe(True),
-    }[kind]()
+    tokenizer = TOKENIZERS[kind]()
     selection = select_vocab(tokenizer, count_tokens(tokenizer, domain_sample()), embedding_threshold=0)
     trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
     model = slice_model_vocab(make_tiny_llama(len(tokenizer)), selection.keep_ids)
@@ -215,6 +237,240 @@ def test_phi_with_its_heads_exports_as_phi2(tmp_path):
     assert export_gguf(model, _tokenizer_for(VOCAB), tmp_path / "m.gguf").arch == "phi2"
 
 
+# --- the other families: Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, GPT-2 ---------------------------
+
+OTHER_ARCHS = {
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gpt_neox": "gptneox",
+    "gpt_neox-sequential": "gptneox",
+    "stablelm": "stablelm",
+    "stablelm-parallel-qk-norm": "stablelm",
+    "gpt2": "gpt2",
+}
+
+
+def uniform_cut(name: str, *, heads: bool = False, hidden: bool = False, vary: bool = False):
+    """TINY_CONFIGS[name] with half its MLP channels, its middle layer and (optionally) one KV group of
+    heads / every other hidden channel removed; `vary` gives the first layer a narrower MLP."""
+    model = make_tiny_model(name, VOCAB)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    n_heads, n_kv, _ = adapter.head_layout(layers[0])
+    group = n_heads // n_kv
+    kv = [0] if heads else list(range(n_kv))
+    keep = [k * group + h for k in kv for h in range(group)] if group > 1 else ([0, 2] if heads else kv)
+    width = adapter.mlp_width(layers[0])
+    plans = [
+        LayerPlan(
+            mlp_keep=[0, 1] if vary and index == 0 else list(range(0, width, 2)),
+            heads_keep=keep,
+            kv_heads_keep=kv if group > 1 else keep,
+        )
+        for index in range(len(layers))
+    ]
+    plan = PruningPlan(
+        adapter.family,
+        plans,
+        hidden_keep=list(range(0, adapter.hidden_size(model), 2)) if hidden else None,
+        layers_keep=[0, 2],
+        layout="per-layer" if vary else "uniform",
+    )
+    return apply_plan(model, plan)
+
+
+# transformers' GGUF loader reads fewer keys than llama.cpp: what it does not read takes the config
+# class's default, so these tiny models set those fields to the defaults (the export writes them all)
+RELOAD_OVERRIDES = {
+    # query_pre_attn_scalar and soft-capping are not read (256, 50, 30); llama.cpp scales queries by
+    # 1/sqrt(head_dim), so head_dim is 256 too
+    "gemma2": dict(
+        head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0
+    ),
+    # + layer_types are not read: the default pattern (every 6th layer full) makes all 3 layers sliding
+    "gemma3_text": dict(
+        head_dim=256, query_pre_attn_scalar=256, final_logit_softcapping=None, layer_types=None
+    ),
+    "phi3": dict(partial_rotary_factor=1.0),  # rope.dimension_count is not read
+    "stablelm": {},
+    "gpt2": dict(
+        n_inner=None, max_position_embeddings=1024
+    ),  # feed_forward_length and n_positions are not read
+}
+
+
+@pytest.mark.parametrize("name", list(RELOAD_OVERRIDES))
+def test_other_families_reload_in_transformers_with_same_logits_and_ids(tmp_path, tiny_tokenizer, name):
+    model = make_tiny_model(name, len(tiny_tokenizer), **RELOAD_OVERRIDES[name])
+    result = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    assert result.arch == OTHER_ARCHS[name] and result.tensor_types == {"F32": result.n_tensors}
+    check_with_transformers(model, tiny_tokenizer, result.path, 1e-4)
+
+
+def _written(path) -> tuple[dict, dict]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {t.name: np.array(t.data) for t in reader.tensors}, {
+        k: f.contents() for k, f in reader.fields.items()
+    }
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().numpy()
+
+
+def test_gemma_norms_are_written_plus_one_with_gemma2_keys(tmp_path):
+    model = make_tiny_model("gemma2", VOCAB)
+    tensors, fields = _written(export_gguf(model, _tokenizer_for(VOCAB), tmp_path / "m.gguf").path)
+    layer = model.model.layers[0]
+    for gguf_name, norm in [
+        ("blk.0.attn_norm.weight", layer.input_layernorm),
+        ("blk.0.post_attention_norm.weight", layer.post_attention_layernorm),
+        ("blk.0.ffn_norm.weight", layer.pre_feedforward_layernorm),
+        ("blk.0.post_ffw_norm.weight", layer.post_feedforward_layernorm),
+        ("output_norm.weight", model.model.norm),
+    ]:
+        assert np.allclose(tensors[gguf_name], _np(norm.weight) + 1, atol=1e-7), gguf_name
+    # the embedding as stored: llama.cpp multiplies by sqrt(hidden) itself; tied head: no output.weight
+    assert np.array_equal(tensors["token_embd.weight"], _np(model.model.embed_tokens.weight))
+    assert "output.weight" not in tensors
+    assert fields["gemma2.attention.sliding_window"] == 4
+    assert fields["gemma2.attention.sliding_window_pattern"] == [True, False, True]
+    assert fields["gemma2.attn_logit_softcapping"] == 20.0 and fields["gemma2.final_logit_softcapping"] == 5.0
+    assert fields["gemma2.attention.key_length"] == 8
+
+
+def test_fused_projections_are_written_in_llama_cpp_order(tmp_path):
+    tokenizer = _tokenizer_for(VOCAB)
+    # Phi-3: qkv_proj [q | k | v] and gate_up_proj [gate | up] as they are
+    phi3 = make_tiny_model("phi3", VOCAB)
+    tensors, fields = _written(export_gguf(phi3, tokenizer, tmp_path / "phi3.gguf").path)
+    attention, mlp = phi3.model.layers[0].self_attn, phi3.model.layers[0].mlp
+    assert np.array_equal(tensors["blk.0.attn_qkv.weight"], _np(attention.qkv_proj.weight))
+    assert np.array_equal(tensors["blk.0.ffn_up.weight"], _np(mlp.gate_up_proj.weight))
+    assert fields["phi3.rope.dimension_count"] == 4  # partial_rotary_factor 0.5 of head_dim 8
+    assert "phi3" not in fields["general.name"]  # see export_gguf._general_name
+    # GPT-NeoX: one [q k v] block per head regrouped into [q | k | v]
+    neox = make_tiny_model("gpt_neox", VOCAB)
+    tensors, fields = _written(export_gguf(neox, tokenizer, tmp_path / "neox.gguf").path)
+    qkv = neox.gpt_neox.layers[0].attention.query_key_value
+    hidden, d = neox.config.hidden_size, neox.config.hidden_size // neox.config.num_attention_heads
+    written, bias = tensors["blk.0.attn_qkv.weight"], tensors["blk.0.attn_qkv.bias"]
+    for head in (0, 5):
+        for part in range(3):  # q, k, v of this head
+            rows = slice(part * hidden + head * d, part * hidden + (head + 1) * d)
+            original = slice((3 * head + part) * d, (3 * head + part + 1) * d)
+            assert np.array_equal(written[rows], _np(qkv.weight[original]))
+            assert np.array_equal(bias[rows], _np(qkv.bias[original]))
+    assert fields["gptneox.use_parallel_residual"] is True
+    # GPT-2: Conv1D weights [in, out] transposed, learned positions
+    gpt2 = make_tiny_model("gpt2", VOCAB)
+    tensors, _ = _written(export_gguf(gpt2, tokenizer, tmp_path / "gpt2.gguf").path)
+    block = gpt2.transformer.h[0]
+    assert np.array_equal(tensors["blk.0.attn_qkv.weight"], _np(block.attn.c_attn.weight.T))
+    assert np.array_equal(tensors["blk.0.ffn_down.weight"], _np(block.mlp.c_proj.weight.T))
+    assert np.array_equal(tensors["position_embd.weight"], _np(gpt2.transformer.wpe.weight))
+    # StableLM 2 12B style: per-head q/k LayerNorms stacked, no ffn_norm (parallel residual)
+    stablelm = make_tiny_model("stablelm-parallel-qk-norm", VOCAB)
+    tensors, fields = _written(export_gguf(stablelm, tokenizer, tmp_path / "stablelm.gguf").path)
+    norms = stablelm.model.layers[0].self_attn.q_layernorm.norms
+    assert np.array_equal(tensors["blk.0.attn_q_norm.weight"], np.stack([_np(n.weight) for n in norms]))
+    assert "blk.0.ffn_norm.weight" not in tensors and fields["stablelm.use_parallel_residual"] is True
+
+
+LLAMA_CPP_CASES = [
+    *((name, {}) for name in OTHER_ARCHS),
+    # pruned, uniform: Gemma keeps its head size as a key, so heads and hidden channels may go; the
+    # others need q width == hidden in llama.cpp, so MLP channels and a layer go
+    ("gemma", dict(heads=True, hidden=True)),
+    ("gemma2", dict(heads=True, hidden=True)),
+    ("gemma3_text", dict(heads=True, hidden=True)),
+    ("phi3", {"hidden": False}),
+    ("gpt_neox", {"hidden": False}),
+    ("stablelm-parallel-qk-norm", {"hidden": False}),
+    ("gpt2", {"hidden": False}),
+]
+
+
+@pytest.mark.parametrize(
+    "name, cut",
+    LLAMA_CPP_CASES,
+    ids=[f"{n}{'-cut' if c else ''}{'-heads-hidden' if c.get('heads') else ''}" for n, c in LLAMA_CPP_CASES],
+)
+def test_other_families_run_in_llama_cpp_with_our_logits(tmp_path, name, cut):
+    pytest.importorskip("llama_cpp")
+    model = uniform_cut(name, **cut) if cut else make_tiny_model(name, VOCAB)
+    tokenizer = _tokenizer_for(VOCAB)
+    result = export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert result.arch == OTHER_ARCHS[name]
+    ids = tokenizer(SAMPLE_TEXT[:200], add_special_tokens=False)["input_ids"][:40]  # > Gemma's window of 4
+    ours = logits(model, torch.tensor([ids]))[0].numpy()
+    theirs = llama_cpp_logits(result.path, ids)
+    # tiny random models have logits of 0.04-0.5: the bound is relative to the largest
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        pytest.param(
+            lambda: uniform_cut("gemma2", vary=True),
+            "gemma2 sizes every layer from the first",
+            id="gemma2-per-layer",
+        ),
+        pytest.param(
+            lambda: uniform_cut("phi3", heads=True), "query width to equal the hidden size", id="phi3-heads"
+        ),
+        pytest.param(
+            lambda: uniform_cut("gpt2", heads=True), "query width to equal the hidden size", id="gpt2-heads"
+        ),
+        pytest.param(
+            lambda: uniform_cut("stablelm", heads=True),
+            "query width to equal the hidden size",
+            id="stablelm-heads",
+        ),
+        pytest.param(
+            lambda: make_tiny_model("gemma", VOCAB, tie_word_embeddings=False),
+            "untied LM head",
+            id="gemma-untied",
+        ),
+        pytest.param(
+            lambda: make_tiny_model("gemma2", VOCAB, query_pre_attn_scalar=16),
+            "query_pre_attn_scalar=16",
+            id="gemma2-query-scale",
+        ),
+        pytest.param(
+            lambda: make_tiny_model("gemma2", VOCAB, attn_logit_softcapping=None),
+            "soft-capping switched off",
+            id="gemma2-no-softcap",
+        ),
+        pytest.param(
+            lambda: make_tiny_model("gemma3_text", VOCAB, attn_logit_softcapping=30.0),
+            "gemma3 has none",
+            id="gemma3-attn-softcap",
+        ),
+        pytest.param(
+            lambda: make_tiny_model("gpt2", VOCAB, scale_attn_by_inverse_layer_idx=True),
+            "attention scale",
+            id="gpt2-layer-scaled-attention",
+        ),
+        pytest.param(
+            lambda: make_tiny_model("stablelm", VOCAB, hidden_act="gelu"),
+            "activation 'gelu'",
+            id="stablelm-gelu",
+        ),
+    ],
+)
+def test_what_the_other_llama_cpp_architectures_cannot_express_is_one_clear_error(tmp_path, build, words):
+    with pytest.raises(GgufUnsupported, match=words) as error:
+        export_gguf(build(), _tokenizer_for(VOCAB), tmp_path / "m.gguf")
+    assert "\n" not in str(error.value) and "llama.cpp cannot express" in str(error.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_cli_export_writes_the_file_and_refuses_to_overwrite(tmp_path, tiny_tokenizer, capsys):
     model = make_tiny_llama(len(tiny_tokenizer))
     directory = save_model(model, tiny_tokenizer, tmp_path / "dir")
@@ -260,16 +516,14 @@ def test_llama_cpp_runs_every_layout_with_our_logits(tmp_path, name, vary, hidde
     assert np.abs(ours - theirs).max() < 1e-3
 
 
-@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-legacy", "sentencepiece"])
+@pytest.mark.parametrize(
+    "kind", ["byte-level", "sentencepiece-legacy", "sentencepiece", "sentencepiece-gemma"]
+)
 def test_llama_cpp_tokenizes_as_we_do(tmp_path, kind):
     pytest.importorskip("llama_cpp")
     from minigpts.llama_cpp_check import llama_tokenize
 
-    tokenizer = {
-        "byte-level": byte_level_bpe,
-        "sentencepiece-legacy": lambda: sentencepiece_bpe(True),
-        "sentencepiece": lambda: sentencepiece_bpe(False),
-    }[kind]()
+    tokenizer = TOKENIZERS[kind]()
     selection = select_vocab(tokenizer, count_tokens(tokenizer, domain_sample()), embedding_threshold=0)
     trimmed = trim_tokenizer(tokenizer, selection.keep_ids)
     model = slice_model_vocab(make_tiny_llama(len(tokenizer)), selection.keep_ids)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny_llama, make_tiny_model
 
+import minigpts.mcq as mcq
 from minigpts.errors import UserError
 from minigpts.mcq import (
     MCQItem,
@@ -215,6 +216,16 @@ CONTEXT = "Economics Test: " + "Supply and demand determine the price of goods i
 SAME_CONTEXT = [MCQItem(CONTEXT, item.question, item.choices, item.answer) for item in SHARED_ITEMS + ITEMS]
 
 
+def _questions(tokenizer, items, max_len=256):
+    """(requests, request indices per question) of ``items``, as ``_score_packed`` takes them."""
+    requests = _requests(tokenizer, items, max_len)
+    questions, cursor = [], 0
+    for item in items:
+        questions.append(list(range(cursor, cursor + len(item.choices))))
+        cursor += len(item.choices)
+    return requests, questions
+
+
 def forward_shapes(model) -> list[tuple[int, ...]]:
     """A list that collects the shape of the input ids of every forward pass of ``model``."""
     seen: list[tuple[int, ...]] = []
@@ -233,13 +244,32 @@ def assert_same_scores(model, tokenizer, items, *, batch_size: int = 8) -> None:
     assert mcq_metrics(items, cached) == mcq_metrics(items, alone)
 
 
+@pytest.fixture(params=[True, False], ids=["packed", "kv-cache"])
+def packing(request, monkeypatch):
+    """Both fast paths: packed token trees (the default where the model takes a 4D mask) and the
+    shared-prefix KV cache (the fallback)."""
+    monkeypatch.setattr(mcq, "_PACK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
-def test_cached_prefix_scores_equal_the_uncached_ones_for_every_family(tiny_tokenizer, name):
+def test_cached_prefix_scores_equal_the_uncached_ones_for_every_family(tiny_tokenizer, name, packing):
     model = make_tiny_model(name, len(tiny_tokenizer), max_position_embeddings=256)
     shapes = forward_shapes(model)
     for batch_size in (1, 5, 16):  # one question per group, groups of one or two questions, all at once
         assert_same_scores(model, tiny_tokenizer, SHARED_ITEMS + ITEMS, batch_size=batch_size)
         assert_same_scores(model, tiny_tokenizer, SAME_CONTEXT, batch_size=batch_size)
+    if packing:
+        if not mcq._packable(model, mcq._requests(tiny_tokenizer, SAME_CONTEXT, 256)):
+            return  # tiny Gemma's short sliding window: the KV-cache path ran
+        shapes.clear()
+        score_choices(model, tiny_tokenizer, SAME_CONTEXT, batch_size=16)
+        packed = sum(rows * width for rows, width in shapes)
+        assert len(shapes) <= 2  # every question in one or two passes
+        shapes.clear()
+        score_choices(model, tiny_tokenizer, SAME_CONTEXT, batch_size=16, cache=False)
+        assert packed < sum(rows * width for rows, width in shapes) / 3
+        return
     window = _sliding_window(model.config)
     if window is not None and window < 256:
         return  # a window shorter than the prompts (tiny Gemma's): mcq then runs their shared start per prompt
@@ -266,7 +296,7 @@ def test_cached_prefix_scores_equal_the_uncached_ones_for_every_family(tiny_toke
         ("opt", dict(attn_implementation="eager")),
     ],
 )
-def test_cached_prefix_under_sliding_windows_and_eager_attention(tiny_tokenizer, name, overrides):
+def test_cached_prefix_under_sliding_windows_and_eager_attention(tiny_tokenizer, name, overrides, packing):
     model = make_tiny_model(name, len(tiny_tokenizer), max_position_embeddings=256, **overrides)
     for batch_size in (1, 16):
         assert_same_scores(model, tiny_tokenizer, SHARED_ITEMS + ITEMS, batch_size=batch_size)
@@ -281,7 +311,7 @@ def test_cached_prefix_scores_match_an_independent_computation(tiny_tokenizer):
         assert got_row == pytest.approx(independent_scores(model, tiny_tokenizer, item), abs=1e-4)
 
 
-def test_cached_prefix_with_prompts_cut_from_the_left(tiny_tokenizer):
+def test_cached_prefix_with_prompts_cut_from_the_left(tiny_tokenizer, packing):
     """Choices of different token lengths are cut differently, so share no prefix and run alone; choices
     of the same length still share theirs."""
     model = make_tiny_model("llama", len(tiny_tokenizer), max_position_embeddings=24)
@@ -295,7 +325,7 @@ def test_cached_prefix_with_prompts_cut_from_the_left(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "opt"])
-def test_cached_prefix_on_a_model_with_per_layer_widths(tiny_tokenizer, tmp_path, name):
+def test_cached_prefix_on_a_model_with_per_layer_widths(tiny_tokenizer, tmp_path, name, packing):
     """A pruned model whose layers differ in width, reloaded from its exported remote code."""
     from transformers import AutoModelForCausalLM
 
@@ -322,3 +352,154 @@ def test_cached_prefix_on_a_model_with_per_layer_widths(tiny_tokenizer, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert_same_scores(reloaded, tiny_tokenizer, SHARED_ITEMS + ITEMS[:2])
     assert_same_scores(reloaded, tiny_tokenizer, SAME_CONTEXT)
+
+
+# --- packed token trees: many questions' choices in one pass, scores of the one-sequence-per-choice path ---
+
+MIXED = [
+    # option counts from 2 to 7, prompts from 2 to ~60 tokens, choices from 1 to ~20 tokens
+    MCQItem("", "2 + 2 =", ["4", "5"], 0),
+    MCQItem(
+        "Economics Test: " + "Supply and demand determine the price of goods in a market economy. " * 3,
+        "Opportunity cost is",
+        ["the value of the next best alternative.", "a price.", "free.", "the cost.", "x"],
+        0,
+    ),
+    MCQItem(
+        "Skyrim", "Damn it,", [" this will not stand!", "Hmm?", "émojis 📈", "no", "I", "yes", "a b c"], 4
+    ),
+    MCQItem("Economics Test:", "Prices", ["go up.", "go up and down and up again, in a market economy."], 1),
+    MCQItem("Economics Test:", "Prices", ["go up.", "go down."], 1),  # a prompt and a choice seen before
+    MCQItem("Economics Test:", "Prices", ["go up.", "go down."], 0),  # the same question twice
+    MCQItem("Economics Test:", "When demand rises and supply stays the same, prices", ["rise.", "fall."], 0),
+]
+
+
+def naive_scores(model, tokenizer, items) -> list[list[float]]:
+    """The reference: every (prompt, choice) sequence alone, one forward each, float64 log-softmax."""
+    scores = []
+    for item in items:
+        row = []
+        for ids, n_choice in _requests(tokenizer, [item], 256):
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            row.append(sum(logprobs[t - 1, ids[t]].item() for t in range(len(ids) - n_choice, len(ids))))
+        scores.append(row)
+    return scores
+
+
+def assert_naive_scores(got, expected, items) -> None:
+    assert [len(row) for row in got] == [len(item.choices) for item in items]
+    for got_row, expected_row in zip(got, expected, strict=True):
+        assert got_row == pytest.approx(expected_row, abs=1e-4, rel=0)
+        assert max(range(len(got_row)), key=got_row.__getitem__) == max(
+            range(len(expected_row)), key=expected_row.__getitem__
+        )
+    assert mcq_metrics(items, got) == mcq_metrics(items, expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("llama", {}),
+        ("opt", {}),  # learned positions
+        ("gpt2", {}),
+        ("qwen3", {}),
+        ("gemma2", dict(sliding_window=256)),  # eager, soft-capped; sliding layers wider than any sequence
+        ("gemma3_text", dict(sliding_window=256)),
+    ],
+)
+def test_packed_scores_equal_the_naive_reference(tiny_tokenizer, name, overrides, monkeypatch):
+    model = make_tiny_model(name, len(tiny_tokenizer), max_position_embeddings=256, **overrides)
+    assert mcq._packable(model, _requests(tiny_tokenizer, MIXED, 256))
+    expected = naive_scores(model, tiny_tokenizer, MIXED)
+    shapes = forward_shapes(model)
+    for batch_size in (1, 2, 8, 64):  # a row per question up to every question in one row
+        assert_naive_scores(
+            score_choices(model, tiny_tokenizer, MIXED, batch_size=batch_size), expected, MIXED
+        )
+    # rows of 12 tokens: trees shared by several questions are cut, a larger question runs alone
+    monkeypatch.setattr(mcq, "_ROW_TOKENS", 12)
+    shapes.clear()
+    assert_naive_scores(score_choices(model, tiny_tokenizer, MIXED, batch_size=64), expected, MIXED)
+    assert len(shapes) > 1
+    for items in (MIXED[::-1], MIXED[2:3], [MIXED[4], MIXED[4]]):  # order, one question, duplicates
+        got = score_choices(model, tiny_tokenizer, items, batch_size=4)
+        assert_naive_scores(got, naive_scores(model, tiny_tokenizer, items), items)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_packed_scores_ignore_the_tokenizers_padding(tiny_tokenizer, padding_side):
+    """The tokenizer's padding side and pad token play no part: padding is masked out wherever it goes."""
+    import copy
+
+    model = make_tiny_model("llama", len(tiny_tokenizer), max_position_embeddings=256)
+    expected = naive_scores(model, tiny_tokenizer, MIXED)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.padding_side = padding_side
+    assert_naive_scores(score_choices(model, tokenizer, MIXED, batch_size=3), expected, MIXED)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    assert_naive_scores(score_choices(model, tokenizer, MIXED, batch_size=3), expected, MIXED)
+    assert_naive_scores(score_choices(model, tokenizer, MIXED, batch_size=3, cache=False), expected, MIXED)
+
+
+def test_packed_trees_share_starts_and_own_every_scored_token(tiny_tokenizer):
+    requests, questions = _questions(tiny_tokenizer, MIXED)
+    trie = mcq._Trie(requests, questions)
+    # one node per distinct (start of a sequence): the file's context and repeated prompts run once
+    starts = {tuple(ids[: depth + 1]) for ids, _ in requests for depth in range(len(ids) - 1)}
+    assert len(trie.token) == len(starts)
+    assert sum(len(needed) for needed in trie.needed.values()) == sum(n for _, n in requests)
+    for capacity in (4, 12, 40, 1000):
+        units = trie.units(capacity)
+        owned = [node for _, nodes in units for node in nodes]
+        assert len(owned) == len(set(owned))  # a node is owned once ...
+        assert set(trie.needed) <= set(owned)  # ... and every node a score needs is owned
+        for ancestors, nodes in units:
+            for node in nodes:  # a unit holds every ancestor of its nodes
+                parent = trie.parent[node]
+                assert parent == -1 or parent in ancestors or parent in nodes
+        for columns, row_owned in mcq._pack_rows(units, capacity):
+            assert len(columns) == len(set(columns)) and row_owned <= set(columns)
+            # a row keeps to the capacity unless it holds one unit that is larger on its own
+            assert len(columns) <= capacity or any(set(nodes) == row_owned for _, nodes in units)
+    # a question's tree stays whole: its prompt runs once however small the rows
+    for _, nodes in trie.units(4):
+        assert len({trie.owner[node] for node in nodes}) == 1 or len(nodes) == 1
+
+
+def test_packing_needs_a_4d_mask_and_no_sliding_window_cut(tiny_tokenizer):
+    requests = _requests(tiny_tokenizer, SHARED_ITEMS, 256)
+    longest = max(len(ids) for ids, _ in requests)
+    assert mcq._packable(make_tiny_model("llama", len(tiny_tokenizer)), requests)
+    assert mcq._packable(make_tiny_model("llama", len(tiny_tokenizer), attn_implementation="eager"), requests)
+    mistral = make_tiny_model("mistral", len(tiny_tokenizer), max_position_embeddings=256, sliding_window=8)
+    assert not mcq._packable(mistral, requests)  # the KV-cache path runs (tested above)
+    wide = make_tiny_model(
+        "mistral", len(tiny_tokenizer), max_position_embeddings=256, sliding_window=longest
+    )
+    assert mcq._packable(wide, requests)
+    model = make_tiny_model("llama", len(tiny_tokenizer))
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom mask
+    assert not mcq._packable(model, requests)
+
+
+def test_data_parallel_shares_add_up_to_the_single_process_scores(tiny_tokenizer, monkeypatch):
+    """Under torch.distributed each rank scores its share (possibly none) and the shares are summed."""
+    from minigpts import distributed
+
+    model = make_tiny_model("llama", len(tiny_tokenizer), max_position_embeddings=256)
+    items = MIXED[:3]
+    single = score_choices(model, tiny_tokenizer, items, batch_size=4)
+    world = 4  # more ranks than questions: the last gets none
+    shares = [(0, 1), (1, 2), (2, 3), (3, 3)]
+    total = [[0.0] * len(item.choices) for item in items]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "reduce", lambda tensors: None)
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "bounds", lambda n, align=1, rank=rank: shares[rank])
+        local = score_choices(model, tiny_tokenizer, items, batch_size=4)
+        total = [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(total, local, strict=True)]
+    for got_row, single_row in zip(total, single, strict=True):
+        assert got_row == pytest.approx(single_row, abs=1e-6, rel=0)

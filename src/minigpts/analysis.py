@@ -369,6 +369,7 @@ def analyze(
     fisher_tokens: int = 0,
     taylor_tokens: int = 0,
     depth_tokens: int = 0,
+    run_body: Any = None,
 ) -> ActivationStats:
     """Run the model body over ``windows`` [N, L] and return the per-unit statistics.
 
@@ -381,6 +382,10 @@ def analyze(
     The model is put in eval mode for the pass (dropout would distort the statistics) and restored
     afterwards; hooks are removed even when the pass fails. ``metadata`` (data, seed, ...) is merged
     into the recorded provenance.
+
+    ``run_body(local_windows, batch_size, bar)``, when given, replaces the pass itself (by default
+    ``body(input_ids=batch)`` batch by batch): ``minigpts.analysis_offload`` runs the hooked layers
+    one at a time with it, so the statistics come from this same code.
     """
     from tqdm.auto import tqdm
 
@@ -454,10 +459,13 @@ def analyze(
         model.eval()
         body = adapter.body(model)
         with torch.inference_mode():
-            for start in range(0, len(local), batch_size):
-                batch = local[start : start + batch_size].to(device, non_blocking=True)
-                body(input_ids=batch, use_cache=False)
-                bar.update(batch.numel())
+            if run_body is not None:
+                run_body(local, batch_size, bar)
+            else:
+                for start in range(0, len(local), batch_size):
+                    batch = local[start : start + batch_size].to(device, non_blocking=True)
+                    body(input_ids=batch, use_cache=False)
+                    bar.update(batch.numel())
     finally:
         for handle in handles:
             handle.remove()

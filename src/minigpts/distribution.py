@@ -14,15 +14,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from minigpts.options import PlanOptions, flag_of
+
+
+def _flag(name: str) -> str:
+    return flag_of(PlanOptions, name)
+
+
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 COLUMNS = ("min", *(f"p{round(q * 100)}" for q in QUANTILES), "max")
 GROUP_NAMES = {"mlp": "MLP channels", "heads": "attention heads", "hidden": "hidden channels"}
 THRESHOLD_FLAGS = {
-    "mlp": "--activation-threshold",
-    "heads": "--linear-threshold",
-    "hidden": "--linear-threshold",
+    "mlp": _flag("activation_threshold"),
+    "heads": _flag("linear_threshold"),
+    "hidden": _flag("linear_threshold"),
 }
-RATIO_FLAGS = {"mlp": "--mlp-ratio", "heads": "--head-ratio", "hidden": "--hidden-ratio"}
+RATIO_FLAGS = {"mlp": _flag("mlp_ratio"), "heads": _flag("head_ratio"), "hidden": _flag("hidden_ratio")}
 PAPER_THRESHOLDS = (1e-5, 1e-3, 1e-1)
 ALMOST_ALL = 0.95  # a threshold removing at least this share of a group is warned about
 SUGGESTED_REMOVAL = 0.25  # the quantile a warning offers as a threshold

@@ -400,6 +400,19 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def read_metadata(path: str | Path | None) -> dict[str, Any]:
+    """The minigpts.json that save_model wrote in ``path`` ({} when there is none): plan, metadata, layout."""
+    info_file = Path(path) / METADATA_FILE if path is not None else None
+    if info_file is None or not info_file.is_file():
+        return {}
+    return json.loads(info_file.read_text())
+
+
+def recorded_base_model(path: str | Path | None) -> str | None:
+    """The unpruned model a saved model was cut from, as its minigpts.json records it."""
+    return (read_metadata(path).get("metadata") or {}).get("base_model")
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "cpu",

@@ -17,8 +17,16 @@ Which llama.cpp architecture a model becomes (`gguf_layout`):
   one value per layer. llama.cpp's ``llama`` architecture sizes every layer from the first.
 - Phi (phi-1.5 / phi-2): ``phi2``, while its q/k/v stay hidden × hidden (no heads or hidden channels
   removed, no q/k LayerNorm) and every layer has the same widths.
-- Anything else (OPT, per-layer Qwen3 or Phi, rope scalings llama.cpp cannot state): `GgufUnsupported`,
-  one line naming the family and what cannot be expressed.
+- Gemma, Gemma 2, Gemma 3 (text): ``gemma``, ``gemma2``, ``gemma3``; Phi-3: ``phi3``; GPT-NeoX (Pythia):
+  ``gptneox``; StableLM: ``stablelm``; GPT-2: ``gpt2`` (`_other_layout`, `_other_tensors`), all with
+  uniform widths (those llama.cpp architectures size every layer from the first). Pruned heads and
+  hidden channels stay expressible for Gemma (head size is a key); Phi-3, GPT-NeoX, StableLM and GPT-2
+  need a query width equal to the hidden size there, so only MLP channels and layers may go. Gemma's
+  (1 + w) norms are written as w + 1 and llama.cpp scales its embeddings itself; fused projections are
+  written in llama.cpp's [q | k | v] and [gate | up] order.
+- Anything else (OPT, per-layer widths outside the Llama family, rope scalings llama.cpp cannot state,
+  settings its architectures hard-wire otherwise): `GgufUnsupported`, one line naming the family and
+  what cannot be expressed.
 
 The tokenizer is written as llama.cpp reads it (`tokenizer_fields`): byte-level BPE as ``gpt2`` with
 its merges in rank order and the pre-tokenizer named by what our tokenizer.json actually does (a
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +79,11 @@ class GgufLayout:
     heads: list[int]
     kv_heads: list[int]
     notes: list[str] = field(default_factory=list)
+    # the families written by `_other_layout` (Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, GPT-2):
+    norm: str = "rms"  # "rms": attention.layer_norm_rms_epsilon; "layer": attention.layer_norm_epsilon
+    rope_dims: int | None = None  # rope.dimension_count (None: the whole head; 0: no rotary embedding)
+    rope: dict | None = None  # rope theta / scaling to write (None: the config's, as `_rope` reads it)
+    extra: list[tuple[str, Any]] = field(default_factory=list)  # (GGUFWriter method, value) per family key
 
 
 def _rope(config: Any) -> dict:
@@ -93,18 +107,14 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
             f"{name}: llama.cpp has no OPT architecture (learned positions, ReLU MLP); "
             "export the Hugging Face directory instead"
         )
-    if adapter.family not in {"llama", "phi"}:
-        raise GgufUnsupported(
-            f"{name}: minigpts writes GGUF for the llama (Llama, Mistral, Qwen2, Qwen3) and phi families only; "
-            f"llama.cpp's own convert_hf_to_gguf.py may handle a {model_type} directory saved by minigpts "
-            "if its widths are uniform"
-        )
+    if adapter.family not in {"llama", "phi", *_OTHER_ARCHS}:
+        raise GgufUnsupported(f"{name}: minigpts has no GGUF mapping for this family")
     layers = adapter.layers(model)
     layouts = [adapter.head_layout(layer) for layer in layers]
     heads = [n for n, _, _ in layouts]
     kv_heads = [kv for _, kv, _ in layouts]
     head_dims = {d for _, _, d in layouts}
-    mlp = [adapter.mlp_out(layer).in_features for layer in layers]
+    mlp = [adapter.mlp_width(layer) for layer in layers]
     hidden = adapter.hidden_size(model)
     per_layer = len(set(mlp)) > 1 or len(set(heads)) > 1 or len(set(kv_heads)) > 1
     if len(head_dims) != 1:
@@ -112,6 +122,8 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
             f"{model_type}: head sizes differ between layers ({sorted(head_dims)}); GGUF has one"
         )
     head_dim = head_dims.pop()
+    if adapter.family in _OTHER_ARCHS:
+        return _other_layout(model, adapter, name, per_layer, layers, hidden, head_dim, mlp, heads, kv_heads)
     common = dict(
         family=adapter.family,
         model_type=model_type,
@@ -181,6 +193,176 @@ def _check_rope(config: Any, name: str, allow: set[str]) -> None:
             f"{name}: rope scaling {kind!r} is not written by minigpts for this architecture "
             f"(supported: {', '.join(sorted(allow))})"
         )
+
+
+# llama.cpp architecture of each family `_other_layout` writes (Gemma: by model type)
+_OTHER_ARCHS = {
+    "gemma": {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"},
+    "phi3": {"phi3": "phi3"},
+    "gpt_neox": {"gpt_neox": "gptneox"},
+    "stablelm": {"stablelm": "stablelm"},
+    "gpt2": {"gpt2": "gpt2"},
+}
+# llama.cpp's GELU (LLM_FFN_GELU, ggml_gelu) is the tanh approximation
+_TANH_GELU = {"gelu_pytorch_tanh", "gelu_new"}
+# llama.cpp's gemma2 / gemma3 scale queries by 1/sqrt(hidden / heads) for the 27B models, which it
+# recognises by their layer count, and by 1/sqrt(head_dim) otherwise
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _other_layout(
+    model, adapter, name, per_layer, layers, hidden, head_dim, mlp, heads, kv_heads
+) -> GgufLayout:
+    """Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM and GPT-2, as llama.cpp's converter writes them."""
+    config = model.config
+    model_type = config.model_type
+    arch = _OTHER_ARCHS[adapter.family].get(model_type)
+    if arch is None:
+        raise GgufUnsupported(f"{name}: minigpts has no GGUF mapping for this model type")
+    problems: list[str] = []
+    notes: list[str] = []
+    if per_layer:
+        problems.append(
+            f"widths that differ between layers (llama.cpp's {arch} sizes every layer from the first; "
+            "only its Llama variant 'deci' reads per-layer widths)"
+        )
+    if adapter.family != "gemma" and heads[0] * head_dim != hidden:
+        problems.append(
+            f"removed attention heads ({heads[0]} × {head_dim} query channels for a hidden size of {hidden}; "
+            f"llama.cpp's {arch} needs the query width to equal the hidden size)"
+        )
+    embedding = adapter.embedding(model)
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embedding.weight
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    act = act or getattr(config, "activation_function", None)
+    gelu = arch in {"gemma", "gemma2", "gemma3", "gptneox", "gpt2"}
+    if gelu and act == "gelu":
+        notes.append(
+            "exact (erf) GELU: llama.cpp computes its tanh approximation (at most 5e-4 apart per activation), "
+            "so its logits differ slightly from ours"
+        )
+    elif gelu and act not in _TANH_GELU:
+        problems.append(f"activation {act!r} (llama.cpp's {arch} uses GELU)")
+    elif not gelu and act != "silu":
+        problems.append(f"activation {act!r} (llama.cpp's {arch} uses SiLU)")
+    rotary = (
+        getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
+    )
+    rope_dims = int(head_dim * rotary)
+    extra: list[tuple[str, Any]] = []
+    rope = None
+    norm = "rms"
+    context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+
+    if adapter.family == "gemma":
+        if getattr(config, "attention_bias", False):
+            problems.append(f"attention biases (llama.cpp's {arch} has no output-projection bias)")
+        if not tied and arch != "gemma3":
+            problems.append(f"an untied LM head (llama.cpp's {arch} reads the token embedding as the output)")
+        scale = getattr(embedding, "scalar_embed_scale", None)
+        if scale is not None and abs(float(scale) - hidden**0.5) > 1e-6 * hidden**0.5:
+            problems.append(
+                f"an embedding scale of {scale} (llama.cpp's {arch} scales by sqrt(hidden) = {hidden**0.5})"
+            )
+        if arch != "gemma":
+            ours = float(config.query_pre_attn_scalar) ** -0.5
+            big = len(layers) == _GEMMA_27B_LAYERS[arch]
+            theirs = (hidden / heads[0]) ** -0.5 if big else head_dim**-0.5
+            if abs(ours - theirs) > 1e-6 * theirs:
+                problems.append(
+                    f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp's {arch} scales queries "
+                    f"by 1/sqrt({'hidden / heads' if big else 'head_dim'} = {theirs**-2:g}))"
+                )
+            types = list(getattr(config, "layer_types", None) or [])
+            window = getattr(config, "sliding_window", None)
+            sliding = [t == "sliding_attention" for t in types] if len(types) == len(layers) else None
+            if sliding is None:
+                problems.append(
+                    "no per-layer attention types (config.layer_types) to write as the sliding pattern"
+                )
+            elif any(sliding) and window:
+                extra += [("add_sliding_window", int(window)), ("add_sliding_window_pattern", sliding)]
+            elif arch == "gemma2":
+                extra += [("add_sliding_window", context), ("add_sliding_window_pattern", sliding)]
+            attn_cap = getattr(config, "attn_logit_softcapping", None)
+            final_cap = getattr(config, "final_logit_softcapping", None)
+            if arch == "gemma2":
+                if not attn_cap or not final_cap:
+                    problems.append(
+                        "attention or final logit soft-capping switched off (llama.cpp's gemma2 always applies both)"
+                    )
+                else:
+                    extra += [
+                        ("add_attn_logit_softcapping", float(attn_cap)),
+                        ("add_final_logit_softcapping", float(final_cap)),
+                    ]
+            else:
+                if attn_cap:
+                    problems.append("attention logit soft-capping (llama.cpp's gemma3 has none)")
+                if final_cap:
+                    extra.append(("add_final_logit_softcapping", float(final_cap)))
+        if arch == "gemma3" and "full_attention" in (getattr(config, "rope_parameters", None) or {}):
+            parameters = config.rope_parameters
+            full, local = dict(parameters["full_attention"]), dict(parameters.get("sliding_attention") or {})
+            full.setdefault("rope_type", full.get("type", "default"))
+            if full["rope_type"] not in {"default", "linear"}:
+                problems.append(f"rope scaling {full['rope_type']!r} on the full-attention layers")
+            if local and local.get("rope_type", "default") != "default":
+                problems.append(f"rope scaling {local['rope_type']!r} on the sliding-window layers")
+            rope = full
+            if local:
+                extra.append(("add_rope_freq_base_swa", float(local["rope_theta"])))
+        elif _rope(config)["rope_type"] not in {"default", "linear"}:
+            problems.append(f"rope scaling {_rope(config)['rope_type']!r}")
+    elif adapter.family == "phi3":
+        if _rope(config)["rope_type"] != "default":
+            problems.append(
+                f"rope scaling {_rope(config)['rope_type']!r} (minigpts writes Phi-3 without long-rope factors)"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and window < context:
+            notes.append(
+                f"sliding window {window}: llama.cpp's phi3 attends to the whole context, so context_length is "
+                "capped at the window, where both agree"
+            )
+    elif adapter.family in {"gpt_neox", "stablelm"}:
+        norm = "layer"
+        if _rope(config)["rope_type"] not in {"default", "linear"}:
+            problems.append(f"rope scaling {_rope(config)['rope_type']!r}")
+        parallel = bool(getattr(config, "use_parallel_residual", False))
+        extra.append(("add_parallel_residual", parallel))
+        extra.append(("add_layer_norm_eps", float(config.layer_norm_eps)))
+    elif adapter.family == "gpt2":
+        norm = "layer"
+        rope_dims = 0
+        extra.append(("add_layer_norm_eps", float(config.layer_norm_epsilon)))
+        if not getattr(config, "scale_attn_weights", True) or getattr(
+            config, "scale_attn_by_inverse_layer_idx", False
+        ):
+            problems.append("an attention scale other than 1/sqrt(head_dim) (llama.cpp's gpt2 has no other)")
+    if problems:
+        raise GgufUnsupported(f"{name}: llama.cpp cannot express " + "; ".join(problems))
+    if norm == "rms":
+        extra.append(("add_layer_norm_rms_eps", float(config.rms_norm_eps)))
+    return GgufLayout(
+        arch=arch,
+        family=adapter.family,
+        model_type=model_type,
+        permute_qk=False,  # every one of these rotates halves (llama.cpp's NEOX rope), as transformers does
+        per_layer=False,
+        n_layers=len(layers),
+        hidden=hidden,
+        head_dim=head_dim,
+        mlp=mlp,
+        heads=heads,
+        kv_heads=kv_heads,
+        notes=notes,
+        norm=norm,
+        rope_dims=rope_dims,
+        rope=rope,
+        extra=extra,
+    )
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -392,7 +574,9 @@ def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos
     pre = [p.get("type") for p in _components(spec.get("pre_tokenizer"))]
     prepends = normalizers == ["Prepend", "Replace"] and not pre
     metaspace = not normalizers and pre == ["Metaspace"]
-    if not model_spec.get("byte_fallback") or not (prepends or metaspace):
+    # Gemma: spaces become "▁" but nothing is prepended (llama.cpp: add_space_prefix = false)
+    replaces = normalizers == ["Replace"] and not pre
+    if not model_spec.get("byte_fallback") or not (prepends or metaspace or replaces):
         raise GgufUnsupported(
             f"{where}: neither byte-level BPE nor SentencePiece-style BPE with byte fallback "
             f"(normalizer {normalizers}, pre-tokenizer {pre})"
@@ -441,7 +625,7 @@ def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos
         special=special,
         add_bos=add_bos,
         add_eos=add_eos,
-        add_space_prefix=True,
+        add_space_prefix=not replaces,
         chat_template=template,
         notes=notes,
     )
@@ -472,6 +656,8 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in transformers' [out, in] order) for every weight the architecture reads."""
     adapter = get_adapter(model)
+    if layout.family in _OTHER_ARCHS:
+        return _other_tensors(model, layout, adapter)
     out: list[tuple[str, np.ndarray]] = []
 
     def add(name: str, tensor: torch.Tensor | None) -> None:
@@ -528,6 +714,101 @@ def gguf_tensors(model: nn.Module, layout: GgufLayout) -> list[tuple[str, np.nda
     return out
 
 
+def _other_tensors(model: nn.Module, layout: GgufLayout, adapter) -> list[tuple[str, np.ndarray]]:
+    """The tensors of `_other_layout`'s families, named and laid out as llama.cpp's converter writes them.
+
+    Gemma's norms scale by (1 + w): written as w + 1 (llama.cpp multiplies by the stored weight; it
+    scales the embeddings by sqrt(hidden) itself). Phi-3's fused qkv_proj [q | k | v] and gate_up_proj
+    [gate | up] are llama.cpp's attn_qkv and ffn_up as they are; GPT-2's Conv1D weights are transposed
+    to [out, in]; GPT-NeoX's query_key_value, one [q k v] block per head, is regrouped into [q | k | v];
+    StableLM's per-head q/k LayerNorms are stacked into one [heads, head_dim] tensor each. llama.cpp's
+    gptneox and gpt2 need every bias and gptneox / stablelm an output matrix: a missing bias is written
+    as zeros and a tied head as a copy of the embedding.
+    """
+    out: list[tuple[str, np.ndarray]] = []
+    offset = adapter.norm_weight_offset
+    with_biases = layout.arch in {"gptneox", "gpt2"}
+
+    def add(kind: str, index: int | None, data: np.ndarray, suffix: str = "weight") -> None:
+        out.append((_tensor_name(kind, index, suffix), data))
+
+    def linear(kind: str, index: int, module: nn.Module, regroup=None) -> None:
+        weight = _numpy(adapter.weight(module))  # [out, in], Conv1D included
+        bias = getattr(module, "bias", None)
+        bias = _numpy(bias) if bias is not None else None
+        if bias is None and with_biases:
+            bias = np.zeros(weight.shape[0], dtype=np.float32)
+        if regroup is not None:
+            weight, bias = regroup(weight), (regroup(bias) if bias is not None else None)
+        add(kind, index, weight)
+        if bias is not None:
+            add(kind, index, bias, "bias")
+
+    def norm(kind: str, index: int | None, module: nn.Module | None) -> None:
+        if module is None:
+            return
+        add(kind, index, _numpy(module.weight) + np.float32(offset))
+        if getattr(module, "bias", None) is not None:
+            add(kind, index, _numpy(module.bias), "bias")
+
+    embedding = adapter.embedding(model)
+    head = model.get_output_embeddings()
+    add("TOKEN_EMBD", None, _numpy(embedding.weight))
+    if layout.arch == "gpt2":
+        add("POS_EMBD", None, _numpy(adapter.body(model).wpe.weight))
+    for index, layer in enumerate(adapter.layers(model)):
+        n_heads, n_kv, head_dim = adapter.head_layout(layer)
+        attention = adapter.attention(layer)
+        projections = adapter.attn_in(layer)
+        if layout.arch == "gptneox":
+
+            def per_head_to_grouped(data: np.ndarray, n=n_heads, d=head_dim) -> np.ndarray:
+                # [h0: q k v | h1: q k v | ...] -> [q (all heads) | k | v]
+                return data.reshape(n, 3, d, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape).copy()
+
+            linear("ATTN_QKV", index, projections[0], per_head_to_grouped)
+        elif len(projections) == 1:  # Phi-3 qkv_proj, GPT-2 c_attn: [q | k | v] already
+            linear("ATTN_QKV", index, projections[0])
+        else:
+            for kind, projection in zip(("ATTN_Q", "ATTN_K", "ATTN_V"), projections):
+                linear(kind, index, projection)
+        linear("ATTN_OUT", index, adapter.attn_out(layer))
+        if layout.arch == "gpt2":
+            norm("ATTN_NORM", index, layer.ln_1)
+            norm("FFN_NORM", index, layer.ln_2)
+        elif layout.family == "gemma" and layout.arch != "gemma":
+            norm("ATTN_NORM", index, layer.input_layernorm)
+            norm("ATTN_POST_NORM", index, layer.post_attention_layernorm)
+            norm("FFN_NORM", index, layer.pre_feedforward_layernorm)
+            norm("FFN_POST_NORM", index, layer.post_feedforward_layernorm)
+        else:  # a parallel-residual StableLM has no post_attention_layernorm (llama.cpp: no ffn_norm)
+            norm("ATTN_NORM", index, layer.input_layernorm)
+            norm("FFN_NORM", index, getattr(layer, "post_attention_layernorm", None))
+        if layout.arch == "gemma3":
+            norm("ATTN_Q_NORM", index, attention.q_norm)
+            norm("ATTN_K_NORM", index, attention.k_norm)
+        if layout.arch == "stablelm" and getattr(attention, "qk_layernorm", False):
+            for kind, norms in (
+                ("ATTN_Q_NORM", attention.q_layernorm),
+                ("ATTN_K_NORM", attention.k_layernorm),
+            ):
+                add(kind, index, np.stack([_numpy(n.weight) for n in norms.norms]))
+        mlp_in = adapter.mlp_in(layer)
+        if len(mlp_in) == 2:
+            linear("FFN_GATE", index, mlp_in[0])
+            linear("FFN_UP", index, mlp_in[1])
+        else:  # Phi-3's [gate | up] (llama.cpp's SwiGLU splits it so), or a plain up projection
+            linear("FFN_UP", index, mlp_in[0])
+        linear("FFN_DOWN", index, adapter.mlp_out(layer))
+    norm("OUTPUT_NORM", None, adapter.final_norm(model))
+    untied = head is not None and head.weight is not embedding.weight
+    if untied or layout.arch in {"gptneox", "stablelm"}:
+        add("OUTPUT", None, _numpy((head if head is not None else embedding).weight))
+        if untied and getattr(head, "bias", None) is not None:
+            add("OUTPUT", None, _numpy(head.bias), "bias")
+    return out
+
+
 def _llama3_rope_factors(config: Any) -> np.ndarray:
     """llama.cpp divides each rotary frequency by its factor: default frequencies / llama3's."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -545,7 +826,7 @@ def _encode(name: str, data: np.ndarray, outtype: str):
     from gguf.quants import quantize
 
     kinds = gguf.GGMLQuantizationType
-    if data.ndim < 2 or outtype == "f32" or name.endswith("rope_freqs.weight"):
+    if data.ndim < 2 or outtype == "f32" or name.endswith(("rope_freqs.weight", "_norm.weight")):
         return data.astype(np.float32), None
     if outtype == "f16":
         return data.astype(np.float16), None
@@ -610,7 +891,9 @@ def export_gguf(
     counts: dict[str, int] = {}
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or str(getattr(config, "name_or_path", "") or layout.model_type))
+        writer.add_name(
+            _general_name(name or str(getattr(config, "name_or_path", "") or layout.model_type), fields)
+        )
         writer.add_description(
             f"exported by minigpts from a {layout.model_type} model ({layout.arch} in llama.cpp)"
         )
@@ -635,15 +918,23 @@ def export_gguf(
         writer.add_key_length(layout.head_dim)
         writer.add_value_length(layout.head_dim)
         writer.add_vocab_size(n_vocab)
-        writer.add_rope_freq_base(float(rope["rope_theta"]))
-        if layout.family == "phi":
+        if layout.family in _OTHER_ARCHS:
+            rope = layout.rope or rope
+            if layout.rope_dims != 0:
+                writer.add_rope_freq_base(float(rope["rope_theta"]))
+                writer.add_rope_dimension_count(int(layout.rope_dims or layout.head_dim))
+            for method, value in layout.extra:
+                getattr(writer, method)(value)
+        elif layout.family == "phi":
+            writer.add_rope_freq_base(float(rope["rope_theta"]))
             rotary = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
             writer.add_rope_dimension_count(int(layout.head_dim * rotary))
             writer.add_layer_norm_eps(float(config.layer_norm_eps))
         else:
+            writer.add_rope_freq_base(float(rope["rope_theta"]))
             writer.add_rope_dimension_count(layout.head_dim)
             writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        if rope["rope_type"] == "linear":
+        if rope.get("rope_type", rope.get("type", "default")) == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
         _write_tokenizer(writer, fields)
@@ -674,6 +965,23 @@ def export_gguf(
         tokenizer_pre=fields.pre,
         notes=layout.notes + fields.notes,
     )
+
+
+# llama.cpp gives Phi-3's special tokens their strip attributes when general.name contains "phi3" or
+# "phi-3", and fails to load a vocabulary without these four tokens
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _general_name(name: str, fields: TokenizerFields) -> str:
+    """general.name, with "phi3" spelt "phi_3" unless the vocabulary is Phi-3's (see `_PHI3_NAME`)."""
+    if _PHI3_NAME.search(name) and not set(_PHI3_TOKENS) <= set(fields.tokens):
+        fields.notes.append(
+            f"general.name {name!r} spelt without 'phi3': llama.cpp applies Phi-3's token attributes to such "
+            "names, which needs Phi-3's own special tokens"
+        )
+        return _PHI3_NAME.sub(lambda match: match.group(0).replace("-", "")[:-1] + "_3", name)
+    return name
 
 
 def _write_tokenizer(writer, fields: TokenizerFields) -> None:
@@ -717,7 +1025,8 @@ def load_gguf_with_transformers(path: str | Path, dtype: torch.dtype = torch.flo
 
 def weight_bytes_per_token(path: str | Path) -> dict[str, int]:
     """Bytes of weights one decode step reads from a GGUF file: every tensor once, except that of the
-    token embedding only one row is gathered — unless it is also the (tied) LM head, read whole."""
+    token embedding only one row is gathered — unless it is also the (tied) LM head, read whole — and
+    of GPT-2's learned position embedding one row too."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -727,4 +1036,8 @@ def weight_bytes_per_token(path: str | Path) -> dict[str, int]:
     tied = "output.weight" not in sizes
     total = sum(sizes.values()) - embedding
     total += embedding if tied else embedding // max(rows.get("token_embd.weight", 1), 1)
+    if "position_embd.weight" in sizes:
+        total -= sizes["position_embd.weight"] - sizes["position_embd.weight"] // max(
+            rows["position_embd.weight"], 1
+        )
     return {"total": total, "embedding": embedding, "tied": int(tied)}

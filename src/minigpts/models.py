@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from minigpts.errors import UserError
+from minigpts.options import SourceOptions, flag_of
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {
@@ -32,6 +33,8 @@ ALIASES = {
         "license": "apache-2.0",  # HuggingFaceTB/SmolLM2-135M-Instruct; the model card of a pruned copy names it
     }
 }
+
+MODEL_FLAG = flag_of(SourceOptions, "model")
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ def _check_causal(config, name: str) -> None:
         )
 
 
-def _resolve_source(spec: str, flag: str = "--model") -> tuple[str, Path | None, str]:
+def _resolve_source(spec: str, flag: str = MODEL_FLAG) -> tuple[str, Path | None, str]:
     """Where ``spec`` (alias, GGUF file, model directory or hub id) is read from: (source, path, description).
 
     Aliases and GGUF files are converted once into the cache.
@@ -298,7 +301,7 @@ def own_modeling_problem(path: Path) -> str | None:
     return None
 
 
-def remote_code_decision(path: Path | None, trust_remote_code: bool = False, label: str = "--model") -> bool:
+def remote_code_decision(path: Path | None, trust_remote_code: bool = False, label: str = MODEL_FLAG) -> bool:
     """The trust_remote_code to pass to transformers for the model at ``path`` (None: a hub id).
 
     Hub ids: the user's flag, as given (transformers applies its own rule). Directories without an
@@ -323,7 +326,7 @@ def remote_code_decision(path: Path | None, trust_remote_code: bool = False, lab
     )
 
 
-def check_weights(path: Path | None, allow_pickle: bool = False, label: str = "--model") -> bool | None:
+def check_weights(path: Path | None, allow_pickle: bool = False, label: str = MODEL_FLAG) -> bool | None:
     """The use_safetensors to pass to from_pretrained: True (safetensors only) unless --allow-pickle.
 
     A directory whose weights are only pickle files (pytorch_model.bin...: unpickling can run code) is
@@ -362,7 +365,7 @@ def load_failure(label: str, what: str, path: Path | None, err: BaseException) -
     return UserError(f"{label}: cannot load its {what} ({reason}); {advice}")
 
 
-def load_tokenizer(spec: str | None = None, flag: str = "--model", *, trust_remote_code: bool = False):
+def load_tokenizer(spec: str | None = None, flag: str = MODEL_FLAG, *, trust_remote_code: bool = False):
     """Only the tokenizer of ``spec`` (e.g. the unpruned model's, to fix an evaluation's text)."""
     from transformers import AutoTokenizer
 
@@ -383,7 +386,7 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    flag: str = "--model",
+    flag: str = MODEL_FLAG,
 ) -> LoadedModel:
     """Load ``spec`` (default: the embedded SmolLM2-135M) on ``device`` in ``dtype``.
 

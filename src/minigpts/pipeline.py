@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,149 +25,25 @@ import torch
 from minigpts import __version__
 from minigpts.data import Corpus, make_windows, text_within_token_budget, tokenize_stream
 from minigpts.errors import UserError
+from minigpts.options import (  # noqa: F401 - the stages' options, importable from here as before
+    AnalysisOptions,
+    EvalOptions,
+    FinetuneOptions,
+    PlanOptions,
+    RunOptions,
+    SweepOptions,
+    flag_of,
+)
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# Options of each stage (dataclasses so `run`/`sweep` can pass them along and record them)
-
-
-@dataclass
-class EvalOptions:
-    split: str = "test"
-    seq_len: int = 1024
-    max_eval_tokens: int | None = None
-    batch_size: int = 4
-    mcq: list[str] = field(default_factory=list)
-    general_data: str | list[str] | None = None  # a list: several paths read as one corpus
-    general_max_tokens: int | None = None
-
-
-@dataclass
-class AnalysisOptions:
-    calib_tokens: int = 65_536
-    seq_len: int = 1024
-    batch_size: int = 4
-    moments: bool = True  # second moments for the refit and the error allocation
-    fisher_tokens: int = 4096  # gradient pass for the error allocation (with moments)
-    taylor_tokens: int = 0  # gradient pass of --criterion taylor
-    depth_tokens: int = 0  # layer-removal passes of --layer-criterion loss
-
-
-@dataclass
-class PlanOptions:
-    criterion: str = "l1"
-    mlp_ratio: float | None = None
-    head_ratio: float | None = None
-    hidden_ratio: float | None = None
-    target_params: float | None = None
-    linear_threshold: float | None = None
-    activation_threshold: float | None = None
-    layout: str = "uniform"
-    min_mlp: int = 8
-    round_to: int = 8
-    seed: int = 0
-    target_groups: tuple[str, ...] = ("mlp", "heads")
-    allocation: str = "error"
-    reconstruct: str = "lstsq"
-    ridge: float = 1e-2
-    sequential: bool = False
-    embedding_threshold: float | None = None
-    vocab_min_count: int | None = None
-    vocab_size: int | None = None
-    vocab_keep_general: int = 0
-    vocab_keep_expected: int = 0
-    drop_layers: int | None = None
-    layer_ratio: float | None = None
-    layer_criterion: str = "bi"
-
-    def has_structure(self) -> bool:
-        values = [
-            self.mlp_ratio,
-            self.head_ratio,
-            self.hidden_ratio,
-            self.target_params,
-            self.linear_threshold,
-            self.activation_threshold,
-            self.drop_layers,
-            self.layer_ratio,
-        ]
-        return any(v is not None for v in values)
-
-    def has_vocab(self) -> bool:
-        return any(v is not None for v in (self.embedding_threshold, self.vocab_min_count, self.vocab_size))
-
-    def structure_kwargs(self) -> dict[str, Any]:
-        return {
-            "criterion": self.criterion,
-            "mlp_ratio": self.mlp_ratio,
-            "head_ratio": self.head_ratio,
-            "hidden_ratio": self.hidden_ratio,
-            "target_params": self.target_params,
-            "linear_threshold": self.linear_threshold,
-            "activation_threshold": self.activation_threshold,
-            "layout": self.layout,
-            "min_mlp": self.min_mlp,
-            "round_to": self.round_to,
-            "seed": self.seed,
-            "target_groups": self.target_groups,
-            "allocation": self.allocation,
-            "ridge": self.ridge,
-            "drop_layers": self.drop_layers,
-            "layer_ratio": self.layer_ratio,
-            "layer_criterion": self.layer_criterion,
-        }
-
-
-@dataclass
-class FinetuneOptions:
-    method: str = "full"
-    max_epochs: float | None = None  # None: 1 epoch unless max_steps or max_train_tokens is given
-    max_steps: int | None = None
-    max_train_tokens: int | None = None
-    max_minutes: float | None = None
-    stop_at_base: bool = False
-    early_stopping_patience: int | None = None
-    eval_every: int | None = None
-    max_val_tokens: int | None = 4_096
-    lr: float = 5e-5
-    warmup_ratio: float = 0.05
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 512
-    seed: int = 0
-    resume: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    distill_alpha: float = 0.5
-    distill_temperature: float = 2.0
-    teacher: str | None = None
-    teacher_cache: str | None = None  # teacher top-k cache shared by runs (default: inside the work dir)
-    teacher_top_k: int = 64
-
-    def budget(self) -> dict[str, Any]:
-        """What a same-budget control must reuse."""
-        return {
-            "method": self.method,
-            "max_epochs": self.max_epochs,
-            "max_steps": self.max_steps,
-            "max_train_tokens": self.max_train_tokens,
-            "max_minutes": self.max_minutes,
-            "stop_at_base": self.stop_at_base,
-            "lr": self.lr,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-        }
 
 
 # --------------------------------------------------------------------------------------------------
 # Output directory discipline: refuse non-empty outputs without --force; write via temp then rename
 
 
-def check_output_dir(out: str | Path, force: bool, flag: str = "--out") -> Path:
-    out = Path(out)
+def check_output_dir(out: str | Path, force: bool, flag: str | None = None) -> Path:
+    out, flag = Path(out), flag or flag_of(RunOptions, "out")
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pick a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -304,96 +179,80 @@ def domain_expected_counts(model, tokenizer, corpus: Corpus | None, *, progress=
 
 def build_plan(model, tokenizer, stats, options: PlanOptions, *, corpus: Corpus | None = None, progress=True):
     """Structured plan from the stats (+ the vocabulary selection when asked)."""
-    from minigpts.plan import LayerPlan, PruningPlan, make_plan
+    from minigpts.plan import identity_plan
 
+    flags = {
+        names: [flag_of(PlanOptions, n) for n in names]
+        for names in (options.STRUCTURE_FIELDS, options.VOCAB_FIELDS)
+    }
     if not options.has_structure() and not options.has_vocab():
-        raise UserError(
-            "nothing to prune: give a plan (--mlp-ratio, --head-ratio, --hidden-ratio, --target-params, "
-            "--linear-threshold, --activation-threshold, --drop-layers, --layer-ratio) and/or a vocabulary "
-            "option (--embedding-threshold, "
-            "--vocab-min-count, --vocab-size)"
+        structure, vocab = (
+            ", ".join(flags[names]) for names in (options.STRUCTURE_FIELDS, options.VOCAB_FIELDS)
         )
+        raise UserError(f"nothing to prune: give a plan ({structure}) and/or a vocabulary option ({vocab})")
     if not options.has_vocab() and (options.vocab_keep_general or options.vocab_keep_expected):
-        raise UserError(
-            "--vocab-keep-general / --vocab-keep-expected widen a vocabulary cut: add --embedding-threshold "
-            "or --vocab-min-count"
-        )
-    selection = None
-    if options.has_vocab():
-        from minigpts.vocab import select_vocab
-
-        counts = domain_token_counts(tokenizer, corpus, stats)
-        expected = None
-        if options.vocab_keep_expected:
-            expected = domain_expected_counts(model, tokenizer, corpus, progress=progress)
-        selection = select_vocab(
-            tokenizer,
-            counts,
-            embedding_threshold=options.embedding_threshold,
-            min_count=options.vocab_min_count,
-            vocab_size=options.vocab_size,
-            keep_general=options.vocab_keep_general,
-            expected=expected,
-            keep_expected=options.vocab_keep_expected,
-            model_config=model.config,
-            generation_config=getattr(model, "generation_config", None),
-        )
-    if options.has_structure():
-        if stats is None:
-            raise UserError("a structural plan needs activation statistics (run analysis or pass --stats)")
-        kwargs = options.structure_kwargs()
-        vocab_saved = vocab_parameters_saved(model, selection) if selection is not None else 0
-        if kwargs["target_params"] is not None and vocab_saved:
-            # --target-params counts the whole model: what the vocabulary cut saves, the structure need not
-            total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-            kwargs["target_params"] = min(1.0, kwargs["target_params"] + vocab_saved / total)
-        plan = make_plan(model, stats, **kwargs)
-        if vocab_saved:
-            plan.summary["params_after_with_vocab"] = plan.summary["params_after"] - vocab_saved
-            plan.settings["target_params"] = options.target_params
-        if "target" in plan.summary and options.target_params is not None:
-            # what the user asked for, of the whole model (vocabulary included), and what the plan reaches
-            after = plan.summary.get("params_after_with_vocab", plan.summary["params_after"])
-            plan.summary["target"]["requested"] = options.target_params
-            plan.summary["target"]["achieved_with_vocab"] = round(after / plan.summary["params_before"], 6)
-        record_score_distribution(model, stats, options, plan)
-    else:
-        from minigpts.arch import get_adapter
-
-        adapter = get_adapter(model)
-        layers = []
-        for layer in adapter.layers(model):
-            n_heads, n_kv, _ = adapter.head_layout(layer)
-            layers.append(
-                LayerPlan(
-                    mlp_keep=list(range(adapter.mlp_width(layer))),
-                    heads_keep=list(range(n_heads)),
-                    kv_heads_keep=list(range(n_kv)),
-                )
-            )
-        plan = PruningPlan(family=adapter.family, layers=layers, criterion="none", settings={})
+        widen = " / ".join(flag_of(PlanOptions, n) for n in ("vocab_keep_general", "vocab_keep_expected"))
+        cut = " or ".join(flags[options.VOCAB_FIELDS][:2])
+        raise UserError(f"{widen} widen a vocabulary cut: add {cut}")
+    selection = (
+        _select_vocab(model, tokenizer, stats, options, corpus, progress) if options.has_vocab() else None
+    )
+    plan = (
+        _structure_plan(model, stats, options, selection) if options.has_structure() else identity_plan(model)
+    )
     if selection is not None:
+        from minigpts.vocab import selection_summary
+
         plan.vocab_keep = list(selection.keep_ids)
-        plan.summary["vocab"] = {
-            "before": selection.vocab_before,
-            "after": selection.vocab_after,
-            "mode": selection.mode,
-            "value": selection.value,
-            "kept_special": selection.kept_special,
-            "kept_byte": selection.kept_byte,
-            "kept_seen": selection.kept_seen,
-            "kept_widened": selection.kept_widened,
-            "kept_closure": selection.kept_closure,
-            "parameters_saved": vocab_parameters_saved(model, selection),
-            "counted_on": token_counts_source(corpus, stats),
-        }
-        plan.settings.update(
-            embedding_threshold=options.embedding_threshold,
-            vocab_min_count=options.vocab_min_count,
-            vocab_size=options.vocab_size,
-            vocab_keep_general=options.vocab_keep_general,
-            vocab_keep_expected=options.vocab_keep_expected,
-        )
+        plan.summary["vocab"] = selection_summary(model, selection, token_counts_source(corpus, stats))
+        names = (*options.VOCAB_FIELDS, "vocab_keep_general", "vocab_keep_expected")
+        plan.settings.update({name: getattr(options, name) for name in names})
+    return plan
+
+
+def _select_vocab(model, tokenizer, stats, options: PlanOptions, corpus: Corpus | None, progress: bool):
+    from minigpts.vocab import select_vocab
+
+    counts = domain_token_counts(tokenizer, corpus, stats)
+    expected = None
+    if options.vocab_keep_expected:
+        expected = domain_expected_counts(model, tokenizer, corpus, progress=progress)
+    return select_vocab(
+        tokenizer,
+        counts,
+        embedding_threshold=options.embedding_threshold,
+        min_count=options.vocab_min_count,
+        vocab_size=options.vocab_size,
+        keep_general=options.vocab_keep_general,
+        expected=expected,
+        keep_expected=options.vocab_keep_expected,
+        model_config=model.config,
+        generation_config=getattr(model, "generation_config", None),
+    )
+
+
+def _structure_plan(model, stats, options: PlanOptions, selection):
+    """make_plan with the options; --target-params counts the whole model, vocabulary cut included."""
+    from minigpts.plan import make_plan
+
+    if stats is None:
+        raise UserError("a structural plan needs activation statistics (run analysis or pass --stats)")
+    kwargs = options.structure_kwargs()
+    vocab_saved = vocab_parameters_saved(model, selection) if selection is not None else 0
+    if kwargs["target_params"] is not None and vocab_saved:
+        # what the vocabulary cut saves, the structure need not
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        kwargs["target_params"] = min(1.0, kwargs["target_params"] + vocab_saved / total)
+    plan = make_plan(model, stats, **kwargs)
+    if vocab_saved:
+        plan.summary["params_after_with_vocab"] = plan.summary["params_after"] - vocab_saved
+        plan.settings["target_params"] = options.target_params
+    if "target" in plan.summary and options.target_params is not None:
+        # what the user asked for, of the whole model (vocabulary included), and what the plan reaches
+        after = plan.summary.get("params_after_with_vocab", plan.summary["params_after"])
+        plan.summary["target"]["requested"] = options.target_params
+        plan.summary["target"]["achieved_with_vocab"] = round(after / plan.summary["params_before"], 6)
+    record_score_distribution(model, stats, options, plan)
     return plan
 
 
@@ -488,34 +347,20 @@ def evaluate_stage(
     """
     from minigpts.evaluation import evaluate
 
+    common = dict(model_name=name, seq_len=options.seq_len, batch_size=options.batch_size, progress=progress)
+    common["budget_tokenizer"] = budget_tokenizer
+    texts, split, max_tokens = corpus.split(options.split), options.split, options.max_eval_tokens
     result = evaluate(
-        model,
-        tokenizer,
-        corpus.split(options.split),
-        model_name=name,
-        split=options.split,
-        seq_len=options.seq_len,
-        max_tokens=options.max_eval_tokens,
-        batch_size=options.batch_size,
-        model_path=model_path,
-        progress=progress,
-        budget_tokenizer=budget_tokenizer,
-    ).to_dict()
+        model, tokenizer, texts, split=split, max_tokens=max_tokens, model_path=model_path, **common
+    )
+    result = result.to_dict()
     result["vocab_size"] = len(tokenizer)
     if general is not None:
-        g = evaluate(
-            model,
-            tokenizer,
-            general.split("test"),
-            model_name=name,
-            split="test",
-            seq_len=options.seq_len,
-            max_tokens=options.general_max_tokens or options.max_eval_tokens,
-            batch_size=options.batch_size,
-            progress=progress,
-            budget_tokenizer=budget_tokenizer,
-        ).to_dict()
-        result["general"] = {k: g[k] for k in ("perplexity", "bits_per_byte", "eval_tokens", "eval_bytes")}
+        max_tokens = options.general_max_tokens or options.max_eval_tokens
+        g = evaluate(model, tokenizer, general.split("test"), split="test", max_tokens=max_tokens, **common)
+        result["general"] = {
+            k: getattr(g, k) for k in ("perplexity", "bits_per_byte", "eval_tokens", "eval_bytes")
+        }
         result["general"]["data"] = general.source
     if mcq_sets:
         from minigpts.mcq import evaluate_mcq
@@ -541,19 +386,9 @@ def load_mcq_sets(paths: list[str]) -> dict:
 
 def validation_bpb_target(base_model, base_tokenizer, corpus: Corpus, options: FinetuneOptions) -> float:
     """The unpruned model's validation bits-per-byte: the paper's stop rule, made tokenizer-fair."""
-    from minigpts.evaluation import evaluate
-
-    r = evaluate(
-        base_model,
-        base_tokenizer,
-        corpus.split("validation"),
-        model_name="base",
-        split="validation",
-        seq_len=options.seq_len,
-        max_tokens=options.max_val_tokens,
-        progress=False,
+    return validation_bpb(
+        base_model, base_tokenizer, corpus, seq_len=options.seq_len, max_tokens=options.max_val_tokens
     )
-    return r.bits_per_byte
 
 
 def validation_bpb(
@@ -611,86 +446,32 @@ def run_finetune(
                 f"split '{name}' has {len(ids)} tokens; fine-tuning with --finetune-seq-len {options.seq_len} "
                 f"needs at least {options.seq_len}: lower --finetune-seq-len or give more data"
             )
-    byte_lengths = token_byte_lengths(tokenizer)
+    import inspect
+
+    accepted = set(inspect.signature(finetune).parameters) - {"teacher"}  # the option names a model
+    settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name in accepted}
     return finetune(
         model,
         tokenizer,
         train_windows,
         val_windows,
         out_dir=work_dir,
-        method=options.method,
         teacher=teacher,
         teacher_vocab_keep=teacher_vocab_keep,
-        max_epochs=options.max_epochs,
-        max_steps=options.max_steps,
-        max_train_tokens=options.max_train_tokens,
-        max_minutes=options.max_minutes,
         stop_at_bpb=stop_at_bpb,  # converted on the validation windows finetune keeps
-        early_stopping_patience=options.early_stopping_patience,
-        eval_every=options.eval_every,
-        lr=options.lr,
-        warmup_ratio=options.warmup_ratio,
-        batch_size=options.batch_size,
-        grad_accum=options.grad_accum,
-        seed=options.seed,
-        resume=options.resume,
-        lora_r=options.lora_r,
-        lora_alpha=options.lora_alpha,
-        distill_alpha=options.distill_alpha,
-        distill_temperature=options.distill_temperature,
-        teacher_cache=options.teacher_cache,
-        teacher_top_k=options.teacher_top_k,
-        byte_lengths=byte_lengths,
+        byte_lengths=token_byte_lengths(tokenizer),
         progress=progress,
+        **settings,
     )
 
 
-def recover_stage(
-    model,
-    tokenizer,
-    name: str,
-    work_dir: Path,
-    teacher_vocab_keep,
-    *,
-    corpus: Corpus,
-    evaluation: EvalOptions,
-    recovery: FinetuneOptions,
-    teacher,
-    stop_at_bpb: float | None,
-    eval_kwargs: dict,
-):
-    """Fine-tune one model under the shared budget, evaluate it, and drop its checkpoints.
-
-    Returns (model, stage dict with the evaluation keys and a ``finetune`` object).
-    """
-    # a resumed `run` continues each recovery that saved a checkpoint and starts the others afresh
-    recovery = dataclasses.replace(
-        recovery, resume=recovery.resume and _has_checkpoint(work_dir / "checkpoints")
-    )
-    model, result = run_finetune(
-        model,
-        tokenizer,
-        corpus,
-        recovery,
-        work_dir=work_dir,
-        teacher=teacher,
-        teacher_vocab_keep=teacher_vocab_keep,
-        stop_at_bpb=stop_at_bpb,
-        progress=eval_kwargs.get("progress", True),
-        budget_tokenizer=eval_kwargs.get("budget_tokenizer"),
-    )
-    stage = evaluate_stage(model, tokenizer, corpus, evaluation, name=name, **eval_kwargs)
-    stage["finetune"] = result.to_dict()
-    cleanup(work_dir)
-    return model, stage
-
-
-def recovery_method_or_none(name: str, flag: str = "--finetune"):
+def recovery_method_or_none(name: str, flag: str | None = None):
     """The registered recovery method called ``name``, or None for ``none``; a UserError names the choices."""
     from minigpts.recovery import get_recovery_method, recovery_method_names
 
     if name == "none":
         return None
+    flag = flag or flag_of(RunOptions, "finetune")
     if name not in recovery_method_names():
         raise UserError(f"{flag} {name}: use none, {', '.join(recovery_method_names())}")
     return get_recovery_method(name, flag)
@@ -701,47 +482,6 @@ def with_shared_teacher_cache(recovery: FinetuneOptions, method, work: Path) -> 
     if method is None or not method.needs_teacher or recovery.teacher_cache is not None:
         return recovery
     return dataclasses.replace(recovery, teacher_cache=str(work / "teacher-cache"))
-
-
-def random_plan_like(model, plan, seed: int = 0):
-    """A plan keeping exactly as many units of each kind per layer as ``plan``, chosen at random.
-
-    The control that any claim about a criterion must beat: same widths, same vocabulary, random units.
-    """
-    from minigpts.plan import LayerPlan, PruningPlan
-
-    generator = torch.Generator().manual_seed(seed)
-    from minigpts.arch import get_adapter
-
-    adapter = get_adapter(model)
-    layers = []
-    for layer, layer_plan in zip(adapter.layers(model), plan.layers, strict=True):
-        n_mlp = adapter.mlp_width(layer)
-        n_heads, n_kv, _ = adapter.head_layout(layer)
-        group = n_heads // n_kv
-        mlp = sorted(torch.randperm(n_mlp, generator=generator)[: len(layer_plan.mlp_keep)].tolist())
-        kv = sorted(torch.randperm(n_kv, generator=generator)[: len(layer_plan.kv_heads_keep)].tolist())
-        per_group = len(layer_plan.heads_keep) // max(1, len(layer_plan.kv_heads_keep))
-        heads = []
-        for g in kv:
-            members = torch.randperm(group, generator=generator)[:per_group].tolist()
-            heads.extend(g * group + m for m in members)
-        layers.append(LayerPlan(mlp_keep=mlp, heads_keep=sorted(heads), kv_heads_keep=kv))
-    hidden = None
-    if plan.hidden_keep is not None:
-        size = adapter.hidden_size(model)
-        hidden = sorted(torch.randperm(size, generator=generator)[: len(plan.hidden_keep)].tolist())
-    return PruningPlan(
-        family=plan.family,
-        layers=layers,
-        hidden_keep=hidden,
-        vocab_keep=plan.vocab_keep,
-        layers_keep=plan.layers_keep,
-        layout=plan.layout,
-        criterion="random",
-        settings={**plan.settings, "control": "random units, same widths", "control_seed": seed},
-        summary=dict(plan.summary),
-    )
 
 
 GENERAL_CONTROL = "control_general_calibration"
@@ -770,27 +510,14 @@ def general_plan_like(model, tokenizer, plan, general_stats, general_corpus: Cor
     """The thesis control's plan: exactly ``plan``'s widths per layer (so the same parameter count),
     but the units chosen by the same criterion scored on statistics of general text, and the
     vocabulary (same size) chosen by the general text's token counts."""
-    from minigpts.arch import get_adapter
-    from minigpts.plan import LayerPlan, PruningPlan, _select_heads, _top, unit_scores
+    from minigpts.plan import best_units_like, unit_scores
 
-    adapter = get_adapter(model)
     notes = []
     layers, hidden = plan.layers, plan.hidden_keep
     if options.has_structure():
-        scores = unit_scores(model, general_stats, options.criterion, options.seed)
-        layers = []
-        for i, (layer, layer_plan) in enumerate(zip(adapter.layers(model), plan.layers, strict=True)):
-            n_heads, n_kv, _ = adapter.head_layout(layer)
-            kv_kept = len(layer_plan.kv_heads_keep)
-            per_kv = len(layer_plan.heads_keep) // max(1, kv_kept)
-            heads, kv, _ = _select_heads(scores.heads[i], n_kv, kv_kept, per_kv)
-            layers.append(
-                LayerPlan(
-                    mlp_keep=_top(scores.mlp[i], len(layer_plan.mlp_keep)), heads_keep=heads, kv_heads_keep=kv
-                )
-            )
-        if plan.hidden_keep is not None:
-            hidden = _top(scores.hidden, len(plan.hidden_keep))
+        layers, hidden = best_units_like(
+            model, plan, unit_scores(model, general_stats, options.criterion, options.seed)
+        )
         if plan.layers_keep is not None:
             notes.append("dropped layers: the domain plan's (layer removal is not re-chosen on general text)")
     vocab = plan.vocab_keep
@@ -815,21 +542,14 @@ def general_plan_like(model, tokenizer, plan, general_stats, general_corpus: Cor
     }
     if notes:
         settings["control_notes"] = notes
-    return PruningPlan(
-        family=plan.family,
+    return dataclasses.replace(
+        plan,
         layers=layers,
         hidden_keep=hidden,
         vocab_keep=vocab,
-        layers_keep=plan.layers_keep,
-        layout=plan.layout,
-        criterion=plan.criterion,
         settings=settings,
         summary=dict(plan.summary),
     )
-
-
-def copy_model(model):
-    return copy.deepcopy(model)
 
 
 def cleanup(path: Path) -> None:
@@ -930,36 +650,169 @@ def _has_checkpoint(folder: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# The whole experiment (`minigpts run`)
+# One setting of one domain: plan → prune (+ refit) → evaluate → recover → evaluate (`run`, `sweep`)
+
+
+def sequential_calibration(tokenizer, corpus: Corpus, options: RunOptions | SweepOptions):
+    """The calibration windows of ``--sequential`` (the refit layer by layer), or None without it."""
+    if options.plan.sequential and options.plan.reconstruct == "lstsq":
+        return calibration_windows(tokenizer, corpus, options.analysis)
+    return None
+
+
+def prune_copy(model, tokenizer, plan, options: PlanOptions, *, stats=None, calibration=None, in_place=False):
+    """``apply_full_plan`` with the options' refit on a copy of ``model`` (``in_place``: on ``model``)."""
+    target = model if in_place else copy.deepcopy(model)
+    return apply_full_plan(
+        target,
+        tokenizer,
+        plan,
+        stats=stats,
+        reconstruct=options.reconstruct,
+        ridge=options.ridge,
+        calibration=calibration,
+    )
+
+
+def _compute(step: str, compute):
+    return compute()
 
 
 @dataclass
-class RunOptions:
-    model: str | None
-    data: str | list[str]  # a list: several paths read as one corpus
-    out: str | None  # None only with dry_run
-    text_field: str = "text"
-    encoding: str = "utf-8"
-    seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None
-    trust_remote_code: bool = False  # let a directory's auto_map run code (--trust-remote-code)
-    allow_pickle: bool = False  # also read pickle (.bin) weights
-    force: bool = False
-    finetune: str = "none"  # none or a registered recovery method (minigpts.recovery.recovery_method_names())
-    controls: bool = False
-    dry_run: bool = False
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
-    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
-    plan: PlanOptions = field(default_factory=PlanOptions)
-    recovery: FinetuneOptions = field(default_factory=FinetuneOptions)
+class Domain:
+    """What every setting of one domain shares: its corpus, the unpruned model, the evaluation and the
+    recovery budget; ``run_setting`` runs one setting (`run` has one, `sweep` many, plus controls)."""
+
+    corpus: Corpus
+    options: RunOptions | SweepOptions
+    base_model: Any
+    base_tokenizer: Any
+    method: Any  # the recovery method; None for --finetune none
+    recovery: FinetuneOptions
+    eval_kwargs: dict
+    stop_at_bpb: float | None = None
+    calibration: torch.Tensor | None = None  # --sequential windows of the corpus
+
+    @classmethod
+    def prepare(
+        cls, options, corpus, base_model, base_tokenizer, *, method, work, general, mcq_sets, say, progress
+    ):
+        finetune = options.finetune if options.finetune != "none" else "full"
+        recovery = dataclasses.replace(options.recovery, method=finetune)
+        recovery = with_shared_teacher_cache(recovery, method, work)  # one teacher pass per window, in all
+        stop_at_bpb = None
+        if method is not None and recovery.stop_at_base:
+            stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
+            say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
+        kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress, budget_tokenizer=base_tokenizer)
+        calibration = sequential_calibration(base_tokenizer, corpus, options)
+        return cls(
+            corpus, options, base_model, base_tokenizer, method, recovery, kwargs, stop_at_bpb, calibration
+        )
+
+    def prune(self, plan, stats, calibration, in_place=False):
+        """(model, tokenizer): the base model pruned with ``plan`` (a copy unless ``in_place``)."""
+        base = self.base_model, self.base_tokenizer
+        return prune_copy(
+            *base, plan, self.options.plan, stats=stats, calibration=calibration, in_place=in_place
+        )
+
+    @property
+    def teacher(self):
+        return self.base_model if self.method is not None and self.method.needs_teacher else None
+
+    def evaluate(self, model, tokenizer, name: str, **kwargs) -> dict:
+        evaluation = self.options.evaluation
+        return evaluate_stage(
+            model, tokenizer, self.corpus, evaluation, name=name, **self.eval_kwargs, **kwargs
+        )
+
+    def recover(self, model, tokenizer, name: str, work: Path, vocab_keep=None):
+        """(model, stage) of ``model`` fine-tuned under the shared budget, then evaluated; its
+        checkpoints are dropped. A resumed `run` continues each recovery that saved a checkpoint."""
+        recovery = self.recovery
+        recovery = dataclasses.replace(
+            recovery, resume=recovery.resume and _has_checkpoint(work / "checkpoints")
+        )
+        model, result = run_finetune(
+            model,
+            tokenizer,
+            self.corpus,
+            recovery,
+            work_dir=work,
+            teacher=self.teacher,
+            teacher_vocab_keep=vocab_keep,
+            stop_at_bpb=self.stop_at_bpb,
+            progress=self.eval_kwargs["progress"],
+            budget_tokenizer=self.base_tokenizer,
+        )
+        stage = self.evaluate(model, tokenizer, name)
+        stage["finetune"] = result.to_dict()
+        cleanup(work)
+        return model, stage
+
+    def run_setting(
+        self, plan, work: Path, *, stats, calibration, names=("pruned", "finetuned"), evaluate_pruned=True,
+        in_place=False, steps=_compute
+    ):  # fmt: skip
+        """Prune (a copy of, or with ``in_place`` the very) base model with ``plan``, evaluate it as
+        ``names[0]``, recover it and evaluate it as ``names[1]``: (model, tokenizer, plan, stages).
+        ``steps(step, compute)`` runs each step ("prune", "eval_pruned", "finetune"); `run` times,
+        caches and reports them there."""
+        model, tokenizer, plan = steps(
+            "prune", lambda: (*self.prune(plan, stats, calibration, in_place), plan)
+        )
+        if in_place:
+            self.base_model = None  # it is the pruned model now (or, resumed, not needed)
+        stages = {}
+        if evaluate_pruned:
+            stages[names[0]] = steps("eval_pruned", lambda: self.evaluate(model, tokenizer, names[0]))
+        if self.method is not None:
+            model, stages[names[1]] = steps(
+                "finetune", lambda: self.recover(model, tokenizer, names[1], work, plan.vocab_keep)
+            )
+        return model, tokenizer, plan, stages
+
+
+@dataclass
+class GeneralCalibration:
+    """The thesis control's calibration text: the general corpus, its statistics, its --sequential windows."""
+
+    source: str
+    text: Corpus
+    stats: Any
+    calibration: torch.Tensor | None
+
+    @classmethod
+    def prepare(
+        cls, general: Corpus, options, model, tokenizer, *, with_stats: bool, model_name: str, progress
+    ):
+        text = general_calibration_corpus(general)
+        stats = None
+        if with_stats:
+            stats = run_analysis(
+                model, tokenizer, text, options.analysis, model_name=model_name, progress=progress
+            )
+        return cls(general.source, text, stats, sequential_calibration(tokenizer, text, options))
+
+    def plan_like(self, domain: Domain, plan, options: PlanOptions):
+        return general_plan_like(
+            domain.base_model, domain.base_tokenizer, plan, self.stats, self.text, options
+        )
+
+    def record(self, control_plan) -> dict:
+        """What the control was calibrated on (``stage["calibration"]``)."""
+        stats = self.stats.metadata if self.stats is not None else None
+        return {"data": self.source, "stats": stats, "plan_settings": control_plan.settings}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole experiment (`minigpts run`)
 
 
 def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=print, progress=True) -> dict:
     """Run every stage and save the pruned (and recovered) model with report.json / report.md in --out."""
-    from minigpts.data import load_corpus
-    from minigpts.export import save_model
-    from minigpts.models import load_model
+    from minigpts import distributed
 
     method = recovery_method_or_none(options.finetune)
     if options.out is None and not options.dry_run:
@@ -967,10 +820,76 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     out = Path(options.out) if options.out is not None else None
     if not options.dry_run:
         check_output_dir(out, options.force)
-    from minigpts import distributed
-
     distributed.barrier()  # data parallel: every process has checked --out before rank 0 writes
     timings: dict[str, float] = {}
+    corpus, general, mcq_sets = _run_inputs(options, corpus)
+    work, cache, resume = _run_work(options, out, corpus, say)
+    with timed(timings, "load"):
+        loaded = load_base(options)
+    say(f"model: {loaded.description}")
+    stats = _run_stats(options, loaded, corpus, cache, resume, timings, say, progress)
+    plan = _run_plan(options, loaded, corpus, stats, cache, resume, timings, say, progress)
+    if options.dry_run:
+        return {"plan": plan, "timings": timings}
+    from rich.markup import escape
+
+    for note in plan.summary.get("notes") or []:
+        if note.startswith("warning:"):
+            say(f"[yellow]{escape(note)}[/yellow]")
+    general_options = dict(general=general, mcq_sets=mcq_sets, progress=progress)
+    stages = {"base": _run_base(options, loaded, corpus, cache, resume, timings, say, general_options)}
+    domain = Domain.prepare(
+        options, corpus, loaded.model, loaded.tokenizer, method=method, work=work, say=say, **general_options
+    )
+    # The unpruned model is only needed later as a teacher or to build the controls; otherwise it is
+    # pruned in place, so the run never holds two models (peak memory ≈ one model + activations).
+    keep_base = options.controls or domain.teacher is not None
+    if not keep_base:
+        loaded.model = None
+    steps = _run_steps(options, cache, resume, timings, say)
+    final_model, final_tokenizer, plan, setting = domain.run_setting(
+        plan,
+        work / "finetuned",
+        stats=stats,
+        calibration=domain.calibration,
+        in_place=not keep_base,
+        steps=steps,
+    )
+    stages.update(setting)
+    if options.controls:
+        stages.update(
+            _run_controls(domain, plan, stats, general, work, timings, say, loaded.source_id, progress)
+        )
+    report = _run_report(options, loaded, corpus, plan, stats, stages, timings)
+    if not distributed.is_main():  # data parallel: every process holds the same model; rank 0 saves
+        return report
+    with timed(timings, "save"):
+        _save_run(final_model, final_tokenizer, out, options, loaded, corpus, general, plan, stats, stages)
+    last = stages["finetuned" if "finetuned" in stages else "pruned"]
+    weights = [f for f in out.glob("*.safetensors") if f.name != "stats.safetensors"]
+    last.update(size_bytes=sum(f.stat().st_size for f in weights), size_source="disk")
+    write_report(report, out, stats=stats)
+    cleanup(work)
+    return report
+
+
+def load_base(options: RunOptions | SweepOptions):
+    """The unpruned model (and tokenizer) the options name."""
+    from minigpts.models import load_model
+
+    return load_model(
+        options.model,
+        device=options.device,
+        dtype=options.dtype,
+        trust_remote_code=options.trust_remote_code,
+        allow_pickle=options.allow_pickle,
+    )
+
+
+def _run_inputs(options: RunOptions, corpus: Corpus | None):
+    """(corpus, general corpus or None, MCQ sets or None), all read before any model runs."""
+    from minigpts.data import load_corpus
+
     if corpus is None:
         corpus = load_corpus(
             options.data, text_field=options.text_field, encoding=options.encoding, seed=options.seed
@@ -979,241 +898,195 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     if options.evaluation.general_data:
         general = load_corpus(options.evaluation.general_data, seed=options.seed)
     mcq_sets = load_mcq_sets(options.evaluation.mcq) if options.evaluation.mcq else None
-    work = cache = None
+    return corpus, general, mcq_sets
+
+
+def _run_work(options: RunOptions, out: Path | None, corpus: Corpus, say):
+    """(work dir, stage cache, resume?) of a run; --resume needs something to resume, and a run that
+    left fine-tuning checkpoints needs --resume."""
     resume = options.recovery.resume and not options.dry_run
-    if out is not None and not options.dry_run:
-        work = work_dir_for(out)
-        cache = StageCache.for_run(work, options, corpus)
-        checkpoints = [
-            name
-            for name in ("finetuned", "control_base", "control_random", "control_general")
-            if _has_checkpoint(work / name / "checkpoints")
-        ]
-        if resume:
-            finished = cache.finished() + [f"{name} checkpoint" for name in checkpoints]
-            if not finished:
-                raise UserError(
-                    f"--resume: nothing to resume for these options under {work} (no finished stage, no "
-                    "checkpoint): run without --resume"
-                )
-            say(f"resume: reusing {', '.join(finished)} from {work}")
-        elif checkpoints and options.finetune != "none":
+    if out is None or options.dry_run:
+        return None, None, resume
+    work = work_dir_for(out)
+    cache = StageCache.for_run(work, options, corpus)
+    names = ("finetuned", "control_base", "control_random", "control_general")
+    checkpoints = [name for name in names if _has_checkpoint(work / name / "checkpoints")]
+    if resume:
+        finished = cache.finished() + [f"{name} checkpoint" for name in checkpoints]
+        if not finished:
             raise UserError(
-                f"{work} holds fine-tuning checkpoints of an interrupted run: pass --resume to continue it, "
-                "or delete that folder to start over"
+                f"--resume: nothing to resume for these options under {work} (no finished stage, no "
+                "checkpoint): run without --resume"
             )
-
-    with timed(timings, "load"):
-        loaded = load_model(
-            options.model,
-            device=options.device,
-            dtype=options.dtype,
-            trust_remote_code=options.trust_remote_code,
-            allow_pickle=options.allow_pickle,
+        say(f"resume: reusing {', '.join(finished)} from {work}")
+    elif checkpoints and options.finetune != "none":
+        raise UserError(
+            f"{work} holds fine-tuning checkpoints of an interrupted run: pass --resume to continue it, "
+            "or delete that folder to start over"
         )
-    base_model, base_tokenizer = loaded.model, loaded.tokenizer
-    say(f"model: {loaded.description}")
+    return work, cache, resume
 
-    stats = None
-    if options.plan.has_structure() and resume and cache.stats.is_file():
-        from minigpts.analysis import ActivationStats
 
-        stats = ActivationStats.load(cache.stats)
+def _run_stats(options: RunOptions, loaded, corpus, cache, resume, timings, say, progress):
+    """The statistics of the calibration split (None when the plan has no structure)."""
+    from minigpts.analysis import ActivationStats
+
+    if not options.plan.has_structure():
+        return None
+    if resume and cache.stats.is_file():
         say(f"analysis: reused {cache.stats.name}")
-    elif options.plan.has_structure():
-        say(
-            f"analysis: {options.analysis.calib_tokens:,} calibration tokens, windows of {options.analysis.seq_len}"
+        return ActivationStats.load(cache.stats)
+    analysis = options.analysis
+    say(f"analysis: {analysis.calib_tokens:,} calibration tokens, windows of {analysis.seq_len}")
+    with timed(timings, "analyze"):
+        stats = run_analysis(
+            loaded.model, loaded.tokenizer, corpus, analysis, model_name=loaded.source_id, progress=progress
         )
-        with timed(timings, "analyze"):
-            stats = run_analysis(
-                base_model,
-                base_tokenizer,
-                corpus,
-                options.analysis,
-                model_name=loaded.source_id,
-                progress=progress,
-            )
-        if cache is not None:  # kept for --resume; read back so a resumed run sees the same numbers
-            from minigpts.analysis import ActivationStats
+    if cache is not None:  # kept for --resume; read back so a resumed run sees the same numbers
+        stats.save(cache.stats)
+        stats = ActivationStats.load(cache.stats)
+        interrupt_point("analyze")
+    return stats
 
-            stats.save(cache.stats)
-            stats = ActivationStats.load(cache.stats)
-            interrupt_point("analyze")
+
+def _run_plan(options: RunOptions, loaded, corpus, stats, cache, resume, timings, say, progress):
+    from minigpts.plan import PruningPlan
+
     with timed(timings, "plan"):
         if resume and cache.plan.is_file():
-            from minigpts.plan import PruningPlan
-
-            plan = PruningPlan.load(cache.plan)
             say(f"plan: reused {cache.plan.name}")
-        else:
-            plan = build_plan(
-                base_model, base_tokenizer, stats, options.plan, corpus=corpus, progress=progress
-            )
-            if cache is not None:
-                write_json_atomic(cache.plan, plan.to_dict())
-                interrupt_point("plan")
-    if options.dry_run:
-        return {"plan": plan, "timings": timings}
-    from rich.markup import escape
+            return PruningPlan.load(cache.plan)
+        plan = build_plan(
+            loaded.model, loaded.tokenizer, stats, options.plan, corpus=corpus, progress=progress
+        )
+        if cache is not None:
+            write_json_atomic(cache.plan, plan.to_dict())
+            interrupt_point("plan")
+    return plan
 
-    for note in plan.summary.get("notes") or []:
-        if note.startswith("warning:"):
-            say(f"[yellow]{escape(note)}[/yellow]")
 
-    stages: dict[str, dict] = {}
-    eval_kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress, budget_tokenizer=base_tokenizer)
+def _run_base(options: RunOptions, loaded, corpus, cache, resume, timings, say, general_options) -> dict:
+    """The unpruned model's evaluation."""
     if resume and cache.base.is_file():
-        stages["base"] = json.loads(cache.base.read_text())
+        base = json.loads(cache.base.read_text())
         say(f"base evaluation: reused {cache.base.name}")
     else:
         with timed(timings, "eval_base"):
-            stages["base"] = evaluate_stage(
-                base_model,
-                base_tokenizer,
+            base = evaluate_stage(
+                loaded.model,
+                loaded.tokenizer,
                 corpus,
                 options.evaluation,
                 name="base",
                 model_path=loaded.path,
-                **eval_kwargs,
+                budget_tokenizer=loaded.tokenizer,
+                **general_options,
             )
         if cache is not None:
-            write_json_atomic(cache.base, stages["base"])
+            write_json_atomic(cache.base, base)
             interrupt_point("eval_base")
-    say(
-        f"base: bits/byte {stages['base']['bits_per_byte']:.4f}, perplexity {stages['base']['perplexity']:.3f}"
-    )
+    say(f"base: bits/byte {base['bits_per_byte']:.4f}, perplexity {base['perplexity']:.3f}")
+    return base
 
-    recovery = dataclasses.replace(options.recovery, method=options.finetune)
-    stop_at_bpb = None
-    if options.finetune != "none" and recovery.stop_at_base:
-        stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
-        say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
-    # The unpruned model is only needed later as a teacher or to build the controls; otherwise it is
-    # pruned in place, so the run never holds two models (peak memory ≈ one model + activations).
-    keep_base = options.controls or (method is not None and method.needs_teacher)
-    calibration = None
-    if options.plan.sequential and options.plan.reconstruct == "lstsq":
-        calibration = calibration_windows(base_tokenizer, corpus, options.analysis)
-    pruned_plan_file = cache.pruned_dir.with_suffix(".plan.json") if cache is not None else None
-    if resume and cache.pruned_dir.is_dir() and pruned_plan_file.is_file():
-        from minigpts.export import load as load_saved
-        from minigpts.models import resolve_device, resolve_dtype
-        from minigpts.plan import PruningPlan
 
-        device = resolve_device(options.device)
-        pruned, pruned_tokenizer = load_saved(
-            cache.pruned_dir, device=device, dtype=resolve_dtype(options.dtype, device)
-        )
-        plan = PruningPlan.load(pruned_plan_file)
-        say(f"pruning: reused {cache.pruned_dir.name}")
-        if not keep_base:
-            base_model = loaded.model = None
-    else:
-        with timed(timings, "prune"):
-            pruned, pruned_tokenizer = _prune(
-                base_model, base_tokenizer, plan, stats, options, calibration, keep_base
+def _run_steps(options: RunOptions, cache, resume, timings, say):
+    """`run`'s steps of the pruned model (see ``Domain.run_setting``): timed, kept in the stage cache
+    for --resume (the pruned model and its evaluation), and reported."""
+
+    def steps(step: str, compute):
+        if step == "prune":
+            plan_file = cache.pruned_dir.with_suffix(".plan.json") if cache is not None else None
+            if resume and cache.pruned_dir.is_dir() and plan_file.is_file():
+                from minigpts.plan import PruningPlan
+
+                say(f"pruning: reused {cache.pruned_dir.name}")
+                return (*_load_pruned(cache.pruned_dir, options), PruningPlan.load(plan_file))
+            with timed(timings, "prune"):
+                model, tokenizer, plan = compute()
+            if cache is not None:
+                from minigpts.export import save_model
+
+                write_json_atomic(plan_file, plan.to_dict())
+                save_model(model, tokenizer, cache.pruned_dir, plan=plan, force=True)
+                interrupt_point("prune")
+            return model, tokenizer, plan
+        if step == "eval_pruned":
+            if resume and cache.pruned.is_file():
+                stage = json.loads(cache.pruned.read_text())
+                say(f"pruned evaluation: reused {cache.pruned.name}")
+            else:
+                with timed(timings, "eval_pruned"):
+                    stage = compute()
+                if cache is not None:
+                    write_json_atomic(cache.pruned, stage)
+                    interrupt_point("eval_pruned")
+            say(f"pruned: bits/byte {stage['bits_per_byte']:.4f}, perplexity {stage['perplexity']:.3f}")
+            return stage
+        with timed(timings, step):
+            model, stage = compute()
+        say(f"finetuned: bits/byte {stage['bits_per_byte']:.4f} ({stage['finetune']['stopped_because']})")
+        return model, stage
+
+    return steps
+
+
+def _load_pruned(path: Path, options: RunOptions):
+    from minigpts.export import load as load_saved
+    from minigpts.models import resolve_device, resolve_dtype
+
+    device = resolve_device(options.device)
+    return load_saved(path, device=device, dtype=resolve_dtype(options.dtype, device))
+
+
+def _run_controls(domain: Domain, plan, stats, general, work, timings, say, model_name, progress) -> dict:
+    """The controls of `run`: the unpruned model fine-tuned with the same budget, a random cut of the
+    same widths, and the same cut calibrated on general text (--general-data); each recovered when
+    the run recovers (evaluated only then), else evaluated as pruned."""
+    from minigpts.plan import random_plan_like
+
+    tuned = domain.method is not None
+    stages = {}
+    if tuned:
+        with timed(timings, "control_base_finetuned"):
+            _, stages["control_base_finetuned"] = domain.recover(
+                copy.deepcopy(domain.base_model),
+                domain.base_tokenizer,
+                "control_base_finetuned",
+                work / "control_base",
             )
-            if not keep_base:
-                base_model = loaded.model = None
-        if cache is not None:
-            write_json_atomic(pruned_plan_file, plan.to_dict())
-            save_model(pruned, pruned_tokenizer, cache.pruned_dir, plan=plan, force=True)
-            interrupt_point("prune")
-    if resume and cache.pruned.is_file():
-        stages["pruned"] = json.loads(cache.pruned.read_text())
-        say(f"pruned evaluation: reused {cache.pruned.name}")
-    else:
-        with timed(timings, "eval_pruned"):
-            stages["pruned"] = evaluate_stage(
-                pruned, pruned_tokenizer, corpus, options.evaluation, name="pruned", **eval_kwargs
-            )
-        if cache is not None:
-            write_json_atomic(cache.pruned, stages["pruned"])
-            interrupt_point("eval_pruned")
-    say(
-        f"pruned: bits/byte {stages['pruned']['bits_per_byte']:.4f}, perplexity {stages['pruned']['perplexity']:.3f}"
-    )
-
-    final_model, final_tokenizer = pruned, pruned_tokenizer
-    recovery = with_shared_teacher_cache(recovery, method, work)
-    recover = functools.partial(
-        recover_stage,
-        corpus=corpus,
-        evaluation=options.evaluation,
-        recovery=recovery,
-        teacher=base_model if method is not None and method.needs_teacher else None,
-        stop_at_bpb=stop_at_bpb,
-        eval_kwargs=eval_kwargs,
-    )
-    if options.finetune != "none":
-        with timed(timings, "finetune"):
-            final_model, stages["finetuned"] = recover(
-                pruned, pruned_tokenizer, "finetuned", work / "finetuned", plan.vocab_keep
-            )
-        say(
-            f"finetuned: bits/byte {stages['finetuned']['bits_per_byte']:.4f} "
-            f"({stages['finetuned']['finetune']['stopped_because']})"
+    random_plan = random_plan_like(domain.base_model, plan, seed=domain.options.seed)
+    names = ("control_random", "control_random_finetuned")
+    with timed(timings, names[tuned]):
+        *_, control = domain.run_setting(
+            random_plan, work / "control_random", stats=stats, calibration=domain.calibration, names=names,
+            evaluate_pruned=not tuned
+        )  # fmt: skip
+    stages.update(control)
+    if general is None:
+        say(f"[yellow]skipped {GENERAL_CONTROL}: {GENERAL_CONTROL_NEEDS}[/yellow]")
+        return stages
+    names = (GENERAL_CONTROL, f"{GENERAL_CONTROL}_finetuned")
+    with timed(timings, GENERAL_CONTROL):
+        reference = GeneralCalibration.prepare(
+            general,
+            domain.options,
+            domain.base_model,
+            domain.base_tokenizer,
+            with_stats=domain.options.plan.has_structure(),
+            model_name=model_name,
+            progress=progress,
         )
-    if options.controls:
-        if options.finetune != "none":
-            with timed(timings, "control_base_finetuned"):
-                _, stages["control_base_finetuned"] = recover(
-                    copy_model(base_model),
-                    base_tokenizer,
-                    "control_base_finetuned",
-                    work / "control_base",
-                    None,
-                )
-        random_plan = random_plan_like(base_model, plan, seed=options.seed)
-        control, control_tokenizer = apply_full_plan(
-            copy_model(base_model),
-            base_tokenizer,
-            random_plan,
-            stats=stats,
-            reconstruct=options.plan.reconstruct,
-            ridge=options.plan.ridge,
-            calibration=calibration,
-        )
-        if options.finetune != "none":
-            with timed(timings, "control_random_finetuned"):
-                _, stages["control_random_finetuned"] = recover(
-                    control,
-                    control_tokenizer,
-                    "control_random_finetuned",
-                    work / "control_random",
-                    random_plan.vocab_keep,
-                )
-        else:
-            with timed(timings, "control_random"):
-                stages["control_random"] = evaluate_stage(
-                    control,
-                    control_tokenizer,
-                    corpus,
-                    options.evaluation,
-                    name="control_random",
-                    **eval_kwargs,
-                )
-        del control
-        if general is None:
-            say(f"[yellow]skipped {GENERAL_CONTROL}: {GENERAL_CONTROL_NEEDS}[/yellow]")
-        else:
-            with timed(timings, GENERAL_CONTROL):
-                name, stage = general_control_stage(
-                    base_model,
-                    base_tokenizer,
-                    plan,
-                    corpus,
-                    general,
-                    options,
-                    recover,
-                    eval_kwargs,
-                    work,
-                    model_name=loaded.source_id,
-                    progress=progress,
-                )
-                stages[name] = stage
+        control_plan = reference.plan_like(domain, plan, domain.options.plan)
+        *_, control = domain.run_setting(
+            control_plan, work / "control_general", stats=reference.stats, calibration=reference.calibration,
+            names=names, evaluate_pruned=not tuned
+        )  # fmt: skip
+        stages[names[tuned]] = {**control[names[tuned]], "calibration": reference.record(control_plan)}
+    return stages
 
-    report = {
+
+def _run_report(options: RunOptions, loaded, corpus, plan, stats, stages, timings) -> dict:
+    return {
         "minigpts_version": __version__,
         "model": loaded.name,
         "model_description": loaded.description,
@@ -1223,7 +1096,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         "seq_len": options.evaluation.seq_len,
         "protocol": stages["base"]["protocol"],
         "budget_tokenizer": loaded.source_id,  # the tokenizer the token budgets are counted in
-        "options": _options_dict(options),
+        "options": dataclasses.asdict(options),
         "plan_summary": plan.summary,
         "vocab": plan.summary.get("vocab"),
         "stats": stats.metadata if stats is not None else None,
@@ -1231,101 +1104,34 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
         **stages,
         "timings": timings,
     }
-    if not distributed.is_main():  # data parallel: every process holds the same model; rank 0 saves
-        return report
-    with timed(timings, "save"):
-        from minigpts.export import base_license
-
-        metadata = {
-            "base_model": loaded.source_id,
-            "base_description": loaded.description,
-            "base_license": base_license(loaded.path, loaded.name),
-            "params_before": stages["base"]["params"],
-            "data": corpus.source,
-            "evaluation": {
-                "split": options.evaluation.split,
-                "seq_len": options.evaluation.seq_len,
-                "protocol": stages["base"]["protocol"],
-                "general_data": general.source if general is not None else None,
-            },
-            "stats": stats.metadata if stats is not None else None,
-            "metrics": {name: _card_metrics(s) for name, s in stages.items()},
-            "controls": [name for name in stages if name.startswith("control")],
-            "finetune": stages.get("finetuned", {}).get("finetune"),
-        }
-        save_model(final_model, final_tokenizer, out, plan=plan, metadata=metadata, force=options.force)
-        if stats is not None:
-            stats.save(out / "stats.safetensors")
-    size_on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors") if f.name != "stats.safetensors")
-    last = "finetuned" if "finetuned" in stages else "pruned"
-    stages[last]["size_bytes"] = size_on_disk
-    stages[last]["size_source"] = "disk"
-    write_report(report, out, stats=stats)
-    cleanup(work)
-    return report
 
 
-def general_control_stage(
-    base_model,
-    base_tokenizer,
-    plan,
-    corpus,
-    general,
-    options: RunOptions,
-    recover,
-    eval_kwargs,
-    work,
-    *,
-    model_name,
-    progress,
-):
-    """(stage name, stage) of control_general_calibration in `run`: statistics of the general text
-    (same analysis options and calibration budget), the same widths, refit and recovery."""
-    text = general_calibration_corpus(general)
-    general_stats = None
-    if options.plan.has_structure():
-        general_stats = run_analysis(
-            base_model, base_tokenizer, text, options.analysis, model_name=model_name, progress=progress
-        )
-    control_plan = general_plan_like(base_model, base_tokenizer, plan, general_stats, text, options.plan)
-    calibration = None
-    if options.plan.sequential and options.plan.reconstruct == "lstsq":
-        calibration = calibration_windows(base_tokenizer, text, options.analysis)
-    model, tokenizer = apply_full_plan(
-        copy_model(base_model),
-        base_tokenizer,
-        control_plan,
-        stats=general_stats,
-        reconstruct=options.plan.reconstruct,
-        ridge=options.plan.ridge,
-        calibration=calibration,
-    )
-    if options.finetune != "none":
-        name = f"{GENERAL_CONTROL}_finetuned"
-        _, stage = recover(model, tokenizer, name, work / "control_general", control_plan.vocab_keep)
-    else:
-        name = GENERAL_CONTROL
-        stage = evaluate_stage(model, tokenizer, corpus, options.evaluation, name=name, **eval_kwargs)
-    stage["calibration"] = {
-        "data": general.source,
-        "stats": general_stats.metadata if general_stats is not None else None,
-        "plan_settings": control_plan.settings,
+def _save_run(
+    model, tokenizer, out, options: RunOptions, loaded, corpus, general, plan, stats, stages
+) -> None:
+    """The final model (with its card and minigpts.json) and the statistics, in --out."""
+    from minigpts.export import base_license, save_model
+
+    metadata = {
+        "base_model": loaded.source_id,
+        "base_description": loaded.description,
+        "base_license": base_license(loaded.path, loaded.name),
+        "params_before": stages["base"]["params"],
+        "data": corpus.source,
+        "evaluation": {
+            "split": options.evaluation.split,
+            "seq_len": options.evaluation.seq_len,
+            "protocol": stages["base"]["protocol"],
+            "general_data": general.source if general is not None else None,
+        },
+        "stats": stats.metadata if stats is not None else None,
+        "metrics": {name: _card_metrics(s) for name, s in stages.items()},
+        "controls": [name for name in stages if name.startswith("control")],
+        "finetune": stages.get("finetuned", {}).get("finetune"),
     }
-    return name, stage
-
-
-def _prune(base_model, base_tokenizer, plan, stats, options: RunOptions, calibration, keep_base: bool):
-    """The pruned (model, tokenizer): ``base_model`` itself, or a copy when the run still needs it."""
-    target = copy_model(base_model) if keep_base else base_model
-    return apply_full_plan(
-        target,
-        base_tokenizer,
-        plan,
-        stats=stats,
-        reconstruct=options.plan.reconstruct,
-        ridge=options.plan.ridge,
-        calibration=calibration,
-    )
+    save_model(model, tokenizer, out, plan=plan, metadata=metadata, force=options.force)
+    if stats is not None:
+        stats.save(out / "stats.safetensors")
 
 
 def _card_metrics(stage: dict) -> dict:
@@ -1350,9 +1156,3 @@ def write_report(report: dict, out: Path, *, stats=None) -> None:
     report["figures"] = write_run_plots(report, out, magnitudes=magnitudes, token_counts=token_counts)
     write_json_atomic(out / "report.json", report)
     write_run_report(report, out)
-
-
-def _options_dict(options: RunOptions) -> dict:
-    from dataclasses import asdict
-
-    return asdict(options)

@@ -9,6 +9,7 @@ rules) and whose summary counts the parameters surgery will leave, exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -21,9 +22,15 @@ from torch import nn
 
 from minigpts.allocation import ALLOCATIONS
 from minigpts.analysis import ActivationStats
+from minigpts.arch import get_adapter
 from minigpts.criteria import UnitScores, get_criterion, unit_scores  # noqa: F401 - UnitScores: re-exported
 from minigpts.criteria import residual_width as _hidden_size
 from minigpts.errors import UserError
+from minigpts.options import PlanOptions, flag_of
+
+
+def _flag(name: str) -> str:
+    return flag_of(PlanOptions, name)
 
 
 @dataclass
@@ -75,6 +82,64 @@ _NOT_WIDTH_ARGS = ("model", "stats", "drop_layers", "layer_ratio", "layer_criter
 
 
 # --- what can be kept -----------------------------------------------------------------------------
+
+
+def identity_plan(model: nn.Module) -> PruningPlan:
+    """A plan that keeps every unit (a vocabulary-only cut starts from it)."""
+    adapter = get_adapter(model)
+    layers = []
+    for layer in adapter.layers(model):
+        n_heads, n_kv, _ = adapter.head_layout(layer)
+        keep = list(range(adapter.mlp_width(layer))), list(range(n_heads)), list(range(n_kv))
+        layers.append(LayerPlan(mlp_keep=keep[0], heads_keep=keep[1], kv_heads_keep=keep[2]))
+    return PruningPlan(family=adapter.family, layers=layers, criterion="none", settings={})
+
+
+def random_plan_like(model: nn.Module, plan: PruningPlan, seed: int = 0) -> PruningPlan:
+    """A plan keeping exactly as many units of each kind per layer as ``plan``, chosen at random.
+
+    The control that any claim about a criterion must beat: same widths, same vocabulary, random units.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(n: int, k: int) -> list[int]:
+        return torch.randperm(n, generator=generator)[:k].tolist()
+
+    adapter = get_adapter(model)
+    layers = []
+    for layer, layer_plan in zip(adapter.layers(model), plan.layers, strict=True):
+        n_heads, n_kv, _ = adapter.head_layout(layer)
+        group = n_heads // n_kv
+        mlp = sorted(pick(adapter.mlp_width(layer), len(layer_plan.mlp_keep)))
+        kv = sorted(pick(n_kv, len(layer_plan.kv_heads_keep)))
+        per_group = len(layer_plan.heads_keep) // max(1, len(layer_plan.kv_heads_keep))
+        heads = sorted(g * group + m for g in kv for m in pick(group, per_group))
+        layers.append(LayerPlan(mlp_keep=mlp, heads_keep=heads, kv_heads_keep=kv))
+    hidden = None
+    if plan.hidden_keep is not None:
+        hidden = sorted(pick(adapter.hidden_size(model), len(plan.hidden_keep)))
+    settings = {**plan.settings, "control": "random units, same widths", "control_seed": seed}
+    return dataclasses.replace(
+        plan,
+        layers=layers,
+        hidden_keep=hidden,
+        criterion="random",
+        settings=settings,
+        summary=dict(plan.summary),
+    )
+
+
+def best_units_like(model: nn.Module, plan: PruningPlan, scores: UnitScores):
+    """(layers, hidden_keep) with ``plan``'s widths in every layer but the units ``scores`` rank best."""
+    adapter = get_adapter(model)
+    layers = []
+    for i, (layer, kept) in enumerate(zip(adapter.layers(model), plan.layers, strict=True)):
+        kv_kept = len(kept.kv_heads_keep)
+        per_kv = len(kept.heads_keep) // max(1, kv_kept)
+        heads, kv, _ = _select_heads(scores.heads[i], adapter.head_layout(layer)[1], kv_kept, per_kv)
+        layers.append(LayerPlan(_top(scores.mlp[i], len(kept.mlp_keep)), heads_keep=heads, kv_heads_keep=kv))
+    hidden = _top(scores.hidden, len(plan.hidden_keep)) if plan.hidden_keep is not None else None
+    return layers, hidden
 
 
 def _legal_widths(size: int, minimum: int, step: int) -> list[int]:
@@ -297,7 +362,7 @@ def _check_fraction(flag: str, value: float | None, *, low_open: bool, high_open
     high_ok = value < 1 if high_open else value <= 1
     if not (isinstance(value, int | float) and math.isfinite(value) and low_ok and high_ok):
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        meaning = "fraction of parameters to keep" if flag == "--target-params" else "fraction removed"
+        meaning = "fraction of parameters to keep" if flag == _flag("target_params") else "fraction removed"
         raise UserError(f"{flag} {value}: the {meaning} must be in {interval}")
 
 
@@ -361,48 +426,34 @@ def make_plan(
     if drop_layers or layer_ratio:
         widths = {k: v for k, v in locals().items() if k not in _NOT_WIDTH_ARGS}  # every width argument
         return _plan_with_depth(model, stats, widths, drop_layers, layer_ratio, layer_criterion)
-    from minigpts.arch import get_adapter
-
-    settings = {
-        "criterion": criterion,
-        "mlp_ratio": mlp_ratio,
-        "head_ratio": head_ratio,
-        "hidden_ratio": hidden_ratio,
-        "target_params": target_params,
-        "target_groups": list(target_groups),
-        "linear_threshold": linear_threshold,
-        "activation_threshold": activation_threshold,
-        "layout": layout,
-        "min_mlp": min_mlp,
-        "round_to": round_to,
-        "seed": seed,
-        "allocation": allocation,
-    }
-    if layout not in LAYOUTS:
-        raise UserError(f"--layout {layout}: use one of {', '.join(LAYOUTS)}")
-    if allocation not in ALLOCATIONS:
-        raise UserError(f"--allocation {allocation}: use one of {', '.join(ALLOCATIONS)}")
+    given = locals()
+    names = ("criterion", "mlp_ratio", "head_ratio", "hidden_ratio", "target_params", "target_groups")
+    names += ("linear_threshold", "activation_threshold", "layout", "min_mlp", "round_to", "seed")
+    names += ("allocation",)
+    settings = {name: list(target_groups) if name == "target_groups" else given[name] for name in names}
+    for name, value, allowed in (("layout", layout, LAYOUTS), ("allocation", allocation, ALLOCATIONS)):
+        if value not in allowed:
+            raise UserError(f"{_flag(name)} {value}: use one of {', '.join(allowed)}")
     get_criterion(criterion)  # a UserError naming the registered criteria
     for flag, value in (
-        ("--mlp-ratio", mlp_ratio),
-        ("--head-ratio", head_ratio),
-        ("--hidden-ratio", hidden_ratio),
+        (_flag("mlp_ratio"), mlp_ratio),
+        (_flag("head_ratio"), head_ratio),
+        (_flag("hidden_ratio"), hidden_ratio),
     ):
         _check_fraction(flag, value, low_open=False, high_open=True)
-    _check_fraction("--target-params", target_params, low_open=True, high_open=False)
+    _check_fraction(_flag("target_params"), target_params, low_open=True, high_open=False)
     for flag, value in (
-        ("--linear-threshold", linear_threshold),
-        ("--activation-threshold", activation_threshold),
+        (_flag("linear_threshold"), linear_threshold),
+        (_flag("activation_threshold"), activation_threshold),
     ):
         if value is not None and not math.isfinite(value):
             raise UserError(f"{flag} {value}: must be a finite number")
-    if not (isinstance(min_mlp, int) and min_mlp >= 1):
-        raise UserError(f"--min-mlp {min_mlp}: must be a whole number >= 1")
-    if not (isinstance(round_to, int) and round_to >= 1):
-        raise UserError(f"--round-to {round_to}: must be a whole number >= 1")
+    for name, value in (("min_mlp", min_mlp), ("round_to", round_to)):
+        if not (isinstance(value, int) and value >= 1):
+            raise UserError(f"{_flag(name)} {value}: must be a whole number >= 1")
     if mlp_ratio is not None and activation_threshold is not None:
         raise UserError("--mlp-ratio and --activation-threshold both size the MLP: give one of them")
-    for flag, value in (("--head-ratio", head_ratio), ("--hidden-ratio", hidden_ratio)):
+    for flag, value in ((_flag("head_ratio"), head_ratio), (_flag("hidden_ratio"), hidden_ratio)):
         if value is not None and linear_threshold is not None:
             raise UserError(f"{flag} and --linear-threshold both size the same group: give one of them")
     unknown = set(target_groups) - set(GROUPS)
@@ -419,9 +470,9 @@ def make_plan(
 
     # which group types are asked for, and whether the family allows them
     requests: dict[str, _Request | None] = {
-        "mlp": _request("--mlp-ratio", mlp_ratio, "--activation-threshold", activation_threshold),
-        "heads": _request("--head-ratio", head_ratio, "--linear-threshold", linear_threshold),
-        "hidden": _request("--hidden-ratio", hidden_ratio, "--linear-threshold", linear_threshold),
+        "mlp": _request(_flag("mlp_ratio"), mlp_ratio, _flag("activation_threshold"), activation_threshold),
+        "heads": _request(_flag("head_ratio"), head_ratio, _flag("linear_threshold"), linear_threshold),
+        "hidden": _request(_flag("hidden_ratio"), hidden_ratio, _flag("linear_threshold"), linear_threshold),
     }
     problems = {
         "heads": adapter.head_pruning_problem(model.config),
@@ -429,8 +480,8 @@ def make_plan(
     }
     solved = [g for g in target_groups if requests[g] is None] if target_params is not None else []
     explicit_flags = {
-        "heads": "--head-ratio" if head_ratio is not None else None,
-        "hidden": "--hidden-ratio"
+        "heads": _flag("head_ratio") if head_ratio is not None else None,
+        "hidden": _flag("hidden_ratio")
         if hidden_ratio is not None
         else ("--target-params with hidden" if "hidden" in solved else None),
     }
@@ -835,7 +886,7 @@ def _solve_target(build, requests: dict, groups: list[str], target: float, param
     def at(ratio: float):
         sized = dict(requests)
         for group in groups:
-            sized[group] = _Request("--target-params", ratio=ratio)
+            sized[group] = _Request(_flag("target_params"), ratio=ratio)
         return build(sized)
 
     low, high = 0.0, 1.0 - 1e-9

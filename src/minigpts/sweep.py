@@ -12,66 +12,33 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from minigpts.errors import UserError
 from minigpts.evaluation import decode_speed
+from minigpts.options import SweepOptions
 from minigpts.pipeline import (
     GENERAL_CONTROL_NEEDS,
-    AnalysisOptions,
-    EvalOptions,
-    FinetuneOptions,
+    Domain,
+    GeneralCalibration,
     PlanOptions,
-    apply_full_plan,
     build_plan,
-    calibration_windows,
     check_output_dir,
     cleanup,
-    evaluate_stage,
-    general_calibration_corpus,
-    general_plan_like,
+    load_base,
     load_mcq_sets,
-    random_plan_like,
-    recover_stage,
     recovery_method_or_none,
     run_analysis,
     validation_bpb,
-    validation_bpb_target,
-    with_shared_teacher_cache,
     work_dir_for,
     write_json_atomic,
 )
-from minigpts.recovery import get_recovery_method
 from minigpts.report import frontier_lines, sweep_frontier
 
 PAPER_GRID = [(e, e, emb) for e in (1e-5, 1e-3, 1e-1) for emb in (None, 0.0)]
-
-
-@dataclass
-class SweepOptions:
-    model: str | None
-    data: list[str]
-    out: str
-    target_params: list[float] = field(default_factory=list)  # empty: the paper's threshold grid
-    criteria: list[str] = field(default_factory=list)  # several: criteria × sizes; empty: plan.criterion
-    finetune: str = "full"
-    controls: bool = False
-    mcq: list[str] = field(default_factory=list)  # FILE (every domain) or DOMAIN=FILE
-    text_field: str = "text"
-    encoding: str = "utf-8"
-    seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None
-    trust_remote_code: bool = False  # let a directory's auto_map run code (--trust-remote-code)
-    allow_pickle: bool = False  # also read pickle (.bin) weights
-    force: bool = False
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
-    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
-    plan: PlanOptions = field(default_factory=PlanOptions)
-    recovery: FinetuneOptions = field(default_factory=FinetuneOptions)
 
 
 _SPLIT_SUFFIX = re.compile(
@@ -121,21 +88,13 @@ def settings_grid(options: SweepOptions) -> list[tuple[str, PlanOptions]]:
     base = options.plan if not options.criteria else replace(options.plan, criterion=options.criteria[0])
     if options.target_params:
         return [(f"target={t:g}", replace(base, target_params=t)) for t in options.target_params]
-    grid = []
-    for linear, activation, embedding in PAPER_GRID:
-        label = f"lin={linear:g} act={activation:g} emb={'off' if embedding is None else f'{embedding:g}'}"
-        grid.append(
-            (
-                label,
-                replace(
-                    base,
-                    linear_threshold=linear,
-                    activation_threshold=activation,
-                    embedding_threshold=embedding,
-                ),
-            )
+    return [
+        (
+            f"lin={lin:g} act={act:g} emb={'off' if emb is None else f'{emb:g}'}",
+            replace(base, linear_threshold=lin, activation_threshold=act, embedding_threshold=emb),
         )
-    return grid
+        for lin, act, emb in PAPER_GRID
+    ]
 
 
 def _mcq_for_domains(entries: list[str], domains: list[str]) -> dict[str, list[str]]:
@@ -160,225 +119,46 @@ def _accuracy(stage: dict) -> float | None:
 
 
 def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
-    from minigpts.data import load_corpus
-    from minigpts.models import load_model
     from minigpts.report import write_sweep_report
 
     method = recovery_method_or_none(options.finetune)
     out = check_output_dir(options.out, options.force)
-    groups = group_corpora(options.data)
-    domains = list(groups)
-    corpora = {
-        d: load_corpus(specs, text_field=options.text_field, encoding=options.encoding, seed=options.seed)
-        for d, specs in groups.items()
-    }
-    general = None
-    if options.evaluation.general_data:
-        general = load_corpus(options.evaluation.general_data, seed=options.seed)
-    mcq_paths = _mcq_for_domains(options.mcq, domains)
-    mcq_sets = {d: load_mcq_sets(paths) if paths else None for d, paths in mcq_paths.items()}
+    corpora, general, mcq_sets = _sweep_inputs(options)
     grid = settings_grid(options)
-
-    loaded = load_model(
-        options.model,
-        device=options.device,
-        dtype=options.dtype,
-        trust_remote_code=options.trust_remote_code,
-        allow_pickle=options.allow_pickle,
-    )
-    base_model, base_tokenizer = loaded.model, loaded.tokenizer
+    loaded = load_base(options)
     out.mkdir(parents=True, exist_ok=True)
     work = work_dir_for(out)
+    reference = _general_reference(options, general, grid, loaded, say, progress)
     rows: list[dict] = []
-    magnitudes: dict[str, list[float]] = {}
-    frequencies: dict[str, list[int]] = {}
+    figures: dict[str, dict] = {"magnitudes": {}, "token_frequencies": {}}
     runs: dict[str, dict] = {}
-    protocol = None
-    general_text = general_stats = None
-    if options.controls and general is None:
-        say(f"[yellow]skipped control_general_calibration: {GENERAL_CONTROL_NEEDS}[/yellow]")
-    elif options.controls:  # one analysis of the general text serves every domain
-        general_text = general_calibration_corpus(general)
-        if any(p.has_structure() for _, p in grid):
-            say(f"general calibration: analysis of {general.source}")
-            general_stats = run_analysis(
-                base_model,
-                base_tokenizer,
-                general_text,
-                options.analysis,
-                model_name=loaded.source_id,
-                progress=progress,
-            )
-    for domain in domains:
-        corpus = corpora[domain]
-        say(f"[bold]{domain}[/bold]: {len(grid)} settings")
-        stats = run_analysis(
-            base_model,
-            base_tokenizer,
-            corpus,
-            options.analysis,
-            model_name=loaded.source_id,
-            progress=progress,
+    for name, corpus in corpora.items():
+        say(f"[bold]{name}[/bold]: {len(grid)} settings")
+        domain, stats = _sweep_domain(
+            options, name, corpus, loaded, method, general, mcq_sets[name], out, say, progress
         )
-        magnitudes[domain] = torch.cat(stats.mlp_l1).tolist()
-        frequencies[domain] = stats.token_counts.tolist()
-        stats.save(out / f"stats-{domain}.safetensors")
-        kwargs = dict(
-            general=general, mcq_sets=mcq_sets[domain], progress=progress, budget_tokenizer=base_tokenizer
-        )
-        base_eval = evaluate_stage(
-            base_model, base_tokenizer, corpus, options.evaluation, name="base", **kwargs
-        )
-        base_eval["decode_tokens_per_second"] = decode_speed(base_model)
-        protocol = base_eval["protocol"]
-        recovery = replace(
-            options.recovery, method=options.finetune if options.finetune != "none" else "full"
-        )
-        recovery = with_shared_teacher_cache(
-            recovery, method, work
-        )  # one teacher pass per window, whole sweep
-        stop_at_bpb = None
-        if options.finetune != "none" and recovery.stop_at_base:
-            stop_at_bpb = validation_bpb_target(base_model, base_tokenizer, corpus, recovery)
-        # the frontier is chosen on validation (then confirmed on test): the base's bits/byte there
-        base_eval["validation_bits_per_byte"] = validation_bpb(
-            base_model, base_tokenizer, corpus, **_validation_protocol(options, base_tokenizer)
-        )
-        control_base = None
-        if options.controls and options.finetune != "none":
-            _, control_base = recover_stage(
-                copy.deepcopy(base_model),
-                base_tokenizer,
-                "control_base_finetuned",
-                work / f"{domain}-control-base",
-                None,
-                corpus=corpus,
-                evaluation=options.evaluation,
-                recovery=recovery,
-                teacher=base_model if method is not None and method.needs_teacher else None,
-                stop_at_bpb=stop_at_bpb,
-                eval_kwargs=kwargs,
-            )
-        domain_runs = runs.setdefault(
-            domain, {"base": base_eval, "control_base_finetuned": control_base, "settings": {}}
-        )
+        figures["magnitudes"][name] = torch.cat(stats.mlp_l1).tolist()
+        figures["token_frequencies"][name] = stats.token_counts.tolist()
+        runs[name] = _domain_runs(domain, name, work)
         for index, (label, plan_options) in enumerate(grid):
-            say(f"  {domain} · {label}")
+            say(f"  {name} · {label}")
             try:
                 plan = build_plan(
-                    base_model, base_tokenizer, stats, plan_options, corpus=corpus, progress=progress
+                    loaded.model, loaded.tokenizer, stats, plan_options, corpus=corpus, progress=progress
                 )
             except UserError as err:  # e.g. a threshold that would remove every unit: record and go on
                 say(f"  [yellow]skipped: {err}[/yellow]")
-                domain_runs["settings"][label] = {"skipped": str(err)}
+                runs[name]["settings"][label] = {"skipped": str(err)}
                 continue
-            stage = _prune_recover(
-                base_model,
-                base_tokenizer,
-                plan,
-                corpus,
-                options,
-                recovery,
-                stop_at_bpb,
-                work / f"{domain}-{index}",
-                kwargs,
-                stats=stats,
-                plan_options=plan_options,
-            )
-            control_random = None
-            if options.controls:
-                random_plan = random_plan_like(base_model, plan, seed=options.seed)
-                control_random = _prune_recover(
-                    base_model,
-                    base_tokenizer,
-                    random_plan,
-                    corpus,
-                    options,
-                    recovery,
-                    stop_at_bpb,
-                    work / f"{domain}-{index}-random",
-                    kwargs,
-                    stats=stats,
-                    plan_options=plan_options,
-                )
-            control_general = None
-            if general_text is not None:
-                general_plan = general_plan_like(
-                    base_model, base_tokenizer, plan, general_stats, general_text, plan_options
-                )
-                control_general = _prune_recover(
-                    base_model,
-                    base_tokenizer,
-                    general_plan,
-                    corpus,
-                    options,
-                    recovery,
-                    stop_at_bpb,
-                    work / f"{domain}-{index}-general",
-                    kwargs,
-                    stats=general_stats,
-                    plan_options=plan_options,
-                    calibration_corpus=general_text,
-                )
-                control_general["calibration"] = {
-                    "data": general.source,
-                    "stats": general_stats.metadata if general_stats is not None else None,
-                    "plan_settings": general_plan.settings,
-                }
-            domain_runs["settings"][label] = {
-                "plan_summary": plan.summary,
-                **stage,
-                "control_random": control_random,
-                "control_general_calibration": control_general,
-            }
-            final = stage.get("finetuned") or stage["pruned"]
-            finetune_info = (stage.get("finetuned") or {}).get("finetune") or {}
-            control_final = general_final = None
-            if control_random is not None:
-                control_final = control_random.get("finetuned") or control_random["pruned"]
-            if control_general is not None:
-                general_final = control_general.get("finetuned") or control_general["pruned"]
-            rows.append(
-                {
-                    "model": loaded.name,
-                    "domain": domain,
-                    "setting": label,
-                    "criterion": plan_options.criterion,
-                    "relative_size": final["params"] / base_eval["params"],
-                    "params": final["params"],
-                    "size_bytes": final["size_bytes"],
-                    "ppl_base": base_eval["perplexity"],
-                    "ppl_pruned": stage["pruned"]["perplexity"],
-                    "ppl_recovered": stage["finetuned"]["perplexity"] if "finetuned" in stage else None,
-                    "bpb_base": base_eval["bits_per_byte"],
-                    "bpb_pruned": stage["pruned"]["bits_per_byte"],
-                    "bpb_recovered": stage["finetuned"]["bits_per_byte"] if "finetuned" in stage else None,
-                    "mcq_base": _accuracy(base_eval),
-                    "mcq_pruned": _accuracy(stage["pruned"]),
-                    "mcq_recovered": _accuracy(stage["finetuned"]) if "finetuned" in stage else None,
-                    "epochs": finetune_info.get("epochs"),
-                    "recovery_seconds": finetune_info.get("seconds"),
-                    "control_base_finetuned_bpb": control_base["bits_per_byte"] if control_base else None,
-                    "control_random_bpb": control_final["bits_per_byte"] if control_final else None,
-                    "control_general_bpb": general_final["bits_per_byte"] if general_final else None,
-                    "control_general_params": general_final["params"] if general_final else None,
-                    "bpb_val_base": base_eval["validation_bits_per_byte"],
-                    "bpb_val": stage["validation_bits_per_byte"],
-                    "decode_tps_base": base_eval["decode_tokens_per_second"],
-                    "decode_tps": stage["decode_tokens_per_second"],
-                }
-            )
+            entry = _sweep_setting(domain, plan, plan_options, stats, reference, work / f"{name}-{index}")
+            runs[name]["settings"][label] = entry
+            rows.append(_sweep_row(loaded.name, name, label, plan_options, runs[name], entry))
             write_json_atomic(out / "sweep_runs.json", runs)  # partial results survive an interruption
     if not rows:
         raise UserError("sweep: every setting was skipped; see the messages above")
-    paths = write_sweep_report(
-        rows,
-        out,
-        magnitudes=magnitudes,
-        token_frequencies=frequencies,
-        title=f"minigpts sweep: {loaded.name}",
-        protocol=protocol,
-    )
+    protocol = runs[list(runs)[-1]]["base"]["protocol"]
+    title = f"minigpts sweep: {loaded.name}"
+    paths = write_sweep_report(rows, out, **figures, title=title, protocol=protocol)
     write_json_atomic(out / "sweep_runs.json", runs)
     for line in frontier_lines(sweep_frontier(rows)):
         say(line)
@@ -386,65 +166,185 @@ def run_sweep(options: SweepOptions, *, say=print, progress=True) -> dict:
     return {"rows": rows, "paths": paths, "runs": runs}
 
 
-def _validation_protocol(options: SweepOptions, base_tokenizer) -> dict:
+def _sweep_inputs(options: SweepOptions):
+    """(corpus of each domain, general corpus or None, MCQ sets of each domain), read before any model runs."""
+    from minigpts.data import load_corpus
+
+    groups = group_corpora(options.data)
+    corpora = {
+        d: load_corpus(specs, text_field=options.text_field, encoding=options.encoding, seed=options.seed)
+        for d, specs in groups.items()
+    }
+    general = None
+    if options.evaluation.general_data:
+        general = load_corpus(options.evaluation.general_data, seed=options.seed)
+    mcq_paths = _mcq_for_domains(options.mcq, list(groups))
+    return corpora, general, {d: load_mcq_sets(paths) if paths else None for d, paths in mcq_paths.items()}
+
+
+def _general_reference(
+    options: SweepOptions, general, grid, loaded, say, progress
+) -> GeneralCalibration | None:
+    """The general text's calibration for control_general_calibration (one analysis serves every domain)."""
+    if not options.controls:
+        return None
+    if general is None:
+        say(f"[yellow]skipped control_general_calibration: {GENERAL_CONTROL_NEEDS}[/yellow]")
+        return None
+    with_stats = any(p.has_structure() for _, p in grid)
+    if with_stats:
+        say(f"general calibration: analysis of {general.source}")
+    return GeneralCalibration.prepare(
+        general,
+        options,
+        loaded.model,
+        loaded.tokenizer,
+        with_stats=with_stats,
+        model_name=loaded.source_id,
+        progress=progress,
+    )
+
+
+def _sweep_domain(options: SweepOptions, name, corpus, loaded, method, general, mcq_sets, out, say, progress):
+    """(Domain, statistics) of one domain: its analysis (saved in --out) and recovery budget."""
+    stats = run_analysis(
+        loaded.model,
+        loaded.tokenizer,
+        corpus,
+        options.analysis,
+        model_name=loaded.source_id,
+        progress=progress,
+    )
+    stats.save(out / f"stats-{name}.safetensors")
+    domain = Domain.prepare(
+        options,
+        corpus,
+        loaded.model,
+        loaded.tokenizer,
+        method=method,
+        work=work_dir_for(out),
+        general=general,
+        mcq_sets=mcq_sets,
+        say=say,
+        progress=progress,
+    )
+    return domain, stats
+
+
+def _domain_runs(domain: Domain, name: str, work: Path) -> dict:
+    """The unpruned model's evaluation in a domain (on validation too, for the frontier) and, with
+    --controls and recovery, the unpruned model fine-tuned with the same budget."""
+    base_eval = domain.evaluate(domain.base_model, domain.base_tokenizer, "base")
+    base_eval["decode_tokens_per_second"] = decode_speed(domain.base_model)
+    # the frontier is chosen on validation (then confirmed on test): the base's bits/byte there
+    base_eval["validation_bits_per_byte"] = _validation_bpb(domain, domain.base_model, domain.base_tokenizer)
+    control_base = None
+    if domain.options.controls and domain.method is not None:
+        _, control_base = domain.recover(
+            copy.deepcopy(domain.base_model),
+            domain.base_tokenizer,
+            "control_base_finetuned",
+            work / f"{name}-control-base",
+        )
+    return {"base": base_eval, "control_base_finetuned": control_base, "settings": {}}
+
+
+def _validation_bpb(domain: Domain, model, tokenizer) -> float:
     """The frontier's validation evaluation: the test protocol's windows, --max-val-tokens base tokens."""
+    options = domain.options
+    return validation_bpb(
+        model,
+        tokenizer,
+        domain.corpus,
+        seq_len=options.evaluation.seq_len,
+        max_tokens=options.recovery.max_val_tokens,
+        budget_tokenizer=domain.base_tokenizer,
+    )
+
+
+def _frontier_setting(domain: Domain, plan, work: Path, **setting) -> dict:
+    """``Domain.run_setting`` (pruned, finetuned) + the final model's decoding speed and validation bpb."""
+    model, tokenizer, _, stage = domain.run_setting(plan, work, **setting)
+    stage["decode_tokens_per_second"] = decode_speed(model)  # recovery changes no shape
+    stage["validation_bits_per_byte"] = _validation_bpb(domain, model, tokenizer)
+    return stage
+
+
+def _sweep_setting(domain: Domain, plan, plan_options, stats, reference, work: Path) -> dict:
+    """One setting and its controls (a random cut of the same widths; the cut chosen on general text)."""
+    from minigpts.plan import random_plan_like
+
+    stage = _frontier_setting(domain, plan, work, stats=stats, calibration=domain.calibration)
+    control_random = control_general = None
+    if domain.options.controls:
+        random_plan = random_plan_like(domain.base_model, plan, seed=domain.options.seed)
+        control_random = _frontier_setting(
+            domain,
+            random_plan,
+            work.with_name(f"{work.name}-random"),
+            stats=stats,
+            calibration=domain.calibration,
+        )
+    if reference is not None:
+        general_plan = reference.plan_like(domain, plan, plan_options)
+        control_general = _frontier_setting(
+            domain,
+            general_plan,
+            work.with_name(f"{work.name}-general"),
+            stats=reference.stats,
+            calibration=reference.calibration,
+        )
+        control_general["calibration"] = reference.record(general_plan)
     return {
-        "seq_len": options.evaluation.seq_len,
-        "max_tokens": options.recovery.max_val_tokens,
-        "budget_tokenizer": base_tokenizer,
+        "plan_summary": plan.summary,
+        **stage,
+        "control_random": control_random,
+        "control_general_calibration": control_general,
     }
 
 
-def _prune_recover(
-    base_model,
-    base_tokenizer,
-    plan,
-    corpus,
-    options,
-    recovery,
-    stop_at_bpb,
-    work,
-    kwargs,
-    *,
-    stats,
-    plan_options,
-    calibration_corpus=None,
+def _sweep_row(
+    model_name: str, domain: str, label: str, plan_options, domain_runs: dict, entry: dict
 ) -> dict:
-    """Prune a copy of the base model with ``plan`` (refit as ``plan_options`` says), evaluate, recover,
-    evaluate (the final model on validation too, for the frontier). ``calibration_corpus``: where the
-    sequential refit's windows come from (default ``corpus``)."""
-    model, tokenizer = apply_full_plan(
-        copy.deepcopy(base_model),
-        base_tokenizer,
-        plan,
-        stats=stats,
-        reconstruct=plan_options.reconstruct,
-        ridge=plan_options.ridge,
-        calibration=calibration_windows(base_tokenizer, calibration_corpus or corpus, options.analysis)
-        if plan_options.sequential and plan_options.reconstruct == "lstsq"
-        else None,
-    )
-    stage = {"pruned": evaluate_stage(model, tokenizer, corpus, options.evaluation, name="pruned", **kwargs)}
-    stage["decode_tokens_per_second"] = decode_speed(model)  # recovery changes no shape
-    final = None
-    if options.finetune != "none":
-        final, stage["finetuned"] = recover_stage(
-            model,
-            tokenizer,
-            "finetuned",
-            work,
-            plan.vocab_keep,
-            corpus=corpus,
-            evaluation=options.evaluation,
-            recovery=recovery,
-            teacher=base_model if get_recovery_method(recovery.method).needs_teacher else None,
-            stop_at_bpb=stop_at_bpb,
-            eval_kwargs=kwargs,
-        )
-    stage["validation_bits_per_byte"] = validation_bpb(
-        final if final is not None else model,
-        tokenizer,
-        corpus,
-        **_validation_protocol(options, base_tokenizer),
-    )
-    return stage
+    """One row of the sweep table: sizes, perplexity and bits/byte base → pruned → recovered, MCQ, controls."""
+    base, pruned, recovered = domain_runs["base"], entry["pruned"], entry.get("finetuned")
+    control_base = domain_runs["control_base_finetuned"]
+    final = recovered or pruned
+    finetune_info = (recovered or {}).get("finetune") or {}
+    controls = {}
+    for key in ("control_random", "control_general_calibration"):
+        control = entry[key]
+        controls[key] = (control.get("finetuned") or control["pruned"]) if control is not None else None
+    general_final = controls["control_general_calibration"]
+
+    def recovered_value(key: str):
+        return recovered[key] if recovered is not None else None
+
+    return {
+        "model": model_name,
+        "domain": domain,
+        "setting": label,
+        "criterion": plan_options.criterion,
+        "relative_size": final["params"] / base["params"],
+        "params": final["params"],
+        "size_bytes": final["size_bytes"],
+        "ppl_base": base["perplexity"],
+        "ppl_pruned": pruned["perplexity"],
+        "ppl_recovered": recovered_value("perplexity"),
+        "bpb_base": base["bits_per_byte"],
+        "bpb_pruned": pruned["bits_per_byte"],
+        "bpb_recovered": recovered_value("bits_per_byte"),
+        "mcq_base": _accuracy(base),
+        "mcq_pruned": _accuracy(pruned),
+        "mcq_recovered": _accuracy(recovered) if recovered is not None else None,
+        "epochs": finetune_info.get("epochs"),
+        "recovery_seconds": finetune_info.get("seconds"),
+        "control_base_finetuned_bpb": control_base["bits_per_byte"] if control_base else None,
+        "control_random_bpb": (controls["control_random"] or {}).get("bits_per_byte"),
+        "control_general_bpb": general_final["bits_per_byte"] if general_final else None,
+        "control_general_params": general_final["params"] if general_final else None,
+        "bpb_val_base": base["validation_bits_per_byte"],
+        "bpb_val": entry["validation_bits_per_byte"],
+        "decode_tps_base": base["decode_tokens_per_second"],
+        "decode_tps": entry["decode_tokens_per_second"],
+    }

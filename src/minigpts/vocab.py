@@ -32,9 +32,15 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from minigpts.errors import UserError
+from minigpts.options import PlanOptions, flag_of
 
 BYTE_LEVEL = "byte-level BPE"
 BYTE_FALLBACK = "SentencePiece-style BPE with byte fallback"
+
+
+def _flag(name: str) -> str:
+    return flag_of(PlanOptions, name)
+
 
 # Config fields that hold token ids (an int or a list of ints); they must survive trimming.
 SPECIAL_ID_FIELDS = (
@@ -415,7 +421,7 @@ def select_vocab(
     general |= _top_expected(expected, keep_expected, size, mode)
 
     if mode == "vocab_size":
-        seen = _fill_to_size(counts, forced, parents, _positive_int(value, "--vocab-size"))
+        seen = _fill_to_size(counts, forced, parents, _positive_int(value, _flag("vocab_size")))
     else:
         if mode == "embedding_threshold":
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -425,7 +431,7 @@ def select_vocab(
                 raise UserError("no tokens were counted: the calibration corpus is empty")
             selected = counts / total > value
         else:
-            selected = counts >= _positive_int(value, "--vocab-min-count")
+            selected = counts >= _positive_int(value, _flag("vocab_min_count"))
         seen = set(np.flatnonzero(selected).tolist())
 
     widened = general - forced - seen
@@ -629,6 +635,18 @@ def vocab_summary(model, selection: VocabSelection) -> VocabSummary:
         parameters_before=sum(p.numel() for p in model.parameters()),
         parameters_saved=saved,
     )
+
+
+def selection_summary(model, selection: VocabSelection, counted_on: str | None = None) -> dict[str, Any]:
+    """``plan.summary["vocab"]``: sizes, why each kept token is kept, parameters saved, what was counted."""
+    keys = ("mode", "value", "kept_special", "kept_byte", "kept_seen", "kept_widened", "kept_closure")
+    return {
+        "before": selection.vocab_before,
+        "after": selection.vocab_after,
+        **{key: getattr(selection, key) for key in keys},
+        "parameters_saved": vocab_summary(model, selection).parameters_saved,
+        "counted_on": counted_on,
+    }
 
 
 def slice_model_vocab(model, keep_ids: Sequence[int]):

@@ -224,7 +224,8 @@ def teacher_topk(teacher, ids: torch.Tensor, k: int, head) -> tuple[torch.Tensor
     top_ids, top_lp, lses = [], [], []
     for start in range(0, flat.shape[0], chunk):
         piece = flat[start : start + chunk]
-        logits = (head(piece) if head is not None else piece).float()
+        with torch.autocast(piece.device.type, enabled=False):  # the LM head in fp32 even under autocast
+            logits = head(piece.float()) if head is not None else piece.float()
         lse = torch.logsumexp(logits, dim=-1)
         values, indices = logits.topk(k, dim=-1)
         top_ids.append(indices.to(torch.int32))
@@ -265,15 +266,20 @@ class TeacherTargets:
 class TeacherCache:
     """A directory of a teacher's top-k predictions for token windows (see the module's docstring)."""
 
-    def __init__(self, root, teacher, *, top_k: int = 64, dtype: str = "float16"):
+    def __init__(
+        self, root, teacher, *, top_k: int = 64, dtype: str = "float16", bf16_autocast: bool = False
+    ):
         if dtype not in CACHE_DTYPES:
             raise UserError(f"teacher cache dtype {dtype}: use one of {', '.join(CACHE_DTYPES)}")
         self.teacher = teacher
         self.vocab_size = vocab_size_of(teacher)
         self.top_k = min(top_k, self.vocab_size)
         self.dtype = dtype
+        self.bf16_autocast = bf16_autocast  # the teacher's pass under bf16 autocast (a cache of its own)
         self.key = teacher_fingerprint(teacher)
-        self.dir = Path(root) / f"teacher-{self.key}-top{self.top_k}-{dtype}"
+        self.dir = (
+            Path(root) / f"teacher-{self.key}-top{self.top_k}-{dtype}{'-bf16pass' if bf16_autocast else ''}"
+        )
         self.windows_computed = 0  # windows this object ran the teacher on
         self.seconds = 0.0
 
@@ -341,7 +347,8 @@ class TeacherCache:
 
                 bar = tqdm(total=n * length, desc="teacher cache", unit="tok", leave=False)
             probe = torch.as_tensor(windows[0, :8], dtype=torch.long, device=device).unsqueeze(0)
-            with torch.inference_mode(), deferred_head(teacher, probe) as head:
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast)
+            with torch.inference_mode(), autocast, deferred_head(teacher, probe) as head:
                 for at in range(0, n, batch_size):
                     ids = torch.as_tensor(windows[at : at + batch_size], dtype=torch.long, device=device)
                     top_ids, top_lp, lse = teacher_topk(teacher, ids, k, head)
@@ -360,6 +367,7 @@ class TeacherCache:
                 "teacher_vocab_size": self.vocab_size,
                 "top_k": k,
                 "dtype": self.dtype,
+                "bf16_autocast": self.bf16_autocast,
                 "windows": n,
                 "seq_len": length,
                 "stored": "ids int32 [n, L-1, k]; logprobs = logit - lse [n, L-1, k]; lse float32 [n, L-1]",
@@ -420,7 +428,11 @@ def prepare_teacher_targets(ctx) -> None:
     windows = ctx.train_windows if keep is None else keep[ctx.train_windows]
     root = ctx.options.get("teacher_cache") or Path(ctx.out_dir) / "teacher-cache"
     cache = TeacherCache(
-        root, ctx.teacher, top_k=ctx.options["teacher_top_k"], dtype=ctx.options["teacher_cache_dtype"]
+        root,
+        ctx.teacher,
+        top_k=ctx.options["teacher_top_k"],
+        dtype=ctx.options["teacher_cache_dtype"],
+        bf16_autocast=ctx.options.get("bf16_autocast", False),
     )
     ctx.state["teacher_targets"] = cache.targets(
         windows,

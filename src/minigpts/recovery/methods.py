@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpts.errors import UserError
+from minigpts.options import FinetuneOptions, flag_of
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _REGISTRY: dict[str, RecoveryMethod] = {}
@@ -149,10 +150,11 @@ def recovery_method_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_recovery_method(name, flag: str = "--method") -> RecoveryMethod:
+def get_recovery_method(name, flag: str | None = None) -> RecoveryMethod:
     if isinstance(name, RecoveryMethod):
         return name
     if name not in _REGISTRY:
+        flag = flag or flag_of(FinetuneOptions, "method")
         raise UserError(f"{flag} {name}: use one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 

@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from minigpts import distributed
 from minigpts.errors import UserError
+from minigpts.options import MIXED_PRECISION, FinetuneOptions, flag_of
 from minigpts.recovery.budget import BudgetTracker, Clock, ProgressBar, plan_budget
 from minigpts.recovery.methods import RecoveryContext, get_recovery_method, vocab_size_of
 
@@ -208,6 +209,21 @@ def _unprepare_for_training(trainer) -> None:
     trainer.model_wrapped = model
 
 
+def use_bf16_autocast(mixed_precision: str, on_gpu: bool) -> bool:
+    """Whether training runs under bf16 autocast (fp32 master weights either way).
+
+    ``auto``: on GPUs that support bf16 (fp32 on a CPU, so CPU numbers do not depend on the CPU
+    model); ``bf16``: also on a CPU, where CPUs with native bf16 (AVX512-BF16, AMX) run the matrix
+    products ~2× faster (measured 1.5× per SmolLM2-sized training step here); ``no``: fp32.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        flag = flag_of(FinetuneOptions, "mixed_precision")
+        raise UserError(f"{flag} {mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
+    if mixed_precision == "auto":
+        return on_gpu and torch.cuda.is_bf16_supported()
+    return mixed_precision == "bf16"
+
+
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # no OverflowError for a diverged run
 
@@ -297,7 +313,7 @@ def finetune(
     stop_at_bpb: float | None = None,
     early_stopping_patience: int | None = None,
     eval_every: int | None = None,
-    lr: float = 5e-5,
+    lr: float = 3e-4,
     warmup_ratio: float = 0.05,
     scheduler: str = "cosine",
     batch_size: int = 4,
@@ -314,6 +330,7 @@ def finetune(
     method_options: dict | None = None,
     byte_lengths=None,
     progress: bool = True,
+    mixed_precision: str = "auto",
 ):
     """Fine-tune ``model`` on packed windows with a registered recovery method; returns (model, result).
 
@@ -363,6 +380,7 @@ def finetune(
     clock = Clock(run_state["seconds"])
 
     on_gpu = torch.cuda.is_available()
+    bf16 = use_bf16_autocast(mixed_precision, on_gpu)
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=batch_size,
@@ -385,14 +403,15 @@ def finetune(
         greater_is_better=False,
         seed=seed,
         data_seed=seed,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
         dataloader_pin_memory=on_gpu,
         remove_unused_columns=False,  # the batches carry window_index; RecoveryTrainer drops it
         include_num_input_tokens_seen="all",
         disable_tqdm=True,
         report_to="none",
         # torchrun / accelerate launch without a GPU: the Trainer's DDP runs over gloo only with use_cpu
-        **({"use_cpu": True} if not on_gpu and distributed.launched() else {}),
+        # (and CPU bf16 autocast needs it too)
+        **({"use_cpu": True} if not on_gpu and (bf16 or distributed.launched()) else {}),
     )
     plan = plan_budget(
         n_train=len(train_windows),
@@ -443,6 +462,7 @@ def finetune(
         teacher_cache=None if teacher_cache is None else Path(teacher_cache),
         teacher_top_k=teacher_top_k,
         teacher_cache_dtype=teacher_cache_dtype,
+        bf16_autocast=bf16,
     ) | dict(method_options or {})
     ctx = RecoveryContext(
         method=recovery.name,
@@ -538,6 +558,9 @@ def finetune(
             method_stats=ctx.stats,
         )
         final = recovery.unwrap(trainer.model, ctx)
+        if "_original_forward" in vars(final):  # accelerate's autocast wrapper: later passes run in fp32
+            final.forward = final._original_forward
+            del final._original_forward
     finally:
         recovery.finish(ctx)
     if use_cache is not None:
