@@ -13,27 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import SAMPLE_TEXT, make_tiny_llama  # noqa: E402
+from conftest import build_tiny_tokenizer as tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_llama  # noqa: E402
 
 BATCH = 2  # analysis and evaluation batch size; recovery: 4 windows per step in total
-
-
-def tiny_tokenizer():
-    """conftest's tiny_tokenizer fixture, as a function (the worker runs outside pytest)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([SAMPLE_TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def windows(n: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
