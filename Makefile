@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml | $(PY)
 # $(DEMO_OUT)/ with report.md. Token budgets and fixed seeds: the same numbers on any machine.
 demo: $(STAMP)
 	$(VENV)/bin/minigpts run --data sample --out $(DEMO_OUT) --force \
-		--target-params 0.78 --layout per-layer --criterion wanda \
+		--target-params 0.80 --layout per-layer --criterion wanda \
 		--embedding-threshold 0 --vocab-keep-expected 24576 \
 		--calib-tokens 16384 --max-eval-tokens 8192 \
 		--finetune distill --mixed-precision bf16 --max-train-tokens 65536 --finetune-seq-len 256 \

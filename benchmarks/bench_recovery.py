@@ -1,8 +1,9 @@
 """Recovery that spends its budget well: the same pruned model, one token budget, several recipes.
 
-    python benchmarks/bench_recovery.py [--data sample] [--train-tokens 65536] [--work .bench-cache/recovery]
+    python benchmarks/bench_recovery.py [--data sample] [--train-tokens 65536] [--target-params 0.80]
+                                        [--work .bench-cache/recovery]
 
-Prunes once with the demo's cut (`make demo`: 78 % of the parameters, per-layer widths by error,
+Prunes once with the demo's cut (`make demo`: 80 % of the parameters, per-layer widths by error,
 `wanda`, vocabulary seen + expected, refit), then recovers copies of that pruned model on exactly
 `--train-tokens` training tokens (windows of 256, 4 per step, fixed seed) with each recipe below and
 scores each on the test text that the base's first 8,192 tokens cover (windows of 1024). Every stage
@@ -21,16 +22,27 @@ import time
 from pathlib import Path
 
 PRUNE = [
-    "--target-params", "0.78", "--layout", "per-layer", "--criterion", "wanda",
+    "--layout", "per-layer", "--criterion", "wanda",
     "--embedding-threshold", "0", "--vocab-keep-expected", "24576", "--calib-tokens", "16384",
 ]  # fmt: skip
 RECIPES = {
     "full, lr 3e-4": ["--method", "full", "--lr", "3e-4"],
-    "distill α 0.5, lr 3e-4": ["--method", "distill", "--lr", "3e-4"],
-    "distill α 0.5, T 1, lr 3e-4": ["--method", "distill", "--lr", "3e-4", "--distill-temperature", "1"],
+    "distill α 0.5, lr 3e-4": ["--method", "distill", "--lr", "3e-4", "--distill-alpha", "0.5"],
+    "distill α 0.25, lr 3e-4": ["--method", "distill", "--lr", "3e-4", "--distill-alpha", "0.25"],
+    "distill α 0.1, lr 3e-4": ["--method", "distill", "--lr", "3e-4", "--distill-alpha", "0.1"],
+    "distill α 0.5, T 1, lr 3e-4": [
+        "--method",
+        "distill",
+        "--lr",
+        "3e-4",
+        "--distill-alpha",
+        "0.5",
+        "--distill-temperature",
+        "1",
+    ],  # fmt: skip
     "distill α 1 (KL only), lr 3e-4": ["--method", "distill", "--lr", "3e-4", "--distill-alpha", "1"],
-    "distill α 0.5, lr 1e-3": ["--method", "distill", "--lr", "1e-3"],
-    "distill α 0.5, lr 1.5e-4": ["--method", "distill", "--lr", "1.5e-4"],
+    "distill α 0.5, lr 1e-3": ["--method", "distill", "--lr", "1e-3", "--distill-alpha", "0.5"],
+    "distill α 0.5, lr 1.5e-4": ["--method", "distill", "--lr", "1.5e-4", "--distill-alpha", "0.5"],
 }
 EVAL_TOKENS = "8192"
 
@@ -45,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="sample")
     parser.add_argument("--train-tokens", type=int, default=65536)
+    parser.add_argument("--target-params", default="0.80", help="the cut (round 2's first table: 0.78)")
     parser.add_argument("--mixed-precision", default="bf16", help="recovery precision (bf16: CPU autocast)")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="a subset of the recipes")
     parser.add_argument("--work", default=".bench-cache/recovery")
@@ -53,15 +66,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
     work = Path(args.work)
-    pruned = work / "pruned"
+    pruned = work / f"pruned-{args.target_params}"
     data = ["--data", args.data]
     if not (pruned / "report.json").is_file():
-        minigpts("run", *data, "--out", str(pruned), "--force", *PRUNE, "--max-eval-tokens", EVAL_TOKENS)
+        cut = ["--target-params", args.target_params, *PRUNE]
+        minigpts("run", *data, "--out", str(pruned), "--force", *cut, "--max-eval-tokens", EVAL_TOKENS)
     report = json.loads((pruned / "report.json").read_text())
     base, before = report["base"]["bits_per_byte"], report["pruned"]["bits_per_byte"]
     rows = []
     for name in args.recipes:
-        out = work / name.replace(" ", "_").replace(",", "").replace("α", "a")
+        out = pruned.with_name(f"{pruned.name}-" + name.replace(" ", "_").replace(",", "").replace("α", "a"))
         start = time.perf_counter()
         minigpts(
             "finetune", "--model", str(pruned), *data, "--out", str(out), "--force",

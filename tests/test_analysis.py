@@ -261,3 +261,26 @@ def test_other_families_match_a_plain_hook(model):
         assert stats.attn_dim_l1[i].shape == (32,)
         assert stats.reader_l1[i].shape == (len(adapter.residual_readers(adapter.layers(model)[i])), 32)
     assert stats.hidden_l1.shape == (32,)
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_expected_counts_in_the_analysis_pass_equal_the_separate_pass(tmp_path, batch_size):
+    """--vocab-keep-expected's counts come from the analysis pass itself: equal to the separate pass
+    over the same first windows, and the activation statistics unchanged by the LM head running."""
+    from minigpts.vocab import expected_token_counts
+
+    model, windows = tiny_llama(), windows_for(n=5)
+    plain = analyze(model, windows, batch_size=batch_size, progress=False)
+    folded = analyze(model, windows, batch_size=batch_size, progress=False, expected_tokens=30)
+    separate = expected_token_counts(model, windows[:3], batch_size=2, progress=False)
+    assert plain.expected_counts is None and folded.expected_tokens == 36  # 3 windows of 12
+    assert torch.allclose(
+        folded.expected_counts, torch.from_numpy(separate), rtol=1e-6, atol=1e-9
+    )  # float32 softmax
+    for name in ("mlp_l1", "mlp_l2sq", "attn_dim_l1", "reader_l2sq"):
+        for a, b in zip(getattr(plain, name), getattr(folded, name), strict=True):
+            assert_rel(b, a, 1e-12)
+    path = tmp_path / "stats.safetensors"
+    folded.save(path)
+    loaded = ActivationStats.load(path)
+    assert torch.equal(loaded.expected_counts, folded.expected_counts) and loaded.expected_tokens == 36

@@ -294,6 +294,27 @@ def test_prune_vocabulary_keep_expected_keeps_more_tokens(capsys, tmp_path, mode
     assert code == 2 and "add --embedding-threshold" in err and err.count("\n") == 1
 
 
+def test_run_takes_expected_counts_from_the_analysis_pass(capsys, tmp_path, model_dir, monkeypatch):
+    """With a structural cut, --vocab-keep-expected's counts come from the analysis pass: no second
+    pass over the calibration text (the separate pass would fail here)."""
+    import minigpts.vocab
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("a second pass over the calibration text")
+
+    from minigpts.analysis import ActivationStats
+
+    monkeypatch.setattr(minigpts.vocab, "expected_token_counts", second_pass)
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        capsys, "run", "--model", model_dir, "--data", "sample", *CPU, *EVAL, *CALIB, "--mlp-ratio", "0.5",
+        "--embedding-threshold", "0", "--vocab-keep-expected", "60", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    stats = ActivationStats.load(out / "stats.safetensors")
+    assert stats.expected_tokens > 0 and stats.expected_counts.sum() == pytest.approx(stats.expected_tokens)
+
+
 # --------------------------------------------------------------------------------------------------
 # run
 

@@ -89,6 +89,10 @@ class ActivationStats:
     layer_bi: torch.Tensor | None = None  # [n_layers]: ShortGPT's Block Influence, 1 - mean cos(in, out)
     layer_loss: torch.Tensor | None = None  # [n_layers]: loss increase (nats/token) without the layer
     depth_tokens: int = 0
+    # [vocab]: the model's next-token probabilities summed over the first expected_tokens calibration
+    # tokens (--vocab-keep-expected; minigpts.vocab.expected_token_counts), measured in the same pass
+    expected_counts: torch.Tensor | None = None
+    expected_tokens: int = 0
 
     @property
     def has_moments(self) -> bool:
@@ -185,6 +189,7 @@ class ActivationStats:
             "fisher_tokens": str(self.fisher_tokens if self.has_fisher else 0),
             "taylor_tokens": str(self.taylor_tokens if self.mlp_taylor is not None else 0),
             "depth_tokens": str(self.depth_tokens if self.layer_loss is not None else 0),
+            "expected_tokens": str(self.expected_tokens if self.expected_counts is not None else 0),
             "head_layout": json.dumps([list(layout) for layout in self.head_layout]),
             "metadata": json.dumps(self.metadata, default=str),
         }
@@ -225,6 +230,7 @@ class ActivationStats:
             **whole,
             taylor_tokens=int(header.get("taylor_tokens", "0")),
             depth_tokens=int(header.get("depth_tokens", "0")),
+            expected_tokens=int(header.get("expected_tokens", "0")),
             fisher_tokens=int(header.get("fisher_tokens", "0")),
             head_layout=head_layout,
             token_counts=tensors["token_counts"],
@@ -239,7 +245,45 @@ _OPTIONAL_PER_LAYER = (
     "mlp_mean", "attn_mean", "reader_mean", "mlp_window_l2", "head_window_l2", "reader_window_l2",
     "mlp_taylor", "head_taylor", "hidden_taylor",
 )  # fmt: skip
-_OPTIONAL_WHOLE = ("embed_taylor", "layer_bi", "layer_loss")
+_OPTIONAL_WHOLE = ("embed_taylor", "layer_bi", "layer_loss", "expected_counts")
+
+
+class _ExpectedPass:
+    """``analyze(expected_tokens=…)``: the first windows run through the LM head as well (the head
+    deferred as evaluation does), their next-token probabilities summed in float64."""
+
+    def __init__(self, model, windows: torch.Tensor, tokens: int, batch_size: int, enabled: bool):
+        from minigpts import distributed
+
+        n_windows, seq_len = windows.shape
+        self.model, self.head, self.context = model, None, None
+        self.windows = max(1, min(n_windows, -(-tokens // seq_len))) if tokens > 0 and enabled else 0
+        self.first = distributed.bounds(n_windows, batch_size)[0]  # this process's first window
+        self.probe = windows[:1, :8]
+        width = model.get_output_embeddings().weight.shape[0]
+        self.total = torch.zeros(width, dtype=torch.float64) if self.windows else None
+
+    def open(self) -> None:
+        from minigpts.evaluation import deferred_head
+
+        if self.windows:
+            device = next(self.model.parameters()).device
+            self.context = deferred_head(self.model, self.probe.to(device))
+            self.head = self.context.__enter__()
+
+    def run(self, batch: torch.Tensor, start: int) -> torch.Tensor:
+        """Sum the probabilities of ``batch``'s windows among the first ones; return the others."""
+        from minigpts.vocab import expected_sums
+
+        count = min(len(batch), max(0, self.windows - self.first - start))
+        if count:
+            self.total += expected_sums(self.model, self.head, batch[:count])
+        return batch[count:]
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
 
 
 class _Moments:
@@ -369,6 +413,7 @@ def analyze(
     fisher_tokens: int = 0,
     taylor_tokens: int = 0,
     depth_tokens: int = 0,
+    expected_tokens: int = 0,
     run_body: Any = None,
 ) -> ActivationStats:
     """Run the model body over ``windows`` [N, L] and return the per-unit statistics.
@@ -378,6 +423,8 @@ def analyze(
     ``taylor_tokens`` > 0 the gradient pass of ``--criterion taylor`` (``taylor_importance``) and
     ``depth_tokens`` > 0 the passes of ``--layer-criterion loss`` (``minigpts.depth.removal_loss``),
     each over the first windows. Block Influence (``--layer-criterion bi``) is always measured.
+    ``expected_tokens`` > 0 runs the LM head too over that many tokens of the first windows and sums
+    the next-token probabilities (``--vocab-keep-expected``'s counts; no extra forward pass).
 
     The model is put in eval mode for the pass (dropout would distort the statistics) and restored
     afterwards; hooks are removed even when the pass fails. ``metadata`` (data, seed, ...) is merged
@@ -387,8 +434,7 @@ def analyze(
     ``body(input_ids=batch)`` batch by batch): ``minigpts.analysis_offload`` runs the hooked layers
     one at a time with it, so the statistics come from this same code.
     """
-    from tqdm.auto import tqdm
-
+    from minigpts import distributed
     from minigpts.arch import get_adapter
 
     if batch_size < 1:
@@ -396,163 +442,192 @@ def analyze(
     adapter = get_adapter(model)
     vocab_size = model.get_input_embeddings().num_embeddings
     windows = _check_windows(windows, vocab_size)
-    parameter = next(model.parameters())
-    device = parameter.device
-    sums_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
-    layers = adapter.layers(model)
-
-    scratch = _Scratch()
-    seq_len = windows.shape[1]
-    mlp = [
-        _ChannelSums((adapter.mlp_width(layer),), sums_device, scratch, window=seq_len) for layer in layers
-    ]
-    attn = [
-        _ChannelSums(
-            (adapter.attn_width(layer),),
-            sums_device,
-            scratch,
-            window=seq_len,
-            group=adapter.head_layout(layer)[2],
-        )
-        for layer in layers
-    ]
-    readers = [adapter.residual_readers(layer) for layer in layers]
-    reader_sums = [
-        _ChannelSums((len(modules), adapter.in_features(modules[0])), sums_device, scratch, window=seq_len)
-        for modules in readers
-    ]
-    from minigpts.depth import BlockInfluence
-
-    influence = BlockInfluence(len(layers), sums_device)
-
-    def hook(sums: _ChannelSums, row: int | tuple = ()):
-        return lambda module, args: sums.add(args[0], row)
-
-    mlp_moments = attn_moments = None
-    if moments:
-        mlp_moments = [_Moments(adapter.mlp_width(layer), sums_device) for layer in layers]
-        attn_moments = [_Moments(adapter.attn_width(layer), sums_device) for layer in layers]
-
-    def moment_hook(target: _Moments):
-        return lambda module, args: target.add(args[0])
-
-    handles = []
-    was_training = model.training
     n_windows, seq_len = windows.shape
-    from minigpts import distributed
-
+    sums = _LayerSums(adapter, adapter.layers(model), next(model.parameters()).device, seq_len, moments)
     local = distributed.shard(windows, batch_size)  # all of them on one process
-    bar = tqdm(total=local.numel(), unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+    expected = _ExpectedPass(model, windows, expected_tokens, batch_size, enabled=run_body is None)
     started = time.perf_counter()
+    _hooked_pass(model, adapter, sums, expected, local, batch_size, progress, run_body)
+    distributed.reduce(sums.tensors() + [expected.total])  # the other processes' sums (data parallel)
+    seconds = time.perf_counter() - started
+    extra = sums.results(windows.numel(), n_windows)
+    if expected.total is not None:
+        extra |= {"expected_counts": expected.total, "expected_tokens": expected.windows * seq_len}
+    extra |= _gradient_passes(model, windows, fisher_tokens, taylor_tokens, depth_tokens, progress)
+    return ActivationStats(
+        **extra,
+        head_layout=[tuple(adapter.head_layout(layer)) for layer in sums.layers],
+        token_counts=torch.bincount(windows.flatten().cpu(), minlength=vocab_size),
+        n_tokens=windows.numel(),
+        metadata=_provenance(model, adapter, windows, seconds) | (metadata or {}),
+    )
+
+
+def _hooked_pass(
+    model, adapter, sums: _LayerSums, expected: _ExpectedPass, local, batch_size, progress, run_body
+):
+    """``analyze``'s forward pass with the hooks on, in eval mode; hooks and mode restored even on error."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=local.numel(), unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+    handles, was_training = [], model.training
+    device = next(model.parameters()).device
     try:
-        for i, layer in enumerate(layers):
-            handles.append(adapter.mlp_out(layer).register_forward_pre_hook(hook(mlp[i])))
-            handles.append(adapter.attn_out(layer).register_forward_pre_hook(hook(attn[i])))
-            for r, module in enumerate(readers[i]):
-                handles.append(module.register_forward_pre_hook(hook(reader_sums[i], r)))
-            if moments:
-                handles.append(adapter.mlp_out(layer).register_forward_pre_hook(moment_hook(mlp_moments[i])))
-                handles.append(
-                    adapter.attn_out(layer).register_forward_pre_hook(moment_hook(attn_moments[i]))
-                )
-            handles.append(layer.register_forward_hook(influence.hook(i), with_kwargs=True))
+        expected.open()  # before the hooks: its probe forwards must not count
+        handles = sums.register()
         model.eval()
         body = adapter.body(model)
         with torch.inference_mode():
             if run_body is not None:
                 run_body(local, batch_size, bar)
-            else:
-                for start in range(0, len(local), batch_size):
-                    batch = local[start : start + batch_size].to(device, non_blocking=True)
-                    body(input_ids=batch, use_cache=False)
-                    bar.update(batch.numel())
+                return
+            for start in range(0, len(local), batch_size):
+                batch = local[start : start + batch_size].to(device, non_blocking=True)
+                rest = expected.run(batch, start)  # the first windows through the LM head too
+                if len(rest):
+                    body(input_ids=rest, use_cache=False)
+                bar.update(batch.numel())
     finally:
+        expected.close()
         for handle in handles:
             handle.remove()
         model.train(was_training)
         bar.close()
-    distributed.reduce(  # the other processes' sums over their windows (no-op on one process)
-        [t for s in mlp + attn + reader_sums for t in (s.abs_sum, s.square_sum, s.signed_sum, s.window_l2)]
-        + [influence.sums, influence.tokens]
-        + [t for m in (mlp_moments or []) + (attn_moments or []) for t in (m.sum, m.gram)]
-    )
-    seconds = time.perf_counter() - started
 
-    n_tokens = windows.numel()
-    provenance = {
+
+class _LayerSums:
+    """The running sums of one analysis pass (per layer: MLP and attention output-projection inputs,
+    residual readers, Block Influence, second moments) and the forward hooks that feed them."""
+
+    def __init__(self, adapter, layers: list[nn.Module], device: torch.device, seq_len: int, moments: bool):
+        from minigpts.depth import BlockInfluence
+
+        on = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
+        scratch = _Scratch()
+        self.adapter, self.layers = adapter, layers
+        self.mlp = [_ChannelSums((adapter.mlp_width(lay),), on, scratch, window=seq_len) for lay in layers]
+        self.attn = [
+            _ChannelSums((adapter.attn_width(lay),), on, scratch, window=seq_len, group=adapter.head_layout(lay)[2])
+            for lay in layers
+        ]  # fmt: skip
+        self.readers = [adapter.residual_readers(layer) for layer in layers]
+        self.reader_sums = [
+            _ChannelSums((len(modules), adapter.in_features(modules[0])), on, scratch, window=seq_len)
+            for modules in self.readers
+        ]
+        self.influence = BlockInfluence(len(layers), on)
+        self.mlp_moments = [_Moments(adapter.mlp_width(lay), on) for lay in layers] if moments else None
+        self.attn_moments = [_Moments(adapter.attn_width(lay), on) for lay in layers] if moments else None
+
+    def register(self) -> list:
+        """The forward hooks, in the order the sums are fed (remove them when done)."""
+
+        def hook(sums, row: int | tuple = ()):
+            return lambda module, args: sums.add(args[0], row)
+
+        def moment_hook(target: _Moments):
+            return lambda module, args: target.add(args[0])
+
+        handles, adapter = [], self.adapter
+        for i, layer in enumerate(self.layers):
+            handles.append(adapter.mlp_out(layer).register_forward_pre_hook(hook(self.mlp[i])))
+            handles.append(adapter.attn_out(layer).register_forward_pre_hook(hook(self.attn[i])))
+            for r, module in enumerate(self.readers[i]):
+                handles.append(module.register_forward_pre_hook(hook(self.reader_sums[i], r)))
+            if self.mlp_moments is not None:
+                mlp_moments, attn_moments = self.mlp_moments[i], self.attn_moments[i]
+                handles.append(adapter.mlp_out(layer).register_forward_pre_hook(moment_hook(mlp_moments)))
+                handles.append(adapter.attn_out(layer).register_forward_pre_hook(moment_hook(attn_moments)))
+            handles.append(layer.register_forward_hook(self.influence.hook(i), with_kwargs=True))
+        return handles
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every running sum (what data-parallel analysis all-reduces)."""
+        channel = [t for s in self.mlp + self.attn + self.reader_sums for t in (s.abs_sum, s.square_sum)]
+        channel += [t for s in self.mlp + self.attn + self.reader_sums for t in (s.signed_sum, s.window_l2)]
+        moments = (self.mlp_moments or []) + (self.attn_moments or [])
+        return (
+            channel
+            + [self.influence.sums, self.influence.tokens]
+            + [t for m in moments for t in (m.sum, m.gram)]
+        )
+
+    def results(self, n_tokens: int, n_windows: int) -> dict[str, Any]:
+        """ActivationStats fields: means over the tokens (windows for the window norms)."""
+
+        def means(values: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [(v / n_tokens).cpu() for v in values]
+
+        mlp, attn, readers = self.mlp, self.attn, self.reader_sums
+        fields = {
+            "mlp_l1": means([s.abs_sum for s in mlp]),
+            "mlp_l2sq": means([s.square_sum for s in mlp]),
+            "attn_dim_l1": means([s.abs_sum for s in attn]),
+            "attn_dim_l2sq": means([s.square_sum for s in attn]),
+            "reader_l1": means([s.abs_sum for s in readers]),
+            "reader_l2sq": means([s.square_sum for s in readers]),
+            # E[a]: with moments, the moments' own float64 sums; without, the first-order ones
+            "mlp_mean": means([s.signed_sum for s in mlp]),
+            "attn_mean": means([s.signed_sum for s in attn]),
+            "reader_mean": means([s.signed_sum for s in readers]),
+            "mlp_window_l2": [(s.window_l2 / n_windows).cpu() for s in mlp],
+            "head_window_l2": [(s.window_l2 / n_windows).cpu() for s in attn],
+            "reader_window_l2": [(s.window_l2 / n_windows).cpu() for s in readers],
+            "layer_bi": self.influence.scores(),
+        }
+        if self.mlp_moments is not None:
+            fields |= {
+                "mlp_gram": means([m.gram for m in self.mlp_moments]),
+                "mlp_mean": means([m.sum for m in self.mlp_moments]),
+                "attn_gram": means([m.gram for m in self.attn_moments]),
+                "attn_mean": means([m.sum for m in self.attn_moments]),
+            }
+        return fields
+
+
+def _provenance(model: nn.Module, adapter, windows: torch.Tensor, seconds: float) -> dict[str, Any]:
+    parameter = next(model.parameters())
+    n_windows, seq_len = windows.shape
+    return {
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "family": adapter.family,
         "seq_len": seq_len,
         "windows": n_windows,
         "dtype": str(parameter.dtype).removeprefix("torch."),
-        "device": str(device),
+        "device": str(parameter.device),
         "seconds": round(seconds, 3),
-        "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None,
+        "tokens_per_second": round(windows.numel() / seconds, 1) if seconds > 0 else None,
         "minigpts_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    provenance.update(metadata or {})
 
-    def means(values: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [(v / n_tokens).cpu() for v in values]
+
+def _gradient_passes(model, windows, fisher_tokens: int, taylor_tokens: int, depth_tokens: int, progress):
+    """The statistics that need more passes over the first windows: Fisher, Taylor, layer removal."""
+    n_windows, seq_len = windows.shape
+
+    def first(tokens: int) -> int:
+        return max(1, min(n_windows, -(-tokens // seq_len)))
 
     extra: dict[str, Any] = {}
-    if moments:
-        extra = {
-            "mlp_gram": means([m.gram for m in mlp_moments]),
-            "mlp_mean": means([m.sum for m in mlp_moments]),
-            "attn_gram": means([m.gram for m in attn_moments]),
-            "attn_mean": means([m.sum for m in attn_moments]),
-        }
     if fisher_tokens > 0:
-        count = max(1, min(n_windows, -(-fisher_tokens // seq_len)))
+        count = first(fisher_tokens)
         mlp_fisher, attn_fisher = gradient_moments(model, windows[:count], progress=progress)
         extra |= {"mlp_fisher": mlp_fisher, "attn_fisher": attn_fisher, "fisher_tokens": count * seq_len}
-    if not moments:  # E[a] from the first-order sums (with moments, the moments' own float64 sums)
-        extra |= {
-            "mlp_mean": means([s.signed_sum for s in mlp]),
-            "attn_mean": means([s.signed_sum for s in attn]),
-        }
-    extra |= {
-        "reader_mean": means([s.signed_sum for s in reader_sums]),
-        "mlp_window_l2": [(s.window_l2 / n_windows).cpu() for s in mlp],
-        "head_window_l2": [(s.window_l2 / n_windows).cpu() for s in attn],
-        "reader_window_l2": [(s.window_l2 / n_windows).cpu() for s in reader_sums],
-        "layer_bi": influence.scores(),
-    }
     if taylor_tokens > 0:
-        count = max(1, min(n_windows, -(-taylor_tokens // seq_len)))
-        mlp_taylor, head_taylor, hidden_taylor, embed_taylor = taylor_importance(
-            model, windows[:count], progress=progress
-        )
-        extra |= {
-            "mlp_taylor": mlp_taylor,
-            "head_taylor": head_taylor,
-            "hidden_taylor": hidden_taylor,
-            "embed_taylor": embed_taylor,
-            "taylor_tokens": count * seq_len,
-        }
+        count = first(taylor_tokens)
+        names = ("mlp_taylor", "head_taylor", "hidden_taylor", "embed_taylor")
+        extra |= dict(zip(names, taylor_importance(model, windows[:count], progress=progress), strict=True))
+        extra["taylor_tokens"] = count * seq_len
     if depth_tokens > 0:
         from minigpts.depth import removal_loss
 
-        count = max(1, min(n_windows, -(-depth_tokens // seq_len)))
+        count = first(depth_tokens)
         extra |= {
             "layer_loss": removal_loss(model, windows[:count], progress=progress),
             "depth_tokens": count * seq_len,
         }
-    return ActivationStats(
-        **extra,
-        mlp_l1=means([s.abs_sum for s in mlp]),
-        mlp_l2sq=means([s.square_sum for s in mlp]),
-        attn_dim_l1=means([s.abs_sum for s in attn]),
-        attn_dim_l2sq=means([s.square_sum for s in attn]),
-        reader_l1=means([s.abs_sum for s in reader_sums]),
-        reader_l2sq=means([s.square_sum for s in reader_sums]),
-        head_layout=[tuple(adapter.head_layout(layer)) for layer in layers],
-        token_counts=torch.bincount(windows.flatten().cpu(), minlength=vocab_size),
-        n_tokens=n_tokens,
-        metadata=provenance,
-    )
+    return extra
 
 
 def gradient_moments(
@@ -642,44 +717,14 @@ def taylor_importance(
     restored afterwards. Returns (mlp [d] per layer, heads [n_heads] per layer, hidden [hidden] per
     layer, embed [hidden]), float64 on the CPU.
     """
-    from tqdm.auto import tqdm
-
     from minigpts.arch import get_adapter
 
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     hidden = adapter.residual_width(layers[0])
-    device = next(model.parameters()).device
-    embedding, lm_head, final_norm = (
-        adapter.embedding(model),
-        model.get_output_embeddings(),
-        adapter.final_norm(model),
-    )
-    coupled: list[nn.Parameter] = []
-    for layer in layers:
-        for module, _ in adapter.projection_dims(layer):
-            coupled += [p for p in (module.weight, module.bias) if p is not None]
-        for norm in adapter.layer_norms(layer):
-            coupled += [
-                p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None
-            ]
-    outer = [embedding.weight]
-    if lm_head is not None and lm_head.weight is not embedding.weight:
-        outer.append(lm_head.weight)
-    if final_norm is not None:
-        outer += [
-            p
-            for p in (getattr(final_norm, "weight", None), getattr(final_norm, "bias", None))
-            if p is not None
-        ]
-    outer = [p for p in outer if p.shape[-1] == hidden]
-    coupled += outer
-    coupled = list({id(p): p for p in coupled}.values())
-    targets = windows.shape[0] * (windows.shape[1] - 1)
-
+    coupled, outer = _taylor_parameters(model, adapter, layers, hidden)
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     was_training = model.training
-    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="taylor", disable=not progress)
     try:
         for p, _, _ in flags:
             p.requires_grad_(False)
@@ -687,76 +732,118 @@ def taylor_importance(
         for p in coupled:
             p.requires_grad_(True)
         model.eval()
-        from minigpts import distributed
-
-        for window in distributed.shard(windows):  # all of them on one process
-            batch = window.unsqueeze(0).to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            (loss * (batch.numel() - 1) / targets).backward()  # gradients of the mean over all windows
-            bar.update(batch.numel())
-        if distributed.active():  # sum the gradients over the processes before |w·g| (not linear)
-            for p in coupled:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            distributed.reduce([p.grad for p in coupled])
-
-        def salience(p: torch.Tensor | None) -> torch.Tensor | None:
-            if p is None or p.grad is None:
-                return None
-            return (p.detach().float() * p.grad.float()).abs().to(torch.float64)
-
-        def out_in(module: nn.Module) -> torch.Tensor:
-            """|w·g| of the module's weight as [out, in], the layout adapter.weight gives (Conv1D: swapped)."""
-            values, weight, view = salience(module.weight), module.weight, adapter.weight(module)
-            if view.shape == weight.shape and view.stride() == weight.stride():
-                return values
-            offset = view.storage_offset() - weight.storage_offset()  # the same view of the saliences
-            return values.contiguous().as_strided(view.shape, view.stride(), offset)
-
-        mlp, heads, per_layer = [], [], []
-        for layer in layers:
-            n_heads, n_kv, head_dim = adapter.head_layout(layer)
-            width = {
-                "mlp": adapter.mlp_width(layer),
-                "q": n_heads * head_dim,
-                "kv": n_kv * head_dim,
-                "head_dim": head_dim,
-            }
-            sums = {
-                "mlp": torch.zeros(width["mlp"], dtype=torch.float64, device=device),
-                "q": torch.zeros(width["q"], dtype=torch.float64, device=device),
-                "kv": torch.zeros(width["kv"], dtype=torch.float64, device=device),
-                "hidden": torch.zeros(hidden, dtype=torch.float64, device=device),
-            }
-
-            for module, (out_dim, in_dim) in adapter.projection_dims(layer):
-                values = out_in(module)
-                rows = values.sum(1)
-                if (bias := salience(module.bias)) is not None:  # a bias entry belongs to its output row
-                    rows = rows + bias
-                _add_coupled(sums, width, out_dim, rows)
-                _add_coupled(sums, width, in_dim, values.sum(0))
-            for norm in adapter.layer_norms(layer):
-                for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-                    if (values := salience(p)) is not None:
-                        sums["hidden"] += values
-            group = n_heads // n_kv
-            per_kv = sums["kv"].view(n_kv, head_dim).sum(1)
-            per_query = sums["q"].view(n_heads, head_dim).sum(1)
-            mlp.append(sums["mlp"].cpu())
-            heads.append((per_query + per_kv.repeat_interleave(group) / group).cpu())
-            per_layer.append(sums["hidden"].cpu())
+        _taylor_gradients(model, windows, coupled, progress)
+        per_layer = [_layer_taylor(adapter, layer, hidden) for layer in layers]
         embed = torch.zeros(hidden, dtype=torch.float64)
         for p in outer:
-            s = salience(p)
-            embed += (s if s.dim() == 1 else s.sum(0)).cpu()
+            values = _salience(p)
+            embed += (values if values.dim() == 1 else values.sum(0)).cpu()
     finally:
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
         model.train(was_training)
+    mlp, heads, hidden_sums = (list(column) for column in zip(*per_layer, strict=True))
+    return mlp, heads, hidden_sums, embed
+
+
+def _norm_parameters(norm) -> list[nn.Parameter]:
+    return [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
+
+
+def _taylor_parameters(model, adapter, layers, hidden: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(every coupled weight, the outer ones: embedding, untied LM head, final norm of the residual width)."""
+    coupled: list[nn.Parameter] = []
+    for layer in layers:
+        for module, _ in adapter.projection_dims(layer):
+            coupled += [p for p in (module.weight, module.bias) if p is not None]
+        for norm in adapter.layer_norms(layer):
+            coupled += _norm_parameters(norm)
+    embedding, lm_head, final_norm = (
+        adapter.embedding(model),
+        model.get_output_embeddings(),
+        adapter.final_norm(model),
+    )
+    outer = [embedding.weight]
+    if lm_head is not None and lm_head.weight is not embedding.weight:
+        outer.append(lm_head.weight)
+    if final_norm is not None:
+        outer += _norm_parameters(final_norm)
+    outer = [p for p in outer if p.shape[-1] == hidden]
+    return list({id(p): p for p in coupled + outer}.values()), outer
+
+
+def _taylor_gradients(model, windows: torch.LongTensor, coupled: list[nn.Parameter], progress: bool) -> None:
+    """Accumulate into ``.grad`` the gradient of the mean next-token loss over all windows, one window
+    per backward pass (data parallel: each process its share, then summed)."""
+    from tqdm.auto import tqdm
+
+    from minigpts import distributed
+
+    device = next(model.parameters()).device
+    targets = windows.shape[0] * (windows.shape[1] - 1)
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="taylor", disable=not progress)
+    try:
+        for window in distributed.shard(windows):  # all of them on one process
+            batch = window.unsqueeze(0).to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            (loss * (batch.numel() - 1) / targets).backward()  # gradients of the mean over all windows
+            bar.update(batch.numel())
+    finally:
         bar.close()
-    return mlp, heads, per_layer, embed
+    if distributed.active():  # sum the gradients over the processes before |w·g| (not linear)
+        for p in coupled:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.reduce([p.grad for p in coupled])
+
+
+def _salience(p: torch.Tensor | None) -> torch.Tensor | None:
+    """|w·g| in float64, or None without a gradient."""
+    if p is None or p.grad is None:
+        return None
+    return (p.detach().float() * p.grad.float()).abs().to(torch.float64)
+
+
+def _out_in_salience(adapter, module: nn.Module) -> torch.Tensor:
+    """|w·g| of the module's weight as [out, in], the layout adapter.weight gives (Conv1D: swapped)."""
+    values, weight, view = _salience(module.weight), module.weight, adapter.weight(module)
+    if view.shape == weight.shape and view.stride() == weight.stride():
+        return values
+    offset = view.storage_offset() - weight.storage_offset()  # the same view of the saliences
+    return values.contiguous().as_strided(view.shape, view.stride(), offset)
+
+
+def _layer_taylor(adapter, layer, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's (MLP channel, query head, hidden channel) Taylor sums, float64 on the CPU."""
+    n_heads, n_kv, head_dim = adapter.head_layout(layer)
+    width = {
+        "mlp": adapter.mlp_width(layer),
+        "q": n_heads * head_dim,
+        "kv": n_kv * head_dim,
+        "head_dim": head_dim,
+    }
+    device = next(layer.parameters()).device
+    sums = {
+        name: torch.zeros(size, dtype=torch.float64, device=device)
+        for name, size in (("mlp", width["mlp"]), ("q", width["q"]), ("kv", width["kv"]), ("hidden", hidden))
+    }
+    for module, (out_dim, in_dim) in adapter.projection_dims(layer):
+        values = _out_in_salience(adapter, module)
+        rows = values.sum(1)
+        if (bias := _salience(module.bias)) is not None:  # a bias entry belongs to its output row
+            rows = rows + bias
+        _add_coupled(sums, width, out_dim, rows)
+        _add_coupled(sums, width, in_dim, values.sum(0))
+    for norm in adapter.layer_norms(layer):
+        for p in _norm_parameters(norm):
+            if (values := _salience(p)) is not None:
+                sums["hidden"] += values
+    group = n_heads // n_kv
+    per_kv = sums["kv"].view(n_kv, head_dim).sum(1)
+    per_query = sums["q"].view(n_heads, head_dim).sum(1)
+    heads = per_query + per_kv.repeat_interleave(group) / group
+    return sums["mlp"].cpu(), heads.cpu(), sums["hidden"].cpu()
 
 
 def _add_coupled(sums: dict, width: dict, dim: str, values: torch.Tensor) -> None:

@@ -549,21 +549,7 @@ def _gradient_moments(
     batches = [local[i : i + 1] for i in range(len(local))]
     bar = tqdm(total=local.numel() * 2, unit="tok", unit_scale=True, desc="gradients", disable=not progress)
     try:
-        # forward, layer by layer: keep every layer's inputs on disk
-        with torch.no_grad():  # not inference_mode: the recorded arguments are used again with gradients
-            hidden, calls = runner.inputs(batches)
-            for i, layer in enumerate(layers):
-                torch.save(hidden, scratch / f"input-{i}.pt")
-                onloader.load(layer)
-                try:
-                    hidden = [
-                        runner.run_layer(layer, h, calls[tuple(b.shape)][i]).to("cpu")
-                        for b, h in zip(batches, hidden, strict=True)
-                    ]
-                finally:
-                    onloader.free(layer)
-                    _release_free_memory()
-                bar.update(local.numel() / len(layers))
+        hidden, calls = _forward_to_disk(runner, onloader, layers, batches, scratch, bar, local.numel())
         # the loss gradient at the last layer's output, from the model's own final norm, head and loss
         grads = _output_gradients(model, onloader, batches, hidden)
         del hidden
@@ -594,6 +580,25 @@ def _gradient_moments(
         bar.close()
     n = windows.numel()
     return [(s / n).cpu() for s in sums["mlp"]], [(s / n).cpu() for s in sums["attn"]]
+
+
+def _forward_to_disk(runner, onloader, layers, batches, scratch: Path, bar, n_tokens: int):
+    """Forward, layer by layer, keeping every layer's inputs on disk: (last layer's outputs, calls)."""
+    with torch.no_grad():  # not inference_mode: the recorded arguments are used again with gradients
+        hidden, calls = runner.inputs(batches)
+        for i, layer in enumerate(layers):
+            torch.save(hidden, scratch / f"input-{i}.pt")
+            onloader.load(layer)
+            try:
+                hidden = [
+                    runner.run_layer(layer, h, calls[tuple(b.shape)][i]).to("cpu")
+                    for b, h in zip(batches, hidden, strict=True)
+                ]
+            finally:
+                onloader.free(layer)
+                _release_free_memory()
+            bar.update(n_tokens / len(layers))
+    return hidden, calls
 
 
 def _capture(store: torch.Tensor):

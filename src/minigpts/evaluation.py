@@ -290,6 +290,32 @@ def stream_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     return [w for w in windows if len(w) >= 2]
 
 
+def _check_seq_len(model, seq_len: int) -> None:
+    """``evaluate``'s window length must be a next-token task the model's positions cover."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len {seq_len}: must be at least 2")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and seq_len > max_positions:
+        raise UserError(f"--seq-len {seq_len}: the model accepts at most {max_positions} positions")
+
+
+def _timed_windows(model, windows, byte_lengths, batch_size: int, split: str, progress: bool):
+    """(``evaluate_windows``'s sums, tokens scored, seconds), with a progress bar when asked."""
+    total = sum(len(w) for w in windows)
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"eval {split}", unit="tok", leave=False)
+    try:
+        out = evaluate_windows(model, windows, byte_lengths, batch_size, bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out, total, time.perf_counter() - start
+
+
 def evaluate(
     model,
     tokenizer,
@@ -310,11 +336,7 @@ def evaluate(
     fixed as text, so models whose vocabularies differ are scored on the same bytes when they
     share a budget tokenizer (``run`` and ``sweep`` use the unpruned model's).
     """
-    if seq_len < 2:
-        raise UserError(f"--seq-len {seq_len}: must be at least 2")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and seq_len > max_positions:
-        raise UserError(f"--seq-len {seq_len}: the model accepts at most {max_positions} positions")
+    _check_seq_len(model, seq_len)
     texts = text_within_token_budget(budget_tokenizer or tokenizer, texts, max_tokens, DOCUMENT_SEPARATOR)
     budget_note = ""
     if max_tokens is not None:
@@ -327,19 +349,7 @@ def evaluate(
             f"split '{split}' has {len(ids)} token(s); evaluation needs at least 2 — use a bigger split"
         )
     byte_lengths = token_byte_lengths(tokenizer)
-    total = sum(len(w) for w in windows)
-    start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"eval {split}", unit="tok", leave=False)
-    try:
-        out = evaluate_windows(model, windows, byte_lengths, batch_size, bar.update if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - start
+    out, total, seconds = _timed_windows(model, windows, byte_lengths, batch_size, split, progress)
     params, params_non_embedding = count_parameters(model)
     size_bytes, size_source = model_size(model, model_path)
     mean_nll = out["nll_sum"] / out["tokens"]

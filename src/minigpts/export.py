@@ -233,12 +233,18 @@ CONTROL_MEANINGS = {
 
 def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remote: bool) -> str:
     """A README.md: base model and data, what was removed, how it was evaluated, the metrics, how to load it."""
-    adapter = get_adapter(model)
-    widths = layer_widths(model)
     summary = plan.summary if plan is not None else {}
     base = metadata.get("base_model") or (plan.settings.get("model") if plan else None)
-    params_after = count_parameters(model)[0]
-    params_before = metadata.get("params_before") or summary.get("params_before")
+    lines = _card_base(base, metadata)
+    lines += _card_removed(model, plan, summary, metadata)
+    lines += _card_evaluation(metadata)
+    lines += _card_load(model, remote)
+    lines += ["", f"The pruning plan and provenance are in `{METADATA_FILE}`.", ""]
+    return "\n".join(lines)
+
+
+def _card_base(base: str | None, metadata: dict) -> list[str]:
+    """The model card's front matter, title and "Base model and data" section."""
     license_name = metadata.get("base_license")
     lines = ["---", "library_name: transformers"]
     if license_name:
@@ -281,13 +287,22 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
                 else ""
             )
         )
+    return lines
+
+
+def _card_removed(model: nn.Module, plan: PruningPlan | None, summary: dict, metadata: dict) -> list[str]:
+    """The model card's "What was removed" table."""
+    adapter = get_adapter(model)
+    widths = layer_widths(model)
+    params_after = count_parameters(model)[0]
+    params_before = metadata.get("params_before") or summary.get("params_before")
     layers = summary.get("layers") or []
 
     def before(key: str) -> list[int] | None:
         values = [layer.get(f"{key}_before") for layer in layers]
         return values if values and all(isinstance(v, int) for v in values) else None
 
-    lines += ["", "## What was removed", "", "| | value |", "|---|---|"]
+    lines = ["", "## What was removed", "", "| | value |", "|---|---|"]
     lines.append(f"| family | {adapter.family} ({model.config.model_type}) |")
     if plan is not None:
         lines.append(f"| criterion | {plan.criterion} |")
@@ -329,6 +344,12 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
             f"{finetune.get('train_tokens') or 0:,} tokens, {finetune.get('seconds') or 0:.0f} s "
             f"(stopped: {finetune.get('stopped_because')}) |"
         )
+    return lines
+
+
+def _card_evaluation(metadata: dict) -> list[str]:
+    """The model card's "Evaluation" and "Metrics" sections and its controls, when there are any."""
+    lines: list[str] = []
     evaluation = metadata.get("evaluation") or {}
     metrics = metadata.get("metrics")
     if evaluation or metrics:
@@ -360,6 +381,12 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
             + "; ".join(f"`{name}`: {CONTROL_MEANINGS.get(name, name)}" for name in controls)
             + ".",
         ]
+    return lines
+
+
+def _card_load(model: nn.Module, remote: bool) -> list[str]:
+    """The model card's "Load" section, and why it needs ``trust_remote_code`` when it does."""
+    lines: list[str] = []
     remote_arg = ", trust_remote_code=True" if remote else ""
     lines += [
         "",
@@ -390,8 +417,7 @@ def model_card(model: nn.Module, plan: PruningPlan | None, metadata: dict, remot
             "`--trust-remote-code` only when the file matches that hash and the file minigpts itself "
             "writes for this config, and refuse it otherwise.",
         ]
-    lines += ["", f"The pruning plan and provenance are in `{METADATA_FILE}`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _cell(value: Any) -> str:

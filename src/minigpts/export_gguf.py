@@ -135,7 +135,6 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
         heads=heads,
         kv_heads=kv_heads,
     )
-
     if adapter.family == "phi":
         problems = []
         if per_layer:
@@ -152,7 +151,12 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
             raise GgufUnsupported(f"{name}: llama.cpp cannot express " + "; ".join(problems))
         _check_rope(config, name, allow={"default"})
         return GgufLayout(arch="phi2", permute_qk=False, **common)
+    return _llama_layout(config, name, common)
 
+
+def _llama_layout(config: Any, name: str, common: dict) -> GgufLayout:
+    """Llama, Mistral, Qwen2 and Qwen3: llama, deci (per-layer widths), qwen2 or qwen3."""
+    model_type, per_layer = common["model_type"], common["per_layer"]
     rotary = (
         getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
     )
@@ -179,7 +183,7 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
         _check_rope(config, name, allow={"default", "linear", "llama3"})
         notes.append("per-layer widths: written as llama.cpp's variable-width Llama architecture 'deci'")
         return GgufLayout(arch="deci", permute_qk=True, notes=notes, **common)
-    if model_type == "qwen2" and heads[0] * head_dim == hidden:
+    if model_type == "qwen2" and common["heads"][0] * common["head_dim"] == common["hidden"]:
         _check_rope(config, name, allow={"default", "linear"})
         return GgufLayout(arch="qwen2", permute_qk=False, notes=notes, **common)
     _check_rope(config, name, allow={"default", "linear", "llama3"})
@@ -231,116 +235,19 @@ def _other_layout(
             f"removed attention heads ({heads[0]} × {head_dim} query channels for a hidden size of {hidden}; "
             f"llama.cpp's {arch} needs the query width to equal the hidden size)"
         )
-    embedding = adapter.embedding(model)
-    head = model.get_output_embeddings()
-    tied = head is None or head.weight is embedding.weight
-    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-    act = act or getattr(config, "activation_function", None)
-    gelu = arch in {"gemma", "gemma2", "gemma3", "gptneox", "gpt2"}
-    if gelu and act == "gelu":
-        notes.append(
-            "exact (erf) GELU: llama.cpp computes its tanh approximation (at most 5e-4 apart per activation), "
-            "so its logits differ slightly from ours"
-        )
-    elif gelu and act not in _TANH_GELU:
-        problems.append(f"activation {act!r} (llama.cpp's {arch} uses GELU)")
-    elif not gelu and act != "silu":
-        problems.append(f"activation {act!r} (llama.cpp's {arch} uses SiLU)")
+    _check_activation(config, arch, problems, notes)
     rotary = (
         getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
     )
-    rope_dims = int(head_dim * rotary)
+    rope_dims = 0 if adapter.family == "gpt2" else int(head_dim * rotary)
     extra: list[tuple[str, Any]] = []
-    rope = None
-    norm = "rms"
+    rope, norm = None, "rms"
     context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-
     if adapter.family == "gemma":
-        if getattr(config, "attention_bias", False):
-            problems.append(f"attention biases (llama.cpp's {arch} has no output-projection bias)")
-        if not tied and arch != "gemma3":
-            problems.append(f"an untied LM head (llama.cpp's {arch} reads the token embedding as the output)")
-        scale = getattr(embedding, "scalar_embed_scale", None)
-        if scale is not None and abs(float(scale) - hidden**0.5) > 1e-6 * hidden**0.5:
-            problems.append(
-                f"an embedding scale of {scale} (llama.cpp's {arch} scales by sqrt(hidden) = {hidden**0.5})"
-            )
-        if arch != "gemma":
-            ours = float(config.query_pre_attn_scalar) ** -0.5
-            big = len(layers) == _GEMMA_27B_LAYERS[arch]
-            theirs = (hidden / heads[0]) ** -0.5 if big else head_dim**-0.5
-            if abs(ours - theirs) > 1e-6 * theirs:
-                problems.append(
-                    f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp's {arch} scales queries "
-                    f"by 1/sqrt({'hidden / heads' if big else 'head_dim'} = {theirs**-2:g}))"
-                )
-            types = list(getattr(config, "layer_types", None) or [])
-            window = getattr(config, "sliding_window", None)
-            sliding = [t == "sliding_attention" for t in types] if len(types) == len(layers) else None
-            if sliding is None:
-                problems.append(
-                    "no per-layer attention types (config.layer_types) to write as the sliding pattern"
-                )
-            elif any(sliding) and window:
-                extra += [("add_sliding_window", int(window)), ("add_sliding_window_pattern", sliding)]
-            elif arch == "gemma2":
-                extra += [("add_sliding_window", context), ("add_sliding_window_pattern", sliding)]
-            attn_cap = getattr(config, "attn_logit_softcapping", None)
-            final_cap = getattr(config, "final_logit_softcapping", None)
-            if arch == "gemma2":
-                if not attn_cap or not final_cap:
-                    problems.append(
-                        "attention or final logit soft-capping switched off (llama.cpp's gemma2 always applies both)"
-                    )
-                else:
-                    extra += [
-                        ("add_attn_logit_softcapping", float(attn_cap)),
-                        ("add_final_logit_softcapping", float(final_cap)),
-                    ]
-            else:
-                if attn_cap:
-                    problems.append("attention logit soft-capping (llama.cpp's gemma3 has none)")
-                if final_cap:
-                    extra.append(("add_final_logit_softcapping", float(final_cap)))
-        if arch == "gemma3" and "full_attention" in (getattr(config, "rope_parameters", None) or {}):
-            parameters = config.rope_parameters
-            full, local = dict(parameters["full_attention"]), dict(parameters.get("sliding_attention") or {})
-            full.setdefault("rope_type", full.get("type", "default"))
-            if full["rope_type"] not in {"default", "linear"}:
-                problems.append(f"rope scaling {full['rope_type']!r} on the full-attention layers")
-            if local and local.get("rope_type", "default") != "default":
-                problems.append(f"rope scaling {local['rope_type']!r} on the sliding-window layers")
-            rope = full
-            if local:
-                extra.append(("add_rope_freq_base_swa", float(local["rope_theta"])))
-        elif _rope(config)["rope_type"] not in {"default", "linear"}:
-            problems.append(f"rope scaling {_rope(config)['rope_type']!r}")
-    elif adapter.family == "phi3":
-        if _rope(config)["rope_type"] != "default":
-            problems.append(
-                f"rope scaling {_rope(config)['rope_type']!r} (minigpts writes Phi-3 without long-rope factors)"
-            )
-        window = getattr(config, "sliding_window", None)
-        if window and window < context:
-            notes.append(
-                f"sliding window {window}: llama.cpp's phi3 attends to the whole context, so context_length is "
-                "capped at the window, where both agree"
-            )
-    elif adapter.family in {"gpt_neox", "stablelm"}:
-        norm = "layer"
-        if _rope(config)["rope_type"] not in {"default", "linear"}:
-            problems.append(f"rope scaling {_rope(config)['rope_type']!r}")
-        parallel = bool(getattr(config, "use_parallel_residual", False))
-        extra.append(("add_parallel_residual", parallel))
-        extra.append(("add_layer_norm_eps", float(config.layer_norm_eps)))
-    elif adapter.family == "gpt2":
-        norm = "layer"
-        rope_dims = 0
-        extra.append(("add_layer_norm_eps", float(config.layer_norm_epsilon)))
-        if not getattr(config, "scale_attn_weights", True) or getattr(
-            config, "scale_attn_by_inverse_layer_idx", False
-        ):
-            problems.append("an attention scale other than 1/sqrt(head_dim) (llama.cpp's gpt2 has no other)")
+        shape = (len(layers), hidden, heads[0], head_dim)
+        rope = _gemma_keys(model, adapter, arch, shape, context, problems, extra)
+    else:
+        norm = _plain_keys(config, adapter.family, context, problems, notes, extra)
     if problems:
         raise GgufUnsupported(f"{name}: llama.cpp cannot express " + "; ".join(problems))
     if norm == "rms":
@@ -363,6 +270,124 @@ def _other_layout(
         rope=rope,
         extra=extra,
     )
+
+
+def _check_activation(config: Any, arch: str, problems: list[str], notes: list[str]) -> None:
+    """llama.cpp hard-wires each architecture's activation: (tanh) GELU or SiLU."""
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    act = act or getattr(config, "activation_function", None)
+    gelu = arch in {"gemma", "gemma2", "gemma3", "gptneox", "gpt2"}
+    if gelu and act == "gelu":
+        notes.append(
+            "exact (erf) GELU: llama.cpp computes its tanh approximation (at most 5e-4 apart per activation), "
+            "so its logits differ slightly from ours"
+        )
+    elif gelu and act not in _TANH_GELU:
+        problems.append(f"activation {act!r} (llama.cpp's {arch} uses GELU)")
+    elif not gelu and act != "silu":
+        problems.append(f"activation {act!r} (llama.cpp's {arch} uses SiLU)")
+
+
+def _plain_keys(config: Any, family: str, context: int, problems: list, notes: list, extra: list) -> str:
+    """Phi-3, GPT-NeoX, StableLM and GPT-2's checks and keys; the norm they use ("rms" or "layer")."""
+    if family == "phi3":
+        if _rope(config)["rope_type"] != "default":
+            problems.append(
+                f"rope scaling {_rope(config)['rope_type']!r} (minigpts writes Phi-3 without long-rope factors)"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and window < context:
+            notes.append(
+                f"sliding window {window}: llama.cpp's phi3 attends to the whole context, so context_length is "
+                "capped at the window, where both agree"
+            )
+        return "rms"
+    if family in {"gpt_neox", "stablelm"}:
+        if _rope(config)["rope_type"] not in {"default", "linear"}:
+            problems.append(f"rope scaling {_rope(config)['rope_type']!r}")
+        parallel = bool(getattr(config, "use_parallel_residual", False))
+        extra.append(("add_parallel_residual", parallel))
+        extra.append(("add_layer_norm_eps", float(config.layer_norm_eps)))
+        return "layer"
+    extra.append(("add_layer_norm_eps", float(config.layer_norm_epsilon)))  # gpt2
+    if not getattr(config, "scale_attn_weights", True) or getattr(
+        config, "scale_attn_by_inverse_layer_idx", False
+    ):
+        problems.append("an attention scale other than 1/sqrt(head_dim) (llama.cpp's gpt2 has no other)")
+    return "layer"
+
+
+def _gemma_keys(model, adapter, arch: str, shape, context: int, problems: list, extra: list) -> dict | None:
+    """Gemma 1/2/3's checks and keys; the rope to write (None: the config's)."""
+    config = model.config
+    hidden = shape[1]
+    embedding = adapter.embedding(model)
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embedding.weight
+    if getattr(config, "attention_bias", False):
+        problems.append(f"attention biases (llama.cpp's {arch} has no output-projection bias)")
+    if not tied and arch != "gemma3":
+        problems.append(f"an untied LM head (llama.cpp's {arch} reads the token embedding as the output)")
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if scale is not None and abs(float(scale) - hidden**0.5) > 1e-6 * hidden**0.5:
+        problems.append(
+            f"an embedding scale of {scale} (llama.cpp's {arch} scales by sqrt(hidden) = {hidden**0.5})"
+        )
+    if arch != "gemma":
+        _gemma2_keys(config, arch, shape, context, problems, extra)
+    if arch == "gemma3" and "full_attention" in (getattr(config, "rope_parameters", None) or {}):
+        parameters = config.rope_parameters
+        full, local = dict(parameters["full_attention"]), dict(parameters.get("sliding_attention") or {})
+        full.setdefault("rope_type", full.get("type", "default"))
+        if full["rope_type"] not in {"default", "linear"}:
+            problems.append(f"rope scaling {full['rope_type']!r} on the full-attention layers")
+        if local and local.get("rope_type", "default") != "default":
+            problems.append(f"rope scaling {local['rope_type']!r} on the sliding-window layers")
+        if local:
+            extra.append(("add_rope_freq_base_swa", float(local["rope_theta"])))
+        return full
+    if _rope(config)["rope_type"] not in {"default", "linear"}:
+        problems.append(f"rope scaling {_rope(config)['rope_type']!r}")
+    return None
+
+
+def _gemma2_keys(config: Any, arch: str, shape: tuple, context: int, problems: list, extra: list) -> None:
+    """Gemma 2/3's query scale, sliding-window pattern and logit soft-capping."""
+    n_layers, hidden, heads, head_dim = shape
+    ours = float(config.query_pre_attn_scalar) ** -0.5
+    big = n_layers == _GEMMA_27B_LAYERS[arch]
+    theirs = (hidden / heads) ** -0.5 if big else head_dim**-0.5
+    if abs(ours - theirs) > 1e-6 * theirs:
+        problems.append(
+            f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp's {arch} scales queries "
+            f"by 1/sqrt({'hidden / heads' if big else 'head_dim'} = {theirs**-2:g}))"
+        )
+    types = list(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    sliding = [t == "sliding_attention" for t in types] if len(types) == n_layers else None
+    if sliding is None:
+        problems.append("no per-layer attention types (config.layer_types) to write as the sliding pattern")
+    elif any(sliding) and window:
+        extra += [("add_sliding_window", int(window)), ("add_sliding_window_pattern", sliding)]
+    elif arch == "gemma2":
+        extra += [("add_sliding_window", context), ("add_sliding_window_pattern", sliding)]
+    attn_cap = getattr(config, "attn_logit_softcapping", None)
+    final_cap = getattr(config, "final_logit_softcapping", None)
+    if arch == "gemma2":
+        if not attn_cap or not final_cap:
+            problems.append(
+                "attention or final logit soft-capping switched off (llama.cpp's gemma2 always applies both)"
+            )
+        else:
+            extra += [
+                ("add_attn_logit_softcapping", float(attn_cap)),
+                ("add_final_logit_softcapping", float(final_cap)),
+            ]
+    else:
+        if attn_cap:
+            problems.append("attention logit soft-capping (llama.cpp's gemma3 has none)")
+        if final_cap:
+            extra.append(("add_final_logit_softcapping", float(final_cap)))
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -493,14 +518,7 @@ def tokenizer_fields(tokenizer, n_vocab: int) -> TokenizerFields:
     spec = json.loads(backend.to_str())
     model_spec = spec["model"]
     where = f"tokenizer ({model_spec.get('type')})"
-    if model_spec.get("type") != "BPE":
-        raise GgufUnsupported(f"{where}: only BPE vocabularies are written (Unigram/WordPiece are not)")
-    if (
-        model_spec.get("dropout")
-        or model_spec.get("continuing_subword_prefix")
-        or model_spec.get("end_of_word_suffix")
-    ):
-        raise GgufUnsupported(f"{where}: dropout / subword prefixes / suffixes have no llama.cpp equivalent")
+    _check_bpe(model_spec, where)
     vocab = backend.get_vocab(with_added_tokens=True)
     if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
         raise GgufUnsupported(f"{where}: {len(vocab)} tokens but the model has only {n_vocab} embedding rows")
@@ -516,11 +534,8 @@ def tokenizer_fields(tokenizer, n_vocab: int) -> TokenizerFields:
     for index in plain_added:
         types[index] = gguf.TokenType.USER_DEFINED
     add_bos, add_eos = _added_specials(tokenizer)
-    special = {}
-    for key in ("bos", "eos", "unk", "pad"):
-        value = getattr(tokenizer, f"{key}_token_id", None)
-        if value is not None:
-            special[key] = int(value)
+    ids = {key: getattr(tokenizer, f"{key}_token_id", None) for key in ("bos", "eos", "unk", "pad")}
+    special = {key: int(value) for key, value in ids.items() if value is not None}
     if "bos" not in special and "eos" in special:
         special["bos"] = special["eos"]  # GPT-2's convention; llama.cpp would otherwise default to id 11
     template = getattr(tokenizer, "chat_template", None)
@@ -531,22 +546,9 @@ def tokenizer_fields(tokenizer, n_vocab: int) -> TokenizerFields:
     decoders = [d.get("type") for d in _components(spec.get("decoder"))]
     normalizer = _components(spec.get("normalizer"))
     if "ByteLevel" in decoders:
-        if normalizer:
-            raise GgufUnsupported(
-                f"{where}: a normalizer ({normalizer[0].get('type')}) before byte-level BPE"
-            )
-        if model_spec.get("byte_fallback"):
-            raise GgufUnsupported(f"{where}: byte-level BPE with byte_fallback")
-        pre = _byte_level_pre(spec, where)
-        ignore = bool(model_spec.get("ignore_merges"))
-        if _IGNORE_MERGES.get(pre, False) != ignore:
-            raise GgufUnsupported(
-                f"{where}: ignore_merges={ignore} but llama.cpp's pre-tokenizer {pre!r} uses "
-                f"{_IGNORE_MERGES.get(pre, False)}"
-            )
         return TokenizerFields(
             model="gpt2",
-            pre=pre,
+            pre=_checked_byte_level_pre(spec, normalizer, where),
             tokens=tokens,
             token_types=[int(t) for t in types],
             merges=merges,
@@ -558,6 +560,35 @@ def tokenizer_fields(tokenizer, n_vocab: int) -> TokenizerFields:
             chat_template=template,
         )
     return _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos, template, where)
+
+
+def _check_bpe(model_spec: dict, where: str) -> None:
+    """Only plain BPE models have a llama.cpp equivalent."""
+    if model_spec.get("type") != "BPE":
+        raise GgufUnsupported(f"{where}: only BPE vocabularies are written (Unigram/WordPiece are not)")
+    if (
+        model_spec.get("dropout")
+        or model_spec.get("continuing_subword_prefix")
+        or model_spec.get("end_of_word_suffix")
+    ):
+        raise GgufUnsupported(f"{where}: dropout / subword prefixes / suffixes have no llama.cpp equivalent")
+
+
+def _checked_byte_level_pre(spec: dict, normalizer: list[dict], where: str) -> str:
+    """The pre-tokenizer name of a byte-level BPE that llama.cpp can run as we do."""
+    model_spec = spec["model"]
+    if normalizer:
+        raise GgufUnsupported(f"{where}: a normalizer ({normalizer[0].get('type')}) before byte-level BPE")
+    if model_spec.get("byte_fallback"):
+        raise GgufUnsupported(f"{where}: byte-level BPE with byte_fallback")
+    pre = _byte_level_pre(spec, where)
+    ignore = bool(model_spec.get("ignore_merges"))
+    if _IGNORE_MERGES.get(pre, False) != ignore:
+        raise GgufUnsupported(
+            f"{where}: ignore_merges={ignore} but llama.cpp's pre-tokenizer {pre!r} uses "
+            f"{_IGNORE_MERGES.get(pre, False)}"
+        )
+    return pre
 
 
 def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos, template, where):
@@ -594,6 +625,30 @@ def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos
                 "tokenizer: Metaspace(prepend_scheme='first'): llama.cpp adds one more '▁' to text that starts "
                 "with a space or follows a special token; all other text gets our ids"
             )
+    scores = _merge_scores(tokens, types, merges)
+    unk = special.get("unk")
+    if unk is not None and types[unk] in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL):
+        types[unk] = gguf.TokenType.UNKNOWN
+    return TokenizerFields(
+        model="llama",
+        pre=None,
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        merges=merges,
+        scores=scores,
+        special=special,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        add_space_prefix=not replaces,
+        chat_template=template,
+        notes=notes,
+    )
+
+
+def _merge_scores(tokens: list[str], types: list, merges: list[str]) -> list[float]:
+    """Minus each token's merge rank (see `_sentencepiece_fields`); marks <0xNN> tokens as BYTE in `types`."""
+    import gguf
+
     rank = {}
     for index, merge in enumerate(merges):
         left, right = merge.split(" ", 1)
@@ -612,23 +667,7 @@ def _sentencepiece_fields(spec, tokens, types, merges, special, add_bos, add_eos
             and token.endswith(">")
         ):
             types[index] = gguf.TokenType.BYTE
-    unk = special.get("unk")
-    if unk is not None and types[unk] in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL):
-        types[unk] = gguf.TokenType.UNKNOWN
-    return TokenizerFields(
-        model="llama",
-        pre=None,
-        tokens=tokens,
-        token_types=[int(t) for t in types],
-        merges=merges,
-        scores=scores,
-        special=special,
-        add_bos=add_bos,
-        add_eos=add_eos,
-        add_space_prefix=not replaces,
-        chat_template=template,
-        notes=notes,
-    )
+    return scores
 
 
 # --- tensors ----------------------------------------------------------------------------------
@@ -757,49 +796,7 @@ def _other_tensors(model: nn.Module, layout: GgufLayout, adapter) -> list[tuple[
     if layout.arch == "gpt2":
         add("POS_EMBD", None, _numpy(adapter.body(model).wpe.weight))
     for index, layer in enumerate(adapter.layers(model)):
-        n_heads, n_kv, head_dim = adapter.head_layout(layer)
-        attention = adapter.attention(layer)
-        projections = adapter.attn_in(layer)
-        if layout.arch == "gptneox":
-
-            def per_head_to_grouped(data: np.ndarray, n=n_heads, d=head_dim) -> np.ndarray:
-                # [h0: q k v | h1: q k v | ...] -> [q (all heads) | k | v]
-                return data.reshape(n, 3, d, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape).copy()
-
-            linear("ATTN_QKV", index, projections[0], per_head_to_grouped)
-        elif len(projections) == 1:  # Phi-3 qkv_proj, GPT-2 c_attn: [q | k | v] already
-            linear("ATTN_QKV", index, projections[0])
-        else:
-            for kind, projection in zip(("ATTN_Q", "ATTN_K", "ATTN_V"), projections):
-                linear(kind, index, projection)
-        linear("ATTN_OUT", index, adapter.attn_out(layer))
-        if layout.arch == "gpt2":
-            norm("ATTN_NORM", index, layer.ln_1)
-            norm("FFN_NORM", index, layer.ln_2)
-        elif layout.family == "gemma" and layout.arch != "gemma":
-            norm("ATTN_NORM", index, layer.input_layernorm)
-            norm("ATTN_POST_NORM", index, layer.post_attention_layernorm)
-            norm("FFN_NORM", index, layer.pre_feedforward_layernorm)
-            norm("FFN_POST_NORM", index, layer.post_feedforward_layernorm)
-        else:  # a parallel-residual StableLM has no post_attention_layernorm (llama.cpp: no ffn_norm)
-            norm("ATTN_NORM", index, layer.input_layernorm)
-            norm("FFN_NORM", index, getattr(layer, "post_attention_layernorm", None))
-        if layout.arch == "gemma3":
-            norm("ATTN_Q_NORM", index, attention.q_norm)
-            norm("ATTN_K_NORM", index, attention.k_norm)
-        if layout.arch == "stablelm" and getattr(attention, "qk_layernorm", False):
-            for kind, norms in (
-                ("ATTN_Q_NORM", attention.q_layernorm),
-                ("ATTN_K_NORM", attention.k_layernorm),
-            ):
-                add(kind, index, np.stack([_numpy(n.weight) for n in norms.norms]))
-        mlp_in = adapter.mlp_in(layer)
-        if len(mlp_in) == 2:
-            linear("FFN_GATE", index, mlp_in[0])
-            linear("FFN_UP", index, mlp_in[1])
-        else:  # Phi-3's [gate | up] (llama.cpp's SwiGLU splits it so), or a plain up projection
-            linear("FFN_UP", index, mlp_in[0])
-        linear("FFN_DOWN", index, adapter.mlp_out(layer))
+        _other_layer(layout, adapter, index, layer, add, linear, norm)
     norm("OUTPUT_NORM", None, adapter.final_norm(model))
     untied = head is not None and head.weight is not embedding.weight
     if untied or layout.arch in {"gptneox", "stablelm"}:
@@ -807,6 +804,53 @@ def _other_tensors(model: nn.Module, layout: GgufLayout, adapter) -> list[tuple[
         if untied and getattr(head, "bias", None) is not None:
             add("OUTPUT", None, _numpy(head.bias), "bias")
     return out
+
+
+def _other_layer(layout: GgufLayout, adapter, index: int, layer: nn.Module, add, linear, norm) -> None:
+    """One layer's tensors for `_other_tensors`, through its add / linear / norm writers."""
+    n_heads, n_kv, head_dim = adapter.head_layout(layer)
+    attention = adapter.attention(layer)
+    projections = adapter.attn_in(layer)
+    if layout.arch == "gptneox":
+
+        def per_head_to_grouped(data: np.ndarray, n=n_heads, d=head_dim) -> np.ndarray:
+            # [h0: q k v | h1: q k v | ...] -> [q (all heads) | k | v]
+            return data.reshape(n, 3, d, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape).copy()
+
+        linear("ATTN_QKV", index, projections[0], per_head_to_grouped)
+    elif len(projections) == 1:  # Phi-3 qkv_proj, GPT-2 c_attn: [q | k | v] already
+        linear("ATTN_QKV", index, projections[0])
+    else:
+        for kind, projection in zip(("ATTN_Q", "ATTN_K", "ATTN_V"), projections):
+            linear(kind, index, projection)
+    linear("ATTN_OUT", index, adapter.attn_out(layer))
+    if layout.arch == "gpt2":
+        norm("ATTN_NORM", index, layer.ln_1)
+        norm("FFN_NORM", index, layer.ln_2)
+    elif layout.family == "gemma" and layout.arch != "gemma":
+        norm("ATTN_NORM", index, layer.input_layernorm)
+        norm("ATTN_POST_NORM", index, layer.post_attention_layernorm)
+        norm("FFN_NORM", index, layer.pre_feedforward_layernorm)
+        norm("FFN_POST_NORM", index, layer.post_feedforward_layernorm)
+    else:  # a parallel-residual StableLM has no post_attention_layernorm (llama.cpp: no ffn_norm)
+        norm("ATTN_NORM", index, layer.input_layernorm)
+        norm("FFN_NORM", index, getattr(layer, "post_attention_layernorm", None))
+    if layout.arch == "gemma3":
+        norm("ATTN_Q_NORM", index, attention.q_norm)
+        norm("ATTN_K_NORM", index, attention.k_norm)
+    if layout.arch == "stablelm" and getattr(attention, "qk_layernorm", False):
+        for kind, norms in (
+            ("ATTN_Q_NORM", attention.q_layernorm),
+            ("ATTN_K_NORM", attention.k_layernorm),
+        ):
+            add(kind, index, np.stack([_numpy(n.weight) for n in norms.norms]))
+    mlp_in = adapter.mlp_in(layer)
+    if len(mlp_in) == 2:
+        linear("FFN_GATE", index, mlp_in[0])
+        linear("FFN_UP", index, mlp_in[1])
+    else:  # Phi-3's [gate | up] (llama.cpp's SwiGLU splits it so), or a plain up projection
+        linear("FFN_UP", index, mlp_in[0])
+    linear("FFN_DOWN", index, adapter.mlp_out(layer))
 
 
 def _llama3_rope_factors(config: Any) -> np.ndarray:
@@ -883,66 +927,14 @@ def export_gguf(
     n_vocab = get_adapter(model).embedding(model).weight.shape[0]
     fields = tokenizer_fields(tokenizer, n_vocab)
     tensors = gguf_tensors(model, layout)
-    rope = _rope(config)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     writer = gguf.GGUFWriter(staging, layout.arch)
-    counts: dict[str, int] = {}
     try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(
-            _general_name(name or str(getattr(config, "name_or_path", "") or layout.model_type), fields)
-        )
-        writer.add_description(
-            f"exported by minigpts from a {layout.model_type} model ({layout.arch} in llama.cpp)"
-        )
-        writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
-        if outtype in {"q8_0"}:
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-        window = getattr(config, "sliding_window", None)
-        if layout.notes and window and any("sliding window" in n for n in layout.notes):
-            context = min(context, int(window))
-        writer.add_context_length(context)
-        writer.add_embedding_length(layout.hidden)
-        writer.add_block_count(layout.n_layers)
-        if layout.per_layer:
-            writer.add_feed_forward_length([int(w) for w in layout.mlp])
-            writer.add_head_count([int(h) for h in layout.heads])
-            writer.add_head_count_kv([int(h) for h in layout.kv_heads])
-        else:
-            writer.add_feed_forward_length(int(layout.mlp[0]))
-            writer.add_head_count(int(layout.heads[0]))
-            writer.add_head_count_kv(int(layout.kv_heads[0]))
-        writer.add_key_length(layout.head_dim)
-        writer.add_value_length(layout.head_dim)
-        writer.add_vocab_size(n_vocab)
-        if layout.family in _OTHER_ARCHS:
-            rope = layout.rope or rope
-            if layout.rope_dims != 0:
-                writer.add_rope_freq_base(float(rope["rope_theta"]))
-                writer.add_rope_dimension_count(int(layout.rope_dims or layout.head_dim))
-            for method, value in layout.extra:
-                getattr(writer, method)(value)
-        elif layout.family == "phi":
-            writer.add_rope_freq_base(float(rope["rope_theta"]))
-            rotary = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
-            writer.add_rope_dimension_count(int(layout.head_dim * rotary))
-            writer.add_layer_norm_eps(float(config.layer_norm_eps))
-        else:
-            writer.add_rope_freq_base(float(rope["rope_theta"]))
-            writer.add_rope_dimension_count(layout.head_dim)
-            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        if rope.get("rope_type", rope.get("type", "default")) == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
+        _write_model_keys(writer, layout, config, fields, name, outtype, n_vocab)
         _write_tokenizer(writer, fields)
-        for tensor_name, data in tensors:
-            encoded, raw = _encode(tensor_name, data, outtype)
-            writer.add_tensor(tensor_name, encoded, raw_dtype=raw)
-            kind = raw.name if raw is not None else ("F16" if encoded.dtype == np.float16 else "F32")
-            counts[kind] = counts.get(kind, 0) + 1
+        counts = _add_tensors(writer, tensors, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -965,6 +957,71 @@ def export_gguf(
         tokenizer_pre=fields.pre,
         notes=layout.notes + fields.notes,
     )
+
+
+def _write_model_keys(writer, layout: GgufLayout, config: Any, fields, name, outtype, n_vocab) -> None:
+    """general.*, context, widths (one value, or one per layer), vocabulary size, rope and family keys."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(
+        _general_name(name or str(getattr(config, "name_or_path", "") or layout.model_type), fields)
+    )
+    writer.add_description(
+        f"exported by minigpts from a {layout.model_type} model ({layout.arch} in llama.cpp)"
+    )
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
+    if outtype in {"q8_0"}:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+    window = getattr(config, "sliding_window", None)
+    if layout.notes and window and any("sliding window" in n for n in layout.notes):
+        context = min(context, int(window))
+    writer.add_context_length(context)
+    writer.add_embedding_length(layout.hidden)
+    writer.add_block_count(layout.n_layers)
+    if layout.per_layer:
+        writer.add_feed_forward_length([int(w) for w in layout.mlp])
+        writer.add_head_count([int(h) for h in layout.heads])
+        writer.add_head_count_kv([int(h) for h in layout.kv_heads])
+    else:
+        writer.add_feed_forward_length(int(layout.mlp[0]))
+        writer.add_head_count(int(layout.heads[0]))
+        writer.add_head_count_kv(int(layout.kv_heads[0]))
+    writer.add_key_length(layout.head_dim)
+    writer.add_value_length(layout.head_dim)
+    writer.add_vocab_size(n_vocab)
+    rope = _rope(config)
+    if layout.family in _OTHER_ARCHS:
+        rope = layout.rope or rope
+        if layout.rope_dims != 0:
+            writer.add_rope_freq_base(float(rope["rope_theta"]))
+            writer.add_rope_dimension_count(int(layout.rope_dims or layout.head_dim))
+        for method, value in layout.extra:
+            getattr(writer, method)(value)
+    elif layout.family == "phi":
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        rotary = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
+        writer.add_rope_dimension_count(int(layout.head_dim * rotary))
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    else:
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        writer.add_rope_dimension_count(layout.head_dim)
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if rope.get("rope_type", rope.get("type", "default")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _add_tensors(writer, tensors: list[tuple[str, np.ndarray]], outtype: str) -> dict[str, int]:
+    """Every tensor encoded as `outtype`; GGML type name -> count."""
+    counts: dict[str, int] = {}
+    for tensor_name, data in tensors:
+        encoded, raw = _encode(tensor_name, data, outtype)
+        writer.add_tensor(tensor_name, encoded, raw_dtype=raw)
+        kind = raw.name if raw is not None else ("F16" if encoded.dtype == np.float16 else "F32")
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 # llama.cpp gives Phi-3's special tokens their strip attributes when general.name contains "phi3" or

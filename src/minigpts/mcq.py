@@ -344,41 +344,48 @@ def _score_shared(model, requests, questions, *, batch_size, pad_id, device, sco
         logits, cache = forward(prompt_ids, prefix_mask, positions, cache, last_only=True)
         next_token = torch.log_softmax(logits[:, -1].double(), dim=-1)  # predicts token `shared`
         del logits
-        rows = []  # (request index, its question's row in the prompt batch, shared length)
-        for owner, (indices, shared) in enumerate(group):
-            for index in indices:
-                ids, n_choice = requests[index]
-                if len(ids) - n_choice == shared:  # the first scored token follows the prompt
-                    scores[index] = next_token[owner, ids[shared]].item()
-                if len(ids) - 1 > shared:  # tokens left to run (the last predicts nothing we score)
-                    rows.append((index, owner, shared))
-        rows.sort(key=lambda row: -(len(requests[row[0]][0]) - 1 - row[2]))
-        widths = [len(requests[index][0]) - 1 - shared for index, _, shared in rows]
-        chunks = _chunks(widths, budget, held=prefix_mask.shape[1] * _CACHED_TOKEN_SHARE)
-        for part, (start, stop) in enumerate(chunks):
-            chunk = rows[start:stop]
-            owners = [owner for _, owner, _ in chunk]
-            # the last batch may consume the prompts' cache; the others continue from a copy of it
-            rows_cache = cache if part == len(chunks) - 1 else copy.deepcopy(cache)
-            rows_cache = _select_rows(rows_cache, torch.tensor(owners, device=device))
-            suffixes = [requests[index][0][shared:-1] for index, _, shared in chunk]
-            suffix_ids, suffix_mask = _pad(suffixes, pad_id)
-            offset = torch.tensor([shared for _, _, shared in chunk])[:, None]
-            last = offset + torch.tensor([len(suffix) for suffix in suffixes])[:, None] - 1
-            # padding repeats its row's last position, so no position goes past the model's context
-            positions = torch.minimum(offset + torch.arange(suffix_ids.shape[1]), last)
-            mask = torch.cat([prefix_mask[owners], suffix_mask], dim=1)
-            logits, _ = forward(suffix_ids, mask, positions, rows_cache)
-            del rows_cache
-            for row, (index, _, shared) in enumerate(chunk):
-                ids, n_choice = requests[index]
-                # column j holds token shared + j and predicts token shared + j + 1
-                skip = max(len(ids) - 1 - n_choice - shared, 0)
-                scores[index] += _sum_logprobs(
-                    logits[row, skip : len(ids) - 1 - shared], ids[shared + 1 + skip :]
-                )
-            del logits
+        _score_choices(
+            forward, requests, group, next_token, cache, prefix_mask, budget, pad_id, device, scores
+        )
         del cache
+
+
+def _score_choices(forward, requests, group, next_token, cache, prefix_mask, budget, pad_id, device, scores):
+    """``_score_shared``'s second step: every choice of one prompt batch continues from its ``cache``."""
+    rows = []  # (request index, its question's row in the prompt batch, shared length)
+    for owner, (indices, shared) in enumerate(group):
+        for index in indices:
+            ids, n_choice = requests[index]
+            if len(ids) - n_choice == shared:  # the first scored token follows the prompt
+                scores[index] = next_token[owner, ids[shared]].item()
+            if len(ids) - 1 > shared:  # tokens left to run (the last predicts nothing we score)
+                rows.append((index, owner, shared))
+    rows.sort(key=lambda row: -(len(requests[row[0]][0]) - 1 - row[2]))
+    widths = [len(requests[index][0]) - 1 - shared for index, _, shared in rows]
+    chunks = _chunks(widths, budget, held=prefix_mask.shape[1] * _CACHED_TOKEN_SHARE)
+    for part, (start, stop) in enumerate(chunks):
+        chunk = rows[start:stop]
+        owners = [owner for _, owner, _ in chunk]
+        # the last batch may consume the prompts' cache; the others continue from a copy of it
+        rows_cache = cache if part == len(chunks) - 1 else copy.deepcopy(cache)
+        rows_cache = _select_rows(rows_cache, torch.tensor(owners, device=device))
+        suffixes = [requests[index][0][shared:-1] for index, _, shared in chunk]
+        suffix_ids, suffix_mask = _pad(suffixes, pad_id)
+        offset = torch.tensor([shared for _, _, shared in chunk])[:, None]
+        last = offset + torch.tensor([len(suffix) for suffix in suffixes])[:, None] - 1
+        # padding repeats its row's last position, so no position goes past the model's context
+        positions = torch.minimum(offset + torch.arange(suffix_ids.shape[1]), last)
+        mask = torch.cat([prefix_mask[owners], suffix_mask], dim=1)
+        logits, _ = forward(suffix_ids, mask, positions, rows_cache)
+        del rows_cache
+        for row, (index, _, shared) in enumerate(chunk):
+            ids, n_choice = requests[index]
+            # column j holds token shared + j and predicts token shared + j + 1
+            skip = max(len(ids) - 1 - n_choice - shared, 0)
+            scores[index] += _sum_logprobs(
+                logits[row, skip : len(ids) - 1 - shared], ids[shared + 1 + skip :]
+            )
+        del logits
 
 
 class _Forward:
@@ -539,33 +546,7 @@ def _score_packed(model, requests, questions, *, batch_size, pad_id, device, sco
     dtype = next(model.parameters()).dtype
     totals = torch.zeros(len(requests), dtype=torch.float64)
     for first, stop in _chunks([len(columns) for columns, _ in rows], budget):
-        batch = rows[first:stop]
-        width = len(batch[0][0])
-        keep = max(sum(node in trie.needed for node in owned) for _, owned in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        positions = torch.zeros((len(batch), width), dtype=torch.long)
-        allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
-        allowed[:, torch.arange(width), torch.arange(width)] = True  # padding sees itself only
-        mask_rows, mask_from, mask_to = [], [], []
-        picks = []  # (row, kept column, request, target)
-        for row, (columns, owned) in enumerate(batch):
-            scoring = [node for node in columns if node in owned and node in trie.needed]
-            order = [node for node in columns if node not in owned or node not in trie.needed] + scoring
-            start = width - len(order)  # padding on the left, scoring columns on the right
-            column = {node: start + offset for offset, node in enumerate(order)}
-            input_ids[row, start:] = torch.tensor([trie.token[node] for node in order])
-            positions[row, start:] = torch.tensor([trie.depth[node] for node in order])
-            for node in order:
-                here, ancestor = column[node], trie.parent[node]
-                while ancestor >= 0:
-                    mask_rows.append(row)
-                    mask_from.append(here)
-                    mask_to.append(column[ancestor])
-                    ancestor = trie.parent[ancestor]
-            for node in scoring:
-                for index, target in trie.needed[node]:
-                    picks.append((row, column[node] - (width - keep), index, target))
-        allowed[mask_rows, mask_from, mask_to] = True
+        input_ids, positions, allowed, keep, picks = _packed_batch(trie, rows[first:stop], pad_id)
         mask = allowed[:, None]
         if eager:  # eager attention adds the mask to the scores
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
@@ -589,6 +570,38 @@ def _score_packed(model, requests, questions, *, batch_size, pad_id, device, sco
         del chosen
     for index in indices:
         scores[index] = totals[index].item()
+
+
+def _packed_batch(trie: _Trie, batch, pad_id: int):
+    """One pass of ``_score_packed``: (input ids, positions, allowed attention [row, from, to], logits to
+    keep, [(row, kept column, request, target)])."""
+    width = len(batch[0][0])
+    keep = max(sum(node in trie.needed for node in owned) for _, owned in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
+    allowed[:, torch.arange(width), torch.arange(width)] = True  # padding sees itself only
+    mask_rows, mask_from, mask_to = [], [], []
+    picks = []  # (row, kept column, request, target)
+    for row, (columns, owned) in enumerate(batch):
+        scoring = [node for node in columns if node in owned and node in trie.needed]
+        order = [node for node in columns if node not in owned or node not in trie.needed] + scoring
+        start = width - len(order)  # padding on the left, scoring columns on the right
+        column = {node: start + offset for offset, node in enumerate(order)}
+        input_ids[row, start:] = torch.tensor([trie.token[node] for node in order])
+        positions[row, start:] = torch.tensor([trie.depth[node] for node in order])
+        for node in order:
+            here, ancestor = column[node], trie.parent[node]
+            while ancestor >= 0:
+                mask_rows.append(row)
+                mask_from.append(here)
+                mask_to.append(column[ancestor])
+                ancestor = trie.parent[ancestor]
+        for node in scoring:
+            for index, target in trie.needed[node]:
+                picks.append((row, column[node] - (width - keep), index, target))
+    allowed[mask_rows, mask_from, mask_to] = True
+    return input_ids, positions, allowed, keep, picks
 
 
 def score_choices(

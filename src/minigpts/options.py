@@ -691,7 +691,12 @@ class FinetuneOptions:
     resume: bool = option(False, "--resume", help="continue from the last checkpoint of an interrupted run")
     lora_r: int = option(16, "--lora-r", help="LoRA rank")
     lora_alpha: int = option(32, "--lora-alpha", help="LoRA alpha")
-    distill_alpha: float = option(0.5, "--distill-alpha", help="weight of the KL term")
+    distill_alpha: float = option(
+        0.25,
+        "--distill-alpha",
+        help="weight of the KL term (default 0.25: better than 0.5 after 65,536 tokens on the bundled "
+        "sample and on Skyrim, measured at 80 %% of SmolLM2)",
+    )
     distill_temperature: float = option(2.0, "--distill-temperature", help="distillation temperature")
     teacher: str | None = option(
         None, "--teacher", help="teacher model for distill (default: the unpruned model)"

@@ -112,8 +112,10 @@ def calibration_windows(tokenizer, corpus: Corpus, options: AnalysisOptions) -> 
 
 
 def run_analysis(
-    model, tokenizer, corpus: Corpus, options: AnalysisOptions, *, model_name: str, progress=True
-):
+    model, tokenizer, corpus: Corpus, options: AnalysisOptions, *, model_name: str, progress=True,
+    expected_tokens: int = 0,
+):  # fmt: skip
+    """The statistics of the calibration windows; ``expected_tokens``: --vocab-keep-expected's counts too."""
     from minigpts.analysis import analyze
 
     windows = calibration_windows(tokenizer, corpus, options)
@@ -135,6 +137,7 @@ def run_analysis(
         fisher_tokens=options.fisher_tokens if options.moments else 0,
         taylor_tokens=options.taylor_tokens,
         depth_tokens=options.depth_tokens,
+        expected_tokens=expected_tokens,
     )
 
 
@@ -164,10 +167,19 @@ def token_counts_source(corpus: Corpus | None, stats=None) -> str:
 EXPECTED_COUNT_TOKENS = 16_384  # calibration tokens behind --vocab-keep-expected (~1 min on 2 CPU cores)
 
 
-def domain_expected_counts(model, tokenizer, corpus: Corpus | None, *, progress=True):
-    """The model's expected token counts over the first calibration windows (see --vocab-keep-expected)."""
+def expected_tokens_for(options: PlanOptions) -> int:
+    """Calibration tokens whose expected counts the analysis pass measures for this plan (0: none)."""
+    return EXPECTED_COUNT_TOKENS if options.vocab_keep_expected and options.has_vocab() else 0
+
+
+def domain_expected_counts(model, tokenizer, corpus: Corpus | None, *, stats=None, progress=True):
+    """The model's expected token counts over the first calibration windows (see --vocab-keep-expected):
+    the statistics' own when the analysis measured them, else one more pass over windows of 1024."""
     from minigpts.vocab import expected_token_counts
 
+    measured = stats is not None and stats.expected_counts is not None
+    if measured and stats.expected_tokens >= min(EXPECTED_COUNT_TOKENS, stats.n_tokens):
+        return stats.expected_counts.numpy()
     if corpus is None:
         raise UserError("--vocab-keep-expected runs the model over the domain text: give --data")
     positions = getattr(model.config, "max_position_embeddings", None) or 1024
@@ -216,7 +228,7 @@ def _select_vocab(model, tokenizer, stats, options: PlanOptions, corpus: Corpus 
     counts = domain_token_counts(tokenizer, corpus, stats)
     expected = None
     if options.vocab_keep_expected:
-        expected = domain_expected_counts(model, tokenizer, corpus, progress=progress)
+        expected = domain_expected_counts(model, tokenizer, corpus, stats=stats, progress=progress)
     return select_vocab(
         tokenizer,
         counts,
@@ -831,11 +843,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     plan = _run_plan(options, loaded, corpus, stats, cache, resume, timings, say, progress)
     if options.dry_run:
         return {"plan": plan, "timings": timings}
-    from rich.markup import escape
-
-    for note in plan.summary.get("notes") or []:
-        if note.startswith("warning:"):
-            say(f"[yellow]{escape(note)}[/yellow]")
+    _say_warnings(plan, say)
     general_options = dict(general=general, mcq_sets=mcq_sets, progress=progress)
     stages = {"base": _run_base(options, loaded, corpus, cache, resume, timings, say, general_options)}
     domain = Domain.prepare(
@@ -871,6 +879,14 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     write_report(report, out, stats=stats)
     cleanup(work)
     return report
+
+
+def _say_warnings(plan, say) -> None:
+    from rich.markup import escape
+
+    for note in plan.summary.get("notes") or []:
+        if note.startswith("warning:"):
+            say(f"[yellow]{escape(note)}[/yellow]")
 
 
 def load_base(options: RunOptions | SweepOptions):
@@ -940,8 +956,9 @@ def _run_stats(options: RunOptions, loaded, corpus, cache, resume, timings, say,
     say(f"analysis: {analysis.calib_tokens:,} calibration tokens, windows of {analysis.seq_len}")
     with timed(timings, "analyze"):
         stats = run_analysis(
-            loaded.model, loaded.tokenizer, corpus, analysis, model_name=loaded.source_id, progress=progress
-        )
+            loaded.model, loaded.tokenizer, corpus, analysis, model_name=loaded.source_id, progress=progress,
+            expected_tokens=expected_tokens_for(options.plan),
+        )  # fmt: skip
     if cache is not None:  # kept for --resume; read back so a resumed run sees the same numbers
         stats.save(cache.stats)
         stats = ActivationStats.load(cache.stats)

@@ -79,6 +79,11 @@ class PruningPlan:
 LAYOUTS = ("uniform", "per-layer")
 GROUPS = ("mlp", "heads", "hidden")
 _NOT_WIDTH_ARGS = ("model", "stats", "drop_layers", "layer_ratio", "layer_criterion")  # of make_plan
+_AMOUNTS = {  # group type -> the make_plan arguments that size it: (ratio, threshold)
+    "mlp": ("mlp_ratio", "activation_threshold"),
+    "heads": ("head_ratio", "linear_threshold"),
+    "hidden": ("hidden_ratio", "linear_threshold"),
+}
 
 
 # --- what can be kept -----------------------------------------------------------------------------
@@ -400,6 +405,57 @@ def make_plan(
       common to the groups in ``target_groups`` that no ratio or threshold already fixes, is found
       by bisection; the plan whose size is nearest the target wins (``summary["target"]``).
 
+    Layouts (``uniform``: every layer the same widths; ``per-layer``: each group type ranked across
+    all layers) and allocations (``error``, the default, or ``paper``): see ``_plan_widths``.
+
+    Depth (``minigpts.depth``): ``drop_layers`` (a count) or ``layer_ratio`` (a fraction of the
+    layers) removes the decoder layers that score lowest by ``layer_criterion`` (``bi``: Block
+    Influence; ``loss``: the loss increase without the layer, needs ``analyze --depth-tokens``); the
+    widths are then planned on the layers that stay (see ``_plan_with_depth``).
+    """
+    if drop_layers or layer_ratio:
+        widths = {k: v for k, v in locals().items() if k not in _NOT_WIDTH_ARGS}  # every width argument
+        return _plan_with_depth(model, stats, widths, drop_layers, layer_ratio, layer_criterion)
+    given = locals()
+    names = ("criterion", "mlp_ratio", "head_ratio", "hidden_ratio", "target_params", "target_groups")
+    names += ("linear_threshold", "activation_threshold", "layout", "min_mlp", "round_to", "seed")
+    names += ("allocation",)
+    settings = {name: list(target_groups) if name == "target_groups" else given[name] for name in names}
+    _check_settings(settings)
+    return _plan_widths(model, stats, settings, ridge)
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """``make_plan``'s amounts and options must be legal, and no two may size the same group."""
+    for name, allowed in (("layout", LAYOUTS), ("allocation", ALLOCATIONS)):
+        if settings[name] not in allowed:
+            raise UserError(f"{_flag(name)} {settings[name]}: use one of {', '.join(allowed)}")
+    get_criterion(settings["criterion"])  # a UserError naming the registered criteria
+    for name in ("mlp_ratio", "head_ratio", "hidden_ratio"):
+        _check_fraction(_flag(name), settings[name], low_open=False, high_open=True)
+    _check_fraction(_flag("target_params"), settings["target_params"], low_open=True, high_open=False)
+    for name in ("linear_threshold", "activation_threshold"):
+        if settings[name] is not None and not math.isfinite(settings[name]):
+            raise UserError(f"{_flag(name)} {settings[name]}: must be a finite number")
+    for name in ("min_mlp", "round_to"):
+        if not (isinstance(settings[name], int) and settings[name] >= 1):
+            raise UserError(f"{_flag(name)} {settings[name]}: must be a whole number >= 1")
+    if settings["mlp_ratio"] is not None and settings["activation_threshold"] is not None:
+        raise UserError("--mlp-ratio and --activation-threshold both size the MLP: give one of them")
+    for name in ("head_ratio", "hidden_ratio"):
+        if settings[name] is not None and settings["linear_threshold"] is not None:
+            raise UserError(
+                f"{_flag(name)} and --linear-threshold both size the same group: give one of them"
+            )
+    target_groups = settings["target_groups"]
+    unknown = set(target_groups) - set(GROUPS)
+    if unknown or not target_groups:
+        raise UserError(f"target groups {sorted(unknown) or '(none)'}: choose among {', '.join(GROUPS)}")
+
+
+def _plan_widths(model: nn.Module, stats: ActivationStats | None, settings: dict, ridge) -> PruningPlan:
+    """``make_plan`` without depth pruning, on checked ``settings``.
+
     Layouts: ``uniform`` gives every layer the same widths (plain transformers configs load it);
     ``per-layer`` ranks each group type across all layers, every layer keeping at least ``min_mlp``
     MLP channels and one query head with its KV head. Counts are then rounded to the nearest legal
@@ -417,72 +473,48 @@ def make_plan(
     layers (per-layer) or between the MLP and the heads (uniform). ``allocation="paper"``: per-layer
     is one global ranking of the raw scores, and ``target_params`` one common ratio for every group.
     Within a layer the kept units are always the best by ``criterion``.
-
-    Depth (``minigpts.depth``): ``drop_layers`` (a count) or ``layer_ratio`` (a fraction of the
-    layers) removes the decoder layers that score lowest by ``layer_criterion`` (``bi``: Block
-    Influence; ``loss``: the loss increase without the layer, needs ``analyze --depth-tokens``); the
-    widths are then planned on the layers that stay (see ``_plan_with_depth``).
     """
-    if drop_layers or layer_ratio:
-        widths = {k: v for k, v in locals().items() if k not in _NOT_WIDTH_ARGS}  # every width argument
-        return _plan_with_depth(model, stats, widths, drop_layers, layer_ratio, layer_criterion)
-    given = locals()
-    names = ("criterion", "mlp_ratio", "head_ratio", "hidden_ratio", "target_params", "target_groups")
-    names += ("linear_threshold", "activation_threshold", "layout", "min_mlp", "round_to", "seed")
-    names += ("allocation",)
-    settings = {name: list(target_groups) if name == "target_groups" else given[name] for name in names}
-    for name, value, allowed in (("layout", layout, LAYOUTS), ("allocation", allocation, ALLOCATIONS)):
-        if value not in allowed:
-            raise UserError(f"{_flag(name)} {value}: use one of {', '.join(allowed)}")
-    get_criterion(criterion)  # a UserError naming the registered criteria
-    for flag, value in (
-        (_flag("mlp_ratio"), mlp_ratio),
-        (_flag("head_ratio"), head_ratio),
-        (_flag("hidden_ratio"), hidden_ratio),
-    ):
-        _check_fraction(flag, value, low_open=False, high_open=True)
-    _check_fraction(_flag("target_params"), target_params, low_open=True, high_open=False)
-    for flag, value in (
-        (_flag("linear_threshold"), linear_threshold),
-        (_flag("activation_threshold"), activation_threshold),
-    ):
-        if value is not None and not math.isfinite(value):
-            raise UserError(f"{flag} {value}: must be a finite number")
-    for name, value in (("min_mlp", min_mlp), ("round_to", round_to)):
-        if not (isinstance(value, int) and value >= 1):
-            raise UserError(f"{_flag(name)} {value}: must be a whole number >= 1")
-    if mlp_ratio is not None and activation_threshold is not None:
-        raise UserError("--mlp-ratio and --activation-threshold both size the MLP: give one of them")
-    for flag, value in ((_flag("head_ratio"), head_ratio), (_flag("hidden_ratio"), hidden_ratio)):
-        if value is not None and linear_threshold is not None:
-            raise UserError(f"{flag} and --linear-threshold both size the same group: give one of them")
-    unknown = set(target_groups) - set(GROUPS)
-    if unknown or not target_groups:
-        raise UserError(f"target groups {sorted(unknown) or '(none)'}: choose among {', '.join(GROUPS)}")
-
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     if stats is not None:
         stats.check_model(model)
-    scores = unit_scores(model, stats, criterion, seed)
+    scores = unit_scores(model, stats, settings["criterion"], settings["seed"])
     layouts = [tuple(adapter.head_layout(layer)) for layer in layers]
     notes: list[str] = []
+    requests, solved = _group_requests(model, adapter, settings, notes)
+    sizer = _Sizer(model, adapter, scores, layouts, settings)
 
-    # which group types are asked for, and whether the family allows them
+    # the error allocation matters for per-layer widths and for how a target splits between groups
+    target_params, layout = settings["target_params"], settings["layout"]
+    error_matters = layout == "per-layer" or (target_params is not None and len(solved) > 1)
+    if settings["allocation"] == "error" and error_matters:
+        sizer.errors = _error_model(sizer, stats, ridge, notes)
+
+    before = sizer.counter.count(
+        [(s.numel(), n, kv) for s, (n, kv, _) in zip(scores.mlp, layouts, strict=True)], sizer.hidden_size
+    )
+    result, target_info = _size_to_target(sizer, requests, solved, settings, before["params"], notes)
+    return _assemble_plan(sizer, stats, settings, before, result, target_info, notes)
+
+
+def _group_requests(model: nn.Module, adapter, settings: dict[str, Any], notes: list[str]):
+    """(request per group type, groups ``target_params`` sizes): what is asked, less what the family forbids."""
     requests: dict[str, _Request | None] = {
-        "mlp": _request(_flag("mlp_ratio"), mlp_ratio, _flag("activation_threshold"), activation_threshold),
-        "heads": _request(_flag("head_ratio"), head_ratio, _flag("linear_threshold"), linear_threshold),
-        "hidden": _request(_flag("hidden_ratio"), hidden_ratio, _flag("linear_threshold"), linear_threshold),
+        group: _request(_flag(ratio), settings[ratio], _flag(threshold), settings[threshold])
+        for group, (ratio, threshold) in _AMOUNTS.items()
     }
     problems = {
         "heads": adapter.head_pruning_problem(model.config),
         "hidden": adapter.hidden_pruning_problem(model.config),
     }
-    solved = [g for g in target_groups if requests[g] is None] if target_params is not None else []
+    target_groups = settings["target_groups"]
+    solved = (
+        [g for g in target_groups if requests[g] is None] if settings["target_params"] is not None else []
+    )
     explicit_flags = {
-        "heads": _flag("head_ratio") if head_ratio is not None else None,
+        "heads": _flag("head_ratio") if settings["head_ratio"] is not None else None,
         "hidden": _flag("hidden_ratio")
-        if hidden_ratio is not None
+        if settings["hidden_ratio"] is not None
         else ("--target-params with hidden" if "hidden" in solved else None),
     }
     for group, problem in problems.items():
@@ -494,34 +526,32 @@ def make_plan(
             notes.append(f"{group} not pruned: {problem}")
         requests[group] = None
         solved = [g for g in solved if g != group]
+    return requests, solved
 
-    counter = _ParamCounter(model, adapter)
-    hidden_size = _hidden_size(adapter, layers)
 
-    def width_ok(hidden: int, n_heads: int) -> bool:
-        return adapter.width_problem(model.config, hidden, n_heads) is None
+class _Sizer:
+    """What ``make_plan``'s steps share: the model's shapes and scores, and ``build`` from amounts to units."""
 
-    # the error allocation matters for per-layer widths and for how a target splits between groups
-    error_matters = layout == "per-layer" or (target_params is not None and len(solved) > 1)
-    errors = None
-    if allocation == "error" and error_matters:
-        if stats is not None and stats.has_moments and stats.has_fisher:
-            errors = _ErrorModel(model, adapter, stats, scores, layouts, counter, min_mlp, round_to, ridge)
-            errors.allowed = lambda n: width_ok(hidden_size, n)
-        else:
-            notes.append(
-                "allocation: the statistics have no second moments and gradients (analyze --moments "
-                "--fisher-tokens N), so the paper's allocation was used"
-            )
+    def __init__(self, model: nn.Module, adapter, scores: UnitScores, layouts: list, settings: dict):
+        self.model, self.adapter, self.scores, self.layouts = model, adapter, scores, layouts
+        self.layout, self.min_mlp, self.round_to = (settings[k] for k in ("layout", "min_mlp", "round_to"))
+        self.counter = _ParamCounter(model, adapter)
+        self.hidden_size = _hidden_size(adapter, adapter.layers(model))
+        self.errors: _ErrorModel | None = None  # the error allocation, when used
 
-    def build(reqs: dict[str, _Request | None], fixed_counts: dict | None = None):
+    def width_ok(self, hidden: int, n_heads: int) -> bool:
+        return self.adapter.width_problem(self.model.config, hidden, n_heads) is None
+
+    def build(self, reqs: dict[str, _Request | None], fixed_counts: dict | None = None):
+        """(mlp_keep, heads, hidden_keep, counts) for the requests, or for fixed per-layer counts."""
         fixed_counts = fixed_counts or {}
+        scores, errors, layout = self.scores, self.errors, self.layout
         if "mlp" in fixed_counts:
             mlp_keep = [_top(s, k) for s, k in zip(scores.mlp, fixed_counts["mlp"], strict=True)]
         elif errors is not None and layout == "per-layer" and reqs["mlp"] is not None:
             mlp_keep = errors.mlp_keep(reqs["mlp"])
         else:
-            mlp_keep = _plan_mlp(scores.mlp, reqs["mlp"], layout, min_mlp, round_to)
+            mlp_keep = _plan_mlp(scores.mlp, reqs["mlp"], layout, self.min_mlp, self.round_to)
         # transformers may tie widths together (LlamaConfig: hidden_size % num_attention_heads == 0):
         # heads are chosen against the full residual width, then the hidden width against those heads
         if "heads" in fixed_counts:
@@ -530,47 +560,71 @@ def make_plan(
             heads = errors.heads_keep(reqs["heads"])
         else:
             heads = _plan_heads(
-                scores.heads, layouts, reqs["heads"], layout, lambda n: width_ok(hidden_size, n)
+                scores.heads,
+                self.layouts,
+                reqs["heads"],
+                layout,
+                lambda n: self.width_ok(self.hidden_size, n),
             )
         head_counts = {len(h) for h, _ in heads}
         hidden_keep = _plan_hidden(
-            scores.hidden, reqs["hidden"], round_to, lambda w: all(width_ok(w, n) for n in head_counts)
+            scores.hidden,
+            reqs["hidden"],
+            self.round_to,
+            lambda w: all(self.width_ok(w, n) for n in head_counts),
         )
         widths = [(len(m), len(h), len(kv)) for m, (h, kv) in zip(mlp_keep, heads, strict=True)]
-        kept_hidden = hidden_size if hidden_keep is None else len(hidden_keep)
-        return mlp_keep, heads, hidden_keep, counter.count(widths, kept_hidden)
+        kept_hidden = self.hidden_size if hidden_keep is None else len(hidden_keep)
+        return mlp_keep, heads, hidden_keep, self.counter.count(widths, kept_hidden)
 
-    before = counter.count(
-        [(s.numel(), n, kv) for s, (n, kv, _) in zip(scores.mlp, layouts, strict=True)], hidden_size
+
+def _error_model(sizer: _Sizer, stats: ActivationStats | None, ridge, notes: list[str]) -> _ErrorModel | None:
+    """The error allocation's model, or None (and a note) when the statistics cannot support it."""
+    if stats is not None and stats.has_moments and stats.has_fisher:
+        s = sizer
+        errors = _ErrorModel(
+            s.model, s.adapter, stats, s.scores, s.layouts, s.counter, s.min_mlp, s.round_to, ridge
+        )
+        errors.allowed = lambda n: s.width_ok(s.hidden_size, n)
+        return errors
+    notes.append(
+        "allocation: the statistics have no second moments and gradients (analyze --moments "
+        "--fisher-tokens N), so the paper's allocation was used"
     )
-    target_info = None
-    if target_params is None:
-        result = build(requests)
-    else:
-        if not solved:
-            raise UserError(
-                "--target-params: every group it could size already has a ratio or threshold, or cannot be "
-                f"pruned in this model ({', '.join(target_groups)}); drop one of those flags"
-            )
-        target = target_params * before["params"]
-        if errors is not None and "hidden" not in solved:
-            result = errors.solve_target(build, requests, solved, target, layout)
-            target_info = {"target_params": target_params, "groups": solved, "allocation": "error"}
-        else:
-            if errors is not None:
-                notes.append(
-                    "allocation: hidden channels have no error model; one common ratio sized the target"
-                )
-            result, ratio = _solve_target(build, requests, solved, target, before["params"])
-            target_info = {"target_params": target_params, "groups": solved, "common_ratio": round(ratio, 6)}
-        target_info["achieved"] = round(result[3]["params"] / before["params"], 6)
+    return None
 
+
+def _size_to_target(sizer: _Sizer, requests: dict, solved: list[str], settings, params_before: int, notes):
+    """(``build``'s result, ``summary["target"]``): the requests as given, or sized to ``target_params``."""
+    target_params, errors = settings["target_params"], sizer.errors
+    if target_params is None:
+        return sizer.build(requests), None
+    if not solved:
+        raise UserError(
+            "--target-params: every group it could size already has a ratio or threshold, or cannot be "
+            f"pruned in this model ({', '.join(settings['target_groups'])}); drop one of those flags"
+        )
+    target = target_params * params_before
+    if errors is not None and "hidden" not in solved:
+        result = errors.solve_target(sizer.build, requests, solved, target, sizer.layout)
+        target_info = {"target_params": target_params, "groups": solved, "allocation": "error"}
+    else:
+        if errors is not None:
+            notes.append("allocation: hidden channels have no error model; one common ratio sized the target")
+        result, ratio = _solve_target(sizer.build, requests, solved, target, params_before)
+        target_info = {"target_params": target_params, "groups": solved, "common_ratio": round(ratio, 6)}
+    target_info["achieved"] = round(result[3]["params"] / params_before, 6)
+    return result, target_info
+
+
+def _assemble_plan(sizer: _Sizer, stats, settings, before: dict, result, target_info, notes) -> PruningPlan:
+    """The plan of ``build``'s result, with the summary a user needs to trust it."""
     mlp_keep, heads, hidden_keep, after = result
     plan_layers = [
         LayerPlan(mlp_keep=m, heads_keep=h, kv_heads_keep=kv)
         for m, (h, kv) in zip(mlp_keep, heads, strict=True)
     ]
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(next(sizer.model.parameters()).dtype).removeprefix("torch.")
     summary: dict[str, Any] = {
         "params_before": before["params"],
         "params_after": after["params"],
@@ -580,8 +634,8 @@ def make_plan(
         "size_bytes_before": before["size_bytes"],
         "size_bytes_after": after["size_bytes"],
         "dtype": dtype,
-        "hidden_before": hidden_size,
-        "hidden_after": hidden_size if hidden_keep is None else len(hidden_keep),
+        "hidden_before": sizer.hidden_size,
+        "hidden_after": sizer.hidden_size if hidden_keep is None else len(hidden_keep),
         "layers": [
             {
                 "mlp": len(layer.mlp_keep),
@@ -591,7 +645,7 @@ def make_plan(
                 "kv_heads": len(layer.kv_heads_keep),
                 "kv_heads_before": kv,
             }
-            for layer, s, (n, kv, _) in zip(plan_layers, scores.mlp, layouts, strict=True)
+            for layer, s, (n, kv, _) in zip(plan_layers, sizer.scores.mlp, sizer.layouts, strict=True)
         ],
     }
     if target_info is not None:
@@ -601,11 +655,11 @@ def make_plan(
     if stats is not None:
         summary["stats"] = {"n_tokens": stats.n_tokens, **stats.metadata}
     return PruningPlan(
-        family=adapter.family,
+        family=sizer.adapter.family,
         layers=plan_layers,
         hidden_keep=hidden_keep,
-        layout=layout,
-        criterion=criterion,
+        layout=sizer.layout,
+        criterion=settings["criterion"],
         settings=settings,
         summary=summary,
     )
@@ -652,6 +706,29 @@ def _plan_with_depth(
     before = _ParamCounter(model, adapter).count(full, hidden)
     requested = widths["target_params"]
     notes = []
+    plan = _plan_kept_layers(model, adapter, stats, widths, keep, full, hidden, before, n_drop, notes)
+    entries = iter(plan.layers)
+    plan.layers = [
+        next(entries)
+        if i in keep
+        else LayerPlan(list(range(mlp)), list(range(n_heads)), list(range(adapter.head_layout(layer)[1])))
+        for i, (layer, (mlp, n_heads, _)) in enumerate(zip(layers, full, strict=True))
+    ]
+    plan.layers_keep = keep
+    plan.settings.update(depth_settings, target_params=requested)
+    _depth_summary(plan.summary, before, keep, len(layers), scores, layer_criterion, requested)
+    if notes:
+        plan.summary.setdefault("notes", []).extend(notes)
+    return plan
+
+
+def _plan_kept_layers(
+    model, adapter, stats, widths, keep, full, hidden, before, n_drop, notes
+) -> PruningPlan:
+    """``make_plan`` on the kept layers only, ``target_params`` rescaled from the whole model (``before``)."""
+    from minigpts import depth
+
+    requested = widths["target_params"]
     with depth.only_layers(model, keep):
         inner = dict(widths)
         if requested is not None:
@@ -663,25 +740,19 @@ def _plan_with_depth(
                     f"({shallow / before['params']:.1%} of the parameters left): no width was pruned"
                 )
         try:
-            plan = make_plan(model, depth.stats_for_layers(stats, keep), **inner)
+            return make_plan(model, depth.stats_for_layers(stats, keep), **inner)
         except UserError as error:
             if requested is None:
                 raise
             raise UserError(  # the inner planner's fractions are of the model without the dropped layers
-                f"--target-params {requested:g} with {n_drop} of {len(layers)} layers dropped "
+                f"--target-params {requested:g} with {n_drop} of {len(full)} layers dropped "
                 f"({shallow / before['params']:.1%} of the parameters left); in terms of that smaller "
                 f"model: {error}"
             ) from None
-    entries = iter(plan.layers)
-    plan.layers = [
-        next(entries)
-        if i in keep
-        else LayerPlan(list(range(mlp)), list(range(n_heads)), list(range(adapter.head_layout(layer)[1])))
-        for i, (layer, (mlp, n_heads, _)) in enumerate(zip(layers, full, strict=True))
-    ]
-    plan.layers_keep = keep
-    plan.settings.update(depth_settings, target_params=requested)
-    summary = plan.summary
+
+
+def _depth_summary(summary, before, keep, n_layers, scores, layer_criterion, requested) -> None:
+    """Turn the kept layers' summary into the whole model's: original indices, sizes, the depth cut."""
     for entry, index in zip(summary["layers"], keep, strict=True):
         entry["layer"] = index
     summary.update(
@@ -691,9 +762,9 @@ def _plan_with_depth(
         relative_size=round(summary["params_after"] / before["params"], 6),
         depth={
             "criterion": layer_criterion,
-            "layers_before": len(layers),
+            "layers_before": n_layers,
             "layers_after": len(keep),
-            "dropped": sorted(set(range(len(layers))) - set(keep)),
+            "dropped": sorted(set(range(n_layers)) - set(keep)),
             "scores": [round(float(x), 6) for x in scores],
         },
     )
@@ -701,9 +772,6 @@ def _plan_with_depth(
         summary["target"]["target_params"] = requested
         summary["target"]["achieved"] = round(summary["params_after"] / before["params"], 6)
         summary["target"]["groups"] = ["layers", *summary["target"]["groups"]]
-    if notes:
-        summary.setdefault("notes", []).extend(notes)
-    return plan
 
 
 class _ErrorModel:
@@ -935,6 +1003,26 @@ def describe_plan(plan: PruningPlan, *, warnings: bool = True):
     )
     for column in ("layers", "MLP channels", "query heads", "KV heads"):
         table.add_column(column, justify="right")
+    for indices, cells in _layer_rows(summary):
+        label = str(indices[0]) if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
+        table.add_row(label, *cells)
+    lines = _summary_lines(summary)
+    lines += [
+        note if note.startswith("warning:") else f"note: {note}"
+        for note in summary.get("notes", [])
+        if warnings or not note.startswith("warning:")
+    ]
+    from rich.text import Text
+
+    caption = Text()  # plain text (notes may hold brackets), threshold warnings in yellow
+    for i, line in enumerate(lines):
+        caption.append(("\n" if i else "") + line, style="yellow" if line.startswith("warning:") else "")
+    table.caption = caption
+    return table
+
+
+def _layer_rows(summary: dict[str, Any]) -> list[tuple[list[int], tuple[str, str, str]]]:
+    """(layer indices, cells) per table row: neighbouring layers of identical widths share a row."""
     rows: list[tuple[list[int], tuple[str, str, str]]] = []
     for i, layer in enumerate(summary.get("layers", [])):
         index = layer.get("layer", i)  # the original index (depth pruning lists the kept layers only)
@@ -947,9 +1035,11 @@ def describe_plan(plan: PruningPlan, *, warnings: bool = True):
             rows[-1][0].append(index)
         else:
             rows.append(([index], cells))
-    for indices, cells in rows:
-        label = str(indices[0]) if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
-        table.add_row(label, *cells)
+    return rows
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The caption's lines about depth, hidden width, size and target (the notes follow them)."""
     lines = []
     if "depth" in summary:
         depth = summary["depth"]
@@ -987,15 +1077,4 @@ def describe_plan(plan: PruningPlan, *, warnings: bool = True):
             f"target {target['target_params']:.1%} of the structural parameters: {how} over "
             f"{', '.join(target['groups'])} -> {target['achieved']:.1%}"
         )
-    lines += [
-        note if note.startswith("warning:") else f"note: {note}"
-        for note in summary.get("notes", [])
-        if warnings or not note.startswith("warning:")
-    ]
-    from rich.text import Text
-
-    caption = Text()  # plain text (notes may hold brackets), threshold warnings in yellow
-    for i, line in enumerate(lines):
-        caption.append(("\n" if i else "") + line, style="yellow" if line.startswith("warning:") else "")
-    table.caption = caption
-    return table
+    return lines

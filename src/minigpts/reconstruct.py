@@ -267,13 +267,11 @@ def sequential_reconstruct(
     from tqdm.auto import tqdm
 
     from minigpts.arch import get_adapter
-    from minigpts.plan import _select_heads, _top, unit_scores
 
     stats.check_model(model)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     device = next(model.parameters()).device
-    reselect = plan.criterion not in ("random", "none")
     kept_layers = set(range(len(layers)) if plan.layers_keep is None else plan.layers_keep)
     live = copy_stats(stats)  # the one-shot statistics, layer i replaced by its sequential ones as we go
     batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
@@ -285,37 +283,13 @@ def sequential_reconstruct(
         with torch.inference_mode():
             hidden, kwargs = _layer_inputs(model, adapter, batches)
         for i, (layer, layer_plan) in enumerate(zip(layers, plan.layers, strict=True)):
-            n_heads, n_kv, head_dim = adapter.head_layout(layer)
+            n_heads = adapter.head_layout(layer)[0]
             if i in kept_layers and len(layer_plan.heads_keep) < n_heads:
-                with torch.inference_mode():
-                    l1, l2sq, gram, mean = _collect(layer, adapter.attn_out(layer), hidden, kwargs, i)
-                live.attn_dim_l1[i], live.attn_dim_l2sq[i], live.attn_gram[i], live.attn_mean[i] = (
-                    l1,
-                    l2sq,
-                    gram,
-                    mean,
-                )
-                if reselect:
-                    kv, per_kv = (
-                        len(layer_plan.kv_heads_keep),
-                        len(layer_plan.heads_keep) // len(layer_plan.kv_heads_keep),
-                    )
-                    scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).heads[i]
-                    layer_plan.heads_keep, layer_plan.kv_heads_keep, _ = _select_heads(
-                        scores, n_kv, kv, per_kv
-                    )
-                channels = _head_channels(layer_plan.heads_keep, head_dim)
-                _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
+                _sequential_attention(model, adapter, plan, live, (layer, hidden, kwargs, i), ridge)
                 done["attention"] += 1
             down = adapter.mlp_out(layer)
             if i in kept_layers and len(layer_plan.mlp_keep) < projection_in_features(down):
-                with torch.inference_mode():
-                    l1, l2sq, gram, mean = _collect(layer, down, hidden, kwargs, i)
-                live.mlp_l1[i], live.mlp_l2sq[i], live.mlp_gram[i], live.mlp_mean[i] = l1, l2sq, gram, mean
-                if reselect:
-                    scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).mlp[i]
-                    layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
-                _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, ridge)
+                _sequential_mlp(model, down, plan, live, (layer, hidden, kwargs, i), ridge)
                 done["mlp"] += 1
             if i in kept_layers:
                 with torch.inference_mode():
@@ -325,6 +299,42 @@ def sequential_reconstruct(
         model.train(was_training)
         bar.close()
     return done
+
+
+def _sequential_attention(model, adapter, plan, live, inputs, ridge: float) -> None:
+    """Layer i's attention: statistics on ``inputs`` (layer, hidden, kwargs, i), heads re-chosen, refit."""
+    from minigpts.plan import _select_heads, unit_scores
+
+    layer, hidden, kwargs, i = inputs
+    layer_plan = plan.layers[i]
+    _, n_kv, head_dim = adapter.head_layout(layer)
+    with torch.inference_mode():
+        l1, l2sq, gram, mean = _collect(layer, adapter.attn_out(layer), hidden, kwargs, i)
+    live.attn_dim_l1[i], live.attn_dim_l2sq[i], live.attn_gram[i], live.attn_mean[i] = l1, l2sq, gram, mean
+    if plan.criterion not in ("random", "none"):  # re-select; random and hand-made plans keep theirs
+        kv, per_kv = (
+            len(layer_plan.kv_heads_keep),
+            len(layer_plan.heads_keep) // len(layer_plan.kv_heads_keep),
+        )
+        scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).heads[i]
+        layer_plan.heads_keep, layer_plan.kv_heads_keep, _ = _select_heads(scores, n_kv, kv, per_kv)
+    channels = _head_channels(layer_plan.heads_keep, head_dim)
+    _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
+
+
+def _sequential_mlp(model, down: nn.Linear, plan, live, inputs, ridge: float) -> None:
+    """Layer i's MLP: statistics on ``inputs`` (layer, hidden, kwargs, i), channels re-chosen, refit."""
+    from minigpts.plan import _top, unit_scores
+
+    layer, hidden, kwargs, i = inputs
+    layer_plan = plan.layers[i]
+    with torch.inference_mode():
+        l1, l2sq, gram, mean = _collect(layer, down, hidden, kwargs, i)
+    live.mlp_l1[i], live.mlp_l2sq[i], live.mlp_gram[i], live.mlp_mean[i] = l1, l2sq, gram, mean
+    if plan.criterion not in ("random", "none"):
+        scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).mlp[i]
+        layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
+    _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, ridge)
 
 
 def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:

@@ -786,6 +786,34 @@ def _points(rows: list[Mapping], x_key: str | None, y_key: str) -> tuple[list[fl
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
+# (legend key, x column (None: the base's size, 1), y column, format, style) of each marker of a domain
+_SIZE_SERIES = (
+    ("recovered", "relative_size", "bpb_recovered", "-o", {"lw": 1.8, "ms": 5}),
+    ("pruned", "relative_size", "bpb_pruned", "--", {"marker": ".", "lw": 1.2}),
+    ("base", None, "bpb_base", "o", {"mfc": "white", "ms": 7, "mew": 1.5}),
+    ("random", "relative_size", "control_random_bpb", "x", {"ms": 9, "mew": 2}),
+    ("base_ft", None, "control_base_finetuned_bpb", "*", {"ms": 13, "mec": "black", "mew": 0.6}),
+    ("general", "relative_size", "control_general_bpb", "s", {"mfc": "none", "ms": 8, "mew": 1.5}),
+)
+# legend key -> the style legend's entry (drawn in grey)
+_SIZE_STYLES = {
+    "recovered": {"ls": "-", "marker": "o", "label": "pruned + recovered"},
+    "pruned": {"ls": "--", "marker": ".", "label": "pruned, no recovery"},
+    "base": {"ls": ":", "marker": "o", "mfc": "white", "label": "unpruned base"},
+    "random": {"ls": "", "marker": "x", "mew": 2, "label": "random same size, recovered"},
+    "base_ft": {"ls": "", "marker": "*", "ms": 11, "label": "base fine-tuned, same budget"},
+    "general": {"ls": "", "marker": "s", "mfc": "none", "label": "same widths, calibrated on general text"},
+    "frontier": {
+        "ls": "",
+        "marker": "o",
+        "mfc": "none",
+        "ms": 12,
+        "mew": 2,
+        "label": "frontier (≤ base on validation)",
+    },
+}
+
+
 def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path:
     """Relative size vs held-out bits-per-byte per domain: recovered (solid), pruned without recovery
     (dashed), the base (dotted line and a marker at x = 1), controls as × (random same size) and ★
@@ -801,52 +829,7 @@ def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path
     drawn: set[str] = set()
     ys: list[float] = []
     for label, group in groups.items():
-        color = colors[label]
-        x, y = _points(group, "relative_size", "bpb_recovered")
-        if x:
-            ax.plot(x, y, "-o", color=color, lw=1.8, ms=5)
-            drawn.add("recovered")
-        ys += y
-        x, y = _points(group, "relative_size", "bpb_pruned")
-        if x:
-            ax.plot(x, y, "--", marker=".", color=color, lw=1.2)
-            drawn.add("pruned")
-        ys += y
-        _, base = _points(group, None, "bpb_base")
-        if base:
-            ax.axhline(base[0], color=color, ls=":", lw=1.1)
-            ax.plot([1.0], [base[0]], "o", color=color, mfc="white", ms=7, mew=1.5)
-            drawn.add("base")
-        ys += base
-        x, y = _points(group, "relative_size", "control_random_bpb")
-        if x:
-            ax.plot(x, y, "x", color=color, ms=9, mew=2)
-            drawn.add("random")
-        ys += y
-        x, y = _points(group, None, "control_base_finetuned_bpb")
-        if x:
-            ax.plot(x, y, "*", color=color, ms=13, mec="black", mew=0.6)
-            drawn.add("base_ft")
-        ys += y
-        x, y = _points(group, "relative_size", "control_general_bpb")
-        if x:
-            ax.plot(x, y, "s", color=color, mfc="none", ms=8, mew=1.5)
-            drawn.add("general")
-        ys += y
-        for point in sweep_frontier(group):
-            if point["found"] and not _is_missing(point.get("bpb_test")):
-                ax.plot(
-                    [point["relative_size"]], [point["bpb_test"]], "o", color=color, mfc="none", ms=17, mew=2
-                )
-                ax.annotate(
-                    f"frontier {point['relative_size']:.2f}×",
-                    (point["relative_size"], point["bpb_test"]),
-                    textcoords="offset points",
-                    xytext=(8, 10),
-                    fontsize=8,
-                    color=color,
-                )
-                drawn.add("frontier")
+        ys += _plot_size_group(ax, group, colors[label], drawn)
     positive = [y for y in ys if y > 0]
     if positive and max(positive) / min(positive) > 3:
         ax.set_yscale("log")  # an unrecovered pruning can sit far above; keep the recovered curves readable
@@ -857,40 +840,39 @@ def plot_size_vs_bpb(rows: list[Mapping], path: str | Path, colors=None) -> Path
     ax.grid(alpha=0.3)
     domain_handles = [Line2D([], [], color=colors[label], lw=2, label=label) for label in groups]
     ax.add_artist(ax.legend(handles=domain_handles, fontsize=8, loc="upper left"))
-    styles = {
-        "recovered": Line2D([], [], color="0.2", ls="-", marker="o", label="pruned + recovered"),
-        "pruned": Line2D([], [], color="0.2", ls="--", marker=".", label="pruned, no recovery"),
-        "base": Line2D([], [], color="0.2", ls=":", marker="o", mfc="white", label="unpruned base"),
-        "random": Line2D([], [], color="0.2", ls="", marker="x", mew=2, label="random same size, recovered"),
-        "base_ft": Line2D(
-            [], [], color="0.2", ls="", marker="*", ms=11, label="base fine-tuned, same budget"
-        ),
-        "general": Line2D(
-            [],
-            [],
-            color="0.2",
-            ls="",
-            marker="s",
-            mfc="none",
-            label="same widths, calibrated on general text",
-        ),
-        "frontier": Line2D(
-            [],
-            [],
-            color="0.2",
-            ls="",
-            marker="o",
-            mfc="none",
-            ms=12,
-            mew=2,
-            label="frontier (≤ base on validation)",
-        ),
-    }
+    styles = {key: Line2D([], [], color="0.2", **style) for key, style in _SIZE_STYLES.items()}
     fig.legend(
         handles=[h for k, h in styles.items() if k in drawn], loc="outside lower center", ncol=3, fontsize=8
     )
     fig.savefig(path)
     return Path(path)
+
+
+def _plot_size_group(ax, group: list[Mapping], color, drawn: set[str]) -> list[float]:
+    """Draw one domain's series and frontier points (noting their legend keys in ``drawn``); its y values."""
+    ys: list[float] = []
+    for key, x_key, y_key, fmt, style in _SIZE_SERIES:
+        x, y = _points(group, x_key, y_key)
+        ys += y
+        if x:
+            if key == "base":  # a dotted line at the base's value, one marker at x = 1
+                ax.axhline(y[0], color=color, ls=":", lw=1.1)
+                x, y = [1.0], y[:1]
+            ax.plot(x, y, fmt, color=color, **style)
+            drawn.add(key)
+    for point in sweep_frontier(group):
+        if point["found"] and not _is_missing(point.get("bpb_test")):
+            ax.plot([point["relative_size"]], [point["bpb_test"]], "o", color=color, mfc="none", ms=17, mew=2)
+            ax.annotate(
+                f"frontier {point['relative_size']:.2f}×",
+                (point["relative_size"], point["bpb_test"]),
+                textcoords="offset points",
+                xytext=(8, 10),
+                fontsize=8,
+                color=color,
+            )
+            drawn.add("frontier")
+    return ys
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1075,6 +1057,26 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 """
 
 
+def _sweep_plots(
+    rows, out: Path, magnitudes, token_frequencies, colors, paths: dict
+) -> list[tuple[str, Path]]:
+    """Draw the sweep's PNGs into ``out`` (their paths added to ``paths``); (caption, path) of each."""
+    images: list[tuple[str, Path]] = []
+    if magnitudes:
+        paths["neuron_magnitudes"] = plot_neuron_magnitudes(magnitudes, out / "neuron_magnitudes.png", colors)
+        images.append(
+            ("Sorted mean absolute activation of MLP channels per domain", paths["neuron_magnitudes"])
+        )
+    if token_frequencies:
+        paths["token_frequencies"] = plot_token_frequencies(
+            token_frequencies, out / "token_frequencies.png", colors
+        )
+        images.append(("Token rank-frequency per domain", paths["token_frequencies"]))
+    paths["size_vs_bpb"] = plot_size_vs_bpb(rows, out / "size_vs_bpb.png", colors)
+    images.append(("Relative size vs held-out bits-per-byte", paths["size_vs_bpb"]))
+    return images
+
+
 def write_sweep_report(
     rows: list[Mapping],
     out_dir: str | Path,
@@ -1098,20 +1100,7 @@ def write_sweep_report(
     labels = [_series_label(row, _several_models(rows), _several_criteria(rows)) for row in rows]
     colors = _colors(labels + list(magnitudes or {}) + list(token_frequencies or {}))
     paths: dict[str, Path] = {}
-
-    images: list[tuple[str, Path]] = []
-    if magnitudes:
-        paths["neuron_magnitudes"] = plot_neuron_magnitudes(magnitudes, out / "neuron_magnitudes.png", colors)
-        images.append(
-            ("Sorted mean absolute activation of MLP channels per domain", paths["neuron_magnitudes"])
-        )
-    if token_frequencies:
-        paths["token_frequencies"] = plot_token_frequencies(
-            token_frequencies, out / "token_frequencies.png", colors
-        )
-        images.append(("Token rank-frequency per domain", paths["token_frequencies"]))
-    paths["size_vs_bpb"] = plot_size_vs_bpb(rows, out / "size_vs_bpb.png", colors)
-    images.append(("Relative size vs held-out bits-per-byte", paths["size_vs_bpb"]))
+    images = _sweep_plots(rows, out, magnitudes, token_frequencies, colors, paths)
 
     headers, align, cells = sweep_table(rows)
     notes = [SWEEP_NOTE] + ([f"Protocol: {protocol}"] if protocol else [])

@@ -28,6 +28,7 @@ from minigpts.pipeline import (
     build_plan,
     check_output_dir,
     cleanup,
+    expected_tokens_for,
     load_base,
     load_mcq_sets,
     recovery_method_or_none,
@@ -214,6 +215,7 @@ def _sweep_domain(options: SweepOptions, name, corpus, loaded, method, general, 
         options.analysis,
         model_name=loaded.source_id,
         progress=progress,
+        expected_tokens=max(expected_tokens_for(plan) for _, plan in settings_grid(options)),
     )
     stats.save(out / f"stats-{name}.safetensors")
     domain = Domain.prepare(

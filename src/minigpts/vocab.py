@@ -318,10 +318,11 @@ def expected_token_counts(
     finds it likely (``savings`` in economics text), so keeping the most expected tokens protects
     held-out domain words that seen-token trimming would split. float64, length = logits width;
     sums to the number of positions. The LM head runs a few hundred positions at a time.
+    ``analyze(expected_tokens=…)`` measures the same sums during the analysis pass.
     """
     from tqdm.auto import tqdm
 
-    from minigpts.evaluation import LOGIT_CHUNK_ELEMENTS, deferred_head
+    from minigpts.evaluation import deferred_head
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -333,20 +334,32 @@ def expected_token_counts(
     try:
         with deferred_head(model, windows[:1, :8].to(device)) as head:
             for batch in windows.split(batch_size):
-                out = model(input_ids=batch.to(device), use_cache=False).logits
-                rows = out.reshape(-1, out.shape[-1])
-                width = head.out_features if head is not None else rows.shape[-1]
-                chunk = max(1, LOGIT_CHUNK_ELEMENTS // width)
-                for start in range(0, rows.shape[0], chunk):
-                    part = rows[start : start + chunk]
-                    logits = head(part) if head is not None else part
-                    probabilities = torch.softmax(logits.float(), dim=-1).sum(0).double().cpu()
-                    total = probabilities if total is None else total + probabilities
+                probabilities = expected_sums(model, head, batch.to(device))
+                total = probabilities if total is None else total + probabilities
                 bar.update(batch.numel())
     finally:
         model.train(was_training)
         bar.close()
     return total.numpy()
+
+
+def expected_sums(model, head, batch: torch.Tensor) -> torch.Tensor:
+    """float64 [vocab] on the CPU: next-token probabilities of ``batch`` [B, L] summed over its
+    positions; ``head`` is ``deferred_head``'s (None: the model returns logits itself). Call it under
+    ``torch.inference_mode()``."""
+    from minigpts.evaluation import LOGIT_CHUNK_ELEMENTS
+
+    out = model(input_ids=batch, use_cache=False).logits
+    rows = out.reshape(-1, out.shape[-1])
+    width = head.out_features if head is not None else rows.shape[-1]
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // width)
+    total = None
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start : start + chunk]
+        logits = head(part) if head is not None else part
+        probabilities = torch.softmax(logits.float(), dim=-1).sum(0).double().cpu()
+        total = probabilities if total is None else total + probabilities
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,39 +414,15 @@ def select_vocab(
     bpe = _read_bpe(tokenizer)
     parents = _merge_parents(bpe)
 
-    special = _special_ids(tokenizer, bpe) | _template_ids(tokenizer)
-    for name, token_id in _config_ids(model_config, generation_config).items():
-        if not 0 <= token_id < size:
-            raise UserError(
-                f"{name} = {token_id} is outside the tokenizer's {size} tokens: the model config and "
-                "tokenizer do not match"
-            )
-        special.add(token_id)
+    special = (
+        _special_ids(tokenizer, bpe)
+        | _template_ids(tokenizer)
+        | _checked_config_ids(model_config, generation_config, size)
+    )
     byte = _byte_alphabet_ids(bpe)
     forced = special | byte
-    if not isinstance(keep_general, (int, np.integer)) or isinstance(keep_general, bool) or keep_general < 0:
-        raise UserError(f"--vocab-keep-general must be a whole number ≥ 0, got {keep_general!r}")
-    if keep_general and mode == "vocab_size":
-        raise UserError(
-            "--vocab-keep-general does not combine with --vocab-size (which fixes the size exactly)"
-        )
-    general = {bpe.vocab[bpe.merge_result(left, right)] for left, right in bpe.merges[:keep_general]}
-    general |= _top_expected(expected, keep_expected, size, mode)
-
-    if mode == "vocab_size":
-        seen = _fill_to_size(counts, forced, parents, _positive_int(value, _flag("vocab_size")))
-    else:
-        if mode == "embedding_threshold":
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UserError(f"--embedding-threshold must be a number ≥ 0, got {value!r}")
-            total = int(counts.sum())
-            if total == 0:
-                raise UserError("no tokens were counted: the calibration corpus is empty")
-            selected = counts / total > value
-        else:
-            selected = counts >= _positive_int(value, _flag("vocab_min_count"))
-        seen = set(np.flatnonzero(selected).tolist())
-
+    general = _general_ids(bpe, keep_general, mode) | _top_expected(expected, keep_expected, size, mode)
+    seen = _seen_ids(counts, mode, value, forced, parents)
     widened = general - forced - seen
     chosen = seen | widened
     closure = _with_ancestors(forced | chosen, parents) - forced - chosen
@@ -451,6 +440,46 @@ def select_vocab(
         kept_closure=len(closure),
         kept_widened=len(widened),
     )
+
+
+def _checked_config_ids(model_config, generation_config, size: int) -> set[int]:
+    """The ids the model and generation configs name (BOS, EOS, PAD...), each checked against ``size``."""
+    ids = set()
+    for name, token_id in _config_ids(model_config, generation_config).items():
+        if not 0 <= token_id < size:
+            raise UserError(
+                f"{name} = {token_id} is outside the tokenizer's {size} tokens: the model config and "
+                "tokenizer do not match"
+            )
+        ids.add(token_id)
+    return ids
+
+
+def _general_ids(bpe, keep_general, mode: str) -> set[int]:
+    """Results of the tokenizer's first ``keep_general`` merges (``--vocab-keep-general``)."""
+    if not isinstance(keep_general, (int, np.integer)) or isinstance(keep_general, bool) or keep_general < 0:
+        raise UserError(f"--vocab-keep-general must be a whole number ≥ 0, got {keep_general!r}")
+    if keep_general and mode == "vocab_size":
+        raise UserError(
+            "--vocab-keep-general does not combine with --vocab-size (which fixes the size exactly)"
+        )
+    return {bpe.vocab[bpe.merge_result(left, right)] for left, right in bpe.merges[:keep_general]}
+
+
+def _seen_ids(counts: np.ndarray, mode: str, value, forced: set[int], parents) -> set[int]:
+    """The ids the domain counts select under the one criterion given."""
+    if mode == "vocab_size":
+        return _fill_to_size(counts, forced, parents, _positive_int(value, _flag("vocab_size")))
+    if mode == "embedding_threshold":
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise UserError(f"--embedding-threshold must be a number ≥ 0, got {value!r}")
+        total = int(counts.sum())
+        if total == 0:
+            raise UserError("no tokens were counted: the calibration corpus is empty")
+        selected = counts / total > value
+    else:
+        selected = counts >= _positive_int(value, _flag("vocab_min_count"))
+    return set(np.flatnonzero(selected).tolist())
 
 
 def _top_expected(expected, keep_expected, size: int, mode: str) -> set[int]:

@@ -107,6 +107,12 @@ def plan_budget(
         )
     horizon = min(horizons, key=horizons.get)
     total = horizons[horizon]
+    k, n_val, notes = _validation(total, tokens_per_step, n_val, val_seq_len, eval_every, share)
+    return BudgetPlan(total, horizon, windows_per_step, tokens_per_step, k, n_val, notes)
+
+
+def _validation(total: int, tokens_per_step: int, n_val: int, val_seq_len: int, eval_every, share: float):
+    """(evaluation interval, validation windows, notes) of ``plan_budget``, bounded by ``share``."""
     notes = []
     allowed = share * total * tokens_per_step
     if eval_every is not None:
@@ -134,7 +140,7 @@ def plan_budget(
                     f"validation is {2 * n_val * val_seq_len / (total * tokens_per_step):.0%} of training tokens: "
                     "one window at start and end is the least there is"
                 )
-    return BudgetPlan(total, horizon, windows_per_step, tokens_per_step, k, n_val, notes)
+    return k, n_val, notes
 
 
 def _recent_max(values: list[float], n: int = 5) -> float:

@@ -318,6 +318,21 @@ class TeacherCache:
             locations[row] = index[digest]
         return TeacherTargets(shards, locations)
 
+    def _shard_meta(self, n: int, length: int) -> dict:
+        """A shard's meta.json: what produced it and how its arrays are laid out."""
+        return {
+            "version": CACHE_VERSION,
+            "teacher": self.key,
+            "teacher_class": type(self.teacher).__name__,
+            "teacher_vocab_size": self.vocab_size,
+            "top_k": self.top_k,
+            "dtype": self.dtype,
+            "bf16_autocast": self.bf16_autocast,
+            "windows": n,
+            "seq_len": length,
+            "stored": "ids int32 [n, L-1, k]; logprobs = logit - lse [n, L-1, k]; lse float32 [n, L-1]",
+        }
+
     def _build(self, windows: np.ndarray, *, batch_size: int, device, progress: bool) -> None:
         from numpy.lib.format import open_memmap
 
@@ -360,19 +375,7 @@ class TeacherCache:
             for array in files.values():
                 array.flush()
             del files
-            meta = {
-                "version": CACHE_VERSION,
-                "teacher": self.key,
-                "teacher_class": type(teacher).__name__,
-                "teacher_vocab_size": self.vocab_size,
-                "top_k": k,
-                "dtype": self.dtype,
-                "bf16_autocast": self.bf16_autocast,
-                "windows": n,
-                "seq_len": length,
-                "stored": "ids int32 [n, L-1, k]; logprobs = logit - lse [n, L-1, k]; lse float32 [n, L-1]",
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "meta.json").write_text(json.dumps(self._shard_meta(n, length), indent=1))
             os.replace(tmp, self.dir / f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
         finally:
             if bar is not None:

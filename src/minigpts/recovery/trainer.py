@@ -37,9 +37,10 @@ from transformers.utils import logging as hf_logging
 from minigpts import distributed
 from minigpts.errors import UserError
 from minigpts.options import MIXED_PRECISION, FinetuneOptions, flag_of
-from minigpts.recovery.budget import BudgetTracker, Clock, ProgressBar, plan_budget
+from minigpts.recovery.budget import BudgetPlan, BudgetTracker, Clock, ProgressBar, plan_budget
 from minigpts.recovery.methods import RecoveryContext, get_recovery_method, vocab_size_of
 
+_DEFAULTS = FinetuneOptions()  # the command line's defaults are the Python API's too
 RUN_STATE_FILE = "minigpts_finetune.json"  # written into every checkpoint: what Trainer's state lacks
 
 
@@ -313,24 +314,24 @@ def finetune(
     stop_at_bpb: float | None = None,
     early_stopping_patience: int | None = None,
     eval_every: int | None = None,
-    lr: float = 3e-4,
-    warmup_ratio: float = 0.05,
+    lr: float = _DEFAULTS.lr,
+    warmup_ratio: float = _DEFAULTS.warmup_ratio,
     scheduler: str = "cosine",
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    seed: int = 0,
+    batch_size: int = _DEFAULTS.batch_size,
+    grad_accum: int = _DEFAULTS.grad_accum,
+    seed: int = _DEFAULTS.seed,
     resume: bool = False,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    distill_alpha: float = 0.5,
-    distill_temperature: float = 2.0,
+    lora_r: int = _DEFAULTS.lora_r,
+    lora_alpha: int = _DEFAULTS.lora_alpha,
+    distill_alpha: float = _DEFAULTS.distill_alpha,
+    distill_temperature: float = _DEFAULTS.distill_temperature,
     teacher_cache=None,
-    teacher_top_k: int = 64,
+    teacher_top_k: int = _DEFAULTS.teacher_top_k,
     teacher_cache_dtype: str = "float16",
     method_options: dict | None = None,
     byte_lengths=None,
     progress: bool = True,
-    mixed_precision: str = "auto",
+    mixed_precision: str = _DEFAULTS.mixed_precision,
 ):
     """Fine-tune ``model`` on packed windows with a registered recovery method; returns (model, result).
 
@@ -362,26 +363,73 @@ def finetune(
         max_epochs = 1.0
     train_windows = _check_windows(train_windows, "--data (train split)")
     val_windows = _check_windows(val_windows, "--data (validation split)")
-    step_budgets = {
-        name: value
-        for name, value in (
-            ("max_steps", max_steps),
-            ("max_train_tokens", max_train_tokens),
-            ("max_epochs", max_epochs),
-        )
-        if value is not None
-    }
+    budgets = {"max_steps": max_steps, "max_train_tokens": max_train_tokens, "max_epochs": max_epochs}
+    step_budgets = {name: value for name, value in budgets.items() if value is not None}
     _check_options(step_budgets, lr, warmup_ratio, scheduler, batch_size, grad_accum, max_minutes, eval_every)
     if stop_at_bpb is not None and byte_lengths is None:
         raise UserError("finetune: stop_at_bpb needs byte_lengths (evaluation.token_byte_lengths(tokenizer))")
     checkpoint_dir = Path(out_dir) / "checkpoints"
     resume_from = _resume_point(checkpoint_dir, resume)
     run_state = _read_run_state(resume_from)
-    clock = Clock(run_state["seconds"])
+    clock = Clock(run_state["seconds"])  # the stage's clock: teacher pass, training, validation
+    bf16 = use_bf16_autocast(mixed_precision, torch.cuda.is_available())
+    args = _training_arguments(
+        checkpoint_dir,
+        batch_size,
+        grad_accum,
+        lr,
+        scheduler,
+        warmup_ratio,
+        seed,
+        bf16,
+        early_stopping_patience,
+    )
+    plan = plan_budget(
+        n_train=len(train_windows), seq_len=train_windows.shape[1], n_val=len(val_windows),
+        val_seq_len=val_windows.shape[1], batch_size=batch_size, grad_accum=grad_accum,
+        world_size=args.world_size, eval_every=eval_every, **budgets,
+    )  # fmt: skip
+    val_windows = val_windows[: plan.val_windows]
+    args.max_steps = plan.total_steps
+    args.eval_steps = args.save_steps = plan.eval_every
+    args.logging_steps = max(1, min(plan.eval_every, plan.total_steps // 100))
+    order = window_order(len(train_windows), plan.total_steps * plan.windows_per_step, seed)
+    resumed = _resumed_step(resume_from, plan.total_steps)
+    scale = _ValScale(
+        scored_tokens=val_windows[:, 1:].numel(),
+        scored_bytes=None if byte_lengths is None else int(byte_lengths[val_windows[:, 1:]].sum()),
+    )
+    if stop_at_bpb is not None:  # bpb ≤ target  ⇔  mean NLL ≤ target·ln2·bytes/tokens on these windows
+        stop_at_ppl = math.exp(stop_at_bpb * math.log(2) * scale.scored_bytes / scale.scored_tokens)
+    options = dict(
+        lora_r=lora_r, lora_alpha=lora_alpha, distill_alpha=distill_alpha,
+        distill_temperature=distill_temperature,
+        teacher_cache=None if teacher_cache is None else Path(teacher_cache),
+        teacher_top_k=teacher_top_k, teacher_cache_dtype=teacher_cache_dtype, bf16_autocast=bf16,
+    ) | dict(method_options or {})  # fmt: skip
+    ctx = RecoveryContext(
+        method=recovery.name, out_dir=Path(out_dir), device=args.device, seed=seed, batch_size=batch_size,
+        train_windows=train_windows, used_windows=torch.unique(order), student_vocab_size=vocab_size_of(model),
+        teacher=teacher, options=options, progress=progress,
+        teacher_vocab_keep=None if teacher_vocab_keep is None else torch.as_tensor(teacher_vocab_keep, dtype=torch.long),
+    )  # fmt: skip
+    recovery.check(ctx)
+    run = _Run(
+        plan, scale, clock, resume_from, resumed, run_state, stop_at_ppl, early_stopping_patience,
+        None if max_minutes is None else max_minutes * 60, progress,
+    )  # fmt: skip
+    datasets = dict(
+        train_dataset=_StreamDataset(train_windows, order), eval_dataset=_WindowDataset(val_windows)
+    )
+    return _train(recovery, ctx, run, model, tokenizer, args, datasets)
 
+
+def _training_arguments(
+    checkpoint_dir: Path, batch_size, grad_accum, lr, scheduler, warmup_ratio, seed, bf16, patience
+) -> TrainingArguments:
+    """The Trainer's arguments; the step settings are set once the budget plan is known."""
     on_gpu = torch.cuda.is_available()
-    bf16 = use_bf16_autocast(mixed_precision, on_gpu)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
@@ -389,7 +437,7 @@ def finetune(
         learning_rate=lr,
         lr_scheduler_type=scheduler,
         warmup_steps=warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        max_steps=1,  # the step settings are set below, once the number of devices is known
+        max_steps=1,  # the step settings are set by finetune, once the number of devices is known
         eval_strategy="steps",
         eval_steps=1,
         save_strategy="steps",
@@ -398,7 +446,7 @@ def finetune(
         logging_strategy="steps",
         logging_steps=1,
         prediction_loss_only=True,
-        load_best_model_at_end=early_stopping_patience is not None,
+        load_best_model_at_end=patience is not None,
         metric_for_best_model="loss",
         greater_is_better=False,
         seed=seed,
@@ -413,73 +461,42 @@ def finetune(
         # (and CPU bf16 autocast needs it too)
         **({"use_cpu": True} if not on_gpu and (bf16 or distributed.launched()) else {}),
     )
-    plan = plan_budget(
-        n_train=len(train_windows),
-        seq_len=train_windows.shape[1],
-        n_val=len(val_windows),
-        val_seq_len=val_windows.shape[1],
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        world_size=args.world_size,
-        max_steps=max_steps,
-        max_train_tokens=max_train_tokens,
-        max_epochs=max_epochs,
-        eval_every=eval_every,
-    )
-    val_windows = val_windows[: plan.val_windows]
-    total_steps = plan.total_steps
-    args.max_steps = total_steps
-    args.eval_steps = args.save_steps = plan.eval_every
-    args.logging_steps = max(1, min(plan.eval_every, total_steps // 100))
-    order = window_order(len(train_windows), total_steps * plan.windows_per_step, seed)
-    resumed_from_step, last_val_loss = None, None
-    if resume_from is not None:
-        saved_state = json.loads((resume_from / "trainer_state.json").read_text())
-        resumed_from_step = saved_state["global_step"]
-        last_val_loss = next(
-            (entry["eval_loss"] for entry in reversed(saved_state["log_history"]) if "eval_loss" in entry),
-            None,
+
+
+def _resumed_step(resume_from: Path | None, total_steps: int) -> tuple[int | None, float | None]:
+    """(step, last validation loss) of the checkpoint a resumed run continues, or (None, None)."""
+    if resume_from is None:
+        return None, None
+    saved_state = json.loads((resume_from / "trainer_state.json").read_text())
+    step = saved_state["global_step"]
+    history = reversed(saved_state["log_history"])
+    last_val_loss = next((entry["eval_loss"] for entry in history if "eval_loss" in entry), None)
+    if step >= total_steps:
+        raise UserError(
+            f"--resume: the checkpoint is at step {step}, already at the budget of {total_steps} "
+            "steps; raise --max-steps/--max-epochs/--max-train-tokens to continue"
         )
-        if resumed_from_step >= total_steps:
-            raise UserError(
-                f"--resume: the checkpoint is at step {resumed_from_step}, already at the budget of {total_steps} "
-                "steps; raise --max-steps/--max-epochs/--max-train-tokens to continue"
-            )
+    return step, last_val_loss
 
-    scale = _ValScale(
-        scored_tokens=val_windows[:, 1:].numel(),
-        scored_bytes=None if byte_lengths is None else int(byte_lengths[val_windows[:, 1:]].sum()),
-    )
-    if stop_at_bpb is not None:  # bpb ≤ target  ⇔  mean NLL ≤ target·ln2·bytes/tokens on these windows
-        stop_at_ppl = math.exp(stop_at_bpb * math.log(2) * scale.scored_bytes / scale.scored_tokens)
 
-    keep = None if teacher_vocab_keep is None else torch.as_tensor(teacher_vocab_keep, dtype=torch.long)
-    options = dict(
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        distill_alpha=distill_alpha,
-        distill_temperature=distill_temperature,
-        teacher_cache=None if teacher_cache is None else Path(teacher_cache),
-        teacher_top_k=teacher_top_k,
-        teacher_cache_dtype=teacher_cache_dtype,
-        bf16_autocast=bf16,
-    ) | dict(method_options or {})
-    ctx = RecoveryContext(
-        method=recovery.name,
-        out_dir=Path(out_dir),
-        device=args.device,
-        seed=seed,
-        batch_size=batch_size,
-        train_windows=train_windows,
-        used_windows=torch.unique(order),
-        student_vocab_size=vocab_size_of(model),
-        teacher=teacher,
-        teacher_vocab_keep=keep,
-        options=options,
-        progress=progress,
-    )
-    recovery.check(ctx)
+@dataclass
+class _Run:
+    """What ``_train`` needs of one recovery run besides the method and the Trainer's inputs."""
 
+    plan: BudgetPlan
+    scale: _ValScale
+    clock: Clock
+    resume_from: Path | None
+    resumed: tuple[int | None, float | None]  # (step, last validation loss) of the checkpoint
+    state: dict  # minigpts' own run state (clock, first evaluation) from the checkpoint
+    stop_at_ppl: float | None
+    patience: int | None
+    max_seconds: float | None
+    progress: bool
+
+
+def _train(recovery, ctx, run: _Run, model, tokenizer, args, datasets: dict):
+    """Train with the method's Trainer under the budget and stop rules: (plain model, FinetuneResult)."""
     first = next(model.parameters())
     device, dtype = first.device, first.dtype
     use_cache = getattr(model.config, "use_cache", None)
@@ -487,76 +504,15 @@ def finetune(
         recovery.prepare(ctx)
         model.float()  # fp32 master weights; bf16 comes from autocast on GPUs that support it
         trainer = recovery.make_trainer(
-            ctx,
-            model=recovery.wrap(model, ctx),
-            args=args,
-            processing_class=tokenizer,
-            data_collator=default_data_collator,
-            train_dataset=_StreamDataset(train_windows, order),
-            eval_dataset=_WindowDataset(val_windows),
-        )
+            ctx, model=recovery.wrap(model, ctx), args=args, processing_class=tokenizer,
+            data_collator=default_data_collator, **datasets,
+        )  # fmt: skip
         if not isinstance(trainer, RecoveryTrainer):
             raise TypeError(f"recovery method {recovery.name!r}: make_trainer must return a RecoveryTrainer")
         trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
-        max_seconds = None if max_minutes is None else max_minutes * 60
-
         with _without_transformers_bars():
-            initial_eval_seconds = run_state.get("eval_seconds")
-            if resume_from is None:
-                before = clock.elapsed()
-                initial_eval = (0, trainer.evaluate()["eval_loss"])
-                initial_eval_seconds = clock.elapsed() - before
-                last_val_loss = initial_eval[1]
-            else:
-                initial_eval = run_state["initial_eval"]
-            tracker = BudgetTracker(clock, max_seconds, plan, initial_eval_seconds)
-            if resume_from is not None:
-                tracker.validation_seconds = 0.0  # the measured evaluation was the earlier run's
-            guard = _RunGuard(clock, tracker, stop_at_ppl, early_stopping_patience, initial_eval)
-            trainer.add_callback(tracker)
-            trainer.add_callback(guard)
-            if progress:
-                trainer.add_callback(
-                    ProgressBar(f"finetune ({recovery.name})", tracker, scale.format, last_val_loss)
-                )
-            trained = False
-            if resume_from is None and stop_at_ppl is not None and _ppl(initial_eval[1]) <= stop_at_ppl:
-                guard.reason = "stop_at_ppl"  # the paper's rule trains no step
-            elif max_seconds is not None and distributed.any_true(
-                clock.elapsed() + tracker.predicted_eval() >= max_seconds  # all processes agree
-            ):
-                tracker.reason = "max_minutes"  # the cap is spent before the first step
-            else:
-                if distributed.active():
-                    _unprepare_for_training(trainer)
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-                trained = True
-
-        state = trainer.state
-        log = state.log_history if trained else []  # train() starts a fresh log (or the checkpoint's)
-        evals = [tuple(initial_eval)] if initial_eval else []
-        evals += [(entry["step"], entry["eval_loss"]) for entry in log if "eval_loss" in entry]
-        train_losses = [entry["loss"] for entry in log if "loss" in entry]
-        steps = state.global_step if trained else (resumed_from_step or 0)
-        result = FinetuneResult(
-            method=recovery.name,
-            epochs=steps * plan.windows_per_step / len(train_windows),
-            steps=steps,
-            train_tokens=int(state.num_input_tokens_seen) if trained else steps * plan.tokens_per_step,
-            seconds=clock.elapsed(),
-            stopped_because=guard.reason or tracker.reason or plan.horizon,
-            max_steps=total_steps,
-            val_history=[(step, loss, _ppl(loss), scale.bpb(loss)) for step, loss in evals],
-            best_val_loss=min((loss for _, loss in evals), default=None),
-            final_val_loss=evals[-1][1] if evals else None,
-            train_loss=train_losses[-1] if train_losses else None,
-            resumed_from_step=resumed_from_step,
-            eval_every=plan.eval_every,
-            val_tokens=scale.scored_tokens,
-            validation_seconds=tracker.validation_seconds,
-            notes=plan.notes,
-            method_stats=ctx.stats,
-        )
+            initial_eval, tracker, guard, trained = _train_steps(recovery, trainer, run)
+        result = _result(recovery, ctx, run, trainer.state, initial_eval, tracker, guard, trained)
         final = recovery.unwrap(trainer.model, ctx)
         if "_original_forward" in vars(final):  # accelerate's autocast wrapper: later passes run in fp32
             final.forward = final._original_forward
@@ -567,3 +523,68 @@ def finetune(
         final.config.use_cache = use_cache  # Trainer switches the cache off for training
     final.to(device=device, dtype=torch.float32 if device.type == "cpu" else dtype).eval()
     return final, result
+
+
+def _train_steps(recovery, trainer, run: _Run):
+    """The first evaluation, then ``trainer.train()`` unless a stop rule or the clock cap says not to:
+    (initial evaluation, tracker, guard, trained?)."""
+    clock = run.clock
+    initial_eval_seconds = run.state.get("eval_seconds")
+    last_val_loss = run.resumed[1]
+    if run.resume_from is None:
+        before = clock.elapsed()
+        initial_eval = (0, trainer.evaluate()["eval_loss"])
+        initial_eval_seconds = clock.elapsed() - before
+        last_val_loss = initial_eval[1]
+    else:
+        initial_eval = run.state["initial_eval"]
+    tracker = BudgetTracker(clock, run.max_seconds, run.plan, initial_eval_seconds)
+    if run.resume_from is not None:
+        tracker.validation_seconds = 0.0  # the measured evaluation was the earlier run's
+    guard = _RunGuard(clock, tracker, run.stop_at_ppl, run.patience, initial_eval)
+    trainer.add_callback(tracker)
+    trainer.add_callback(guard)
+    if run.progress:
+        trainer.add_callback(
+            ProgressBar(f"finetune ({recovery.name})", tracker, run.scale.format, last_val_loss)
+        )
+    if run.resume_from is None and run.stop_at_ppl is not None and _ppl(initial_eval[1]) <= run.stop_at_ppl:
+        guard.reason = "stop_at_ppl"  # the paper's rule trains no step
+        return initial_eval, tracker, guard, False
+    if run.max_seconds is not None and distributed.any_true(
+        clock.elapsed() + tracker.predicted_eval() >= run.max_seconds  # all processes agree
+    ):
+        tracker.reason = "max_minutes"  # the cap is spent before the first step
+        return initial_eval, tracker, guard, False
+    if distributed.active():
+        _unprepare_for_training(trainer)
+    trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    return initial_eval, tracker, guard, True
+
+
+def _result(recovery, ctx, run: _Run, state, initial_eval, tracker, guard, trained: bool) -> FinetuneResult:
+    plan, scale = run.plan, run.scale
+    log = state.log_history if trained else []  # train() starts a fresh log (or the checkpoint's)
+    evals = [tuple(initial_eval)] if initial_eval else []
+    evals += [(entry["step"], entry["eval_loss"]) for entry in log if "eval_loss" in entry]
+    train_losses = [entry["loss"] for entry in log if "loss" in entry]
+    steps = state.global_step if trained else (run.resumed[0] or 0)
+    return FinetuneResult(
+        method=recovery.name,
+        epochs=steps * plan.windows_per_step / len(ctx.train_windows),
+        steps=steps,
+        train_tokens=int(state.num_input_tokens_seen) if trained else steps * plan.tokens_per_step,
+        seconds=run.clock.elapsed(),
+        stopped_because=guard.reason or tracker.reason or plan.horizon,
+        max_steps=plan.total_steps,
+        val_history=[(step, loss, _ppl(loss), scale.bpb(loss)) for step, loss in evals],
+        best_val_loss=min((loss for _, loss in evals), default=None),
+        final_val_loss=evals[-1][1] if evals else None,
+        train_loss=train_losses[-1] if train_losses else None,
+        resumed_from_step=run.resumed[0],
+        eval_every=plan.eval_every,
+        val_tokens=scale.scored_tokens,
+        validation_seconds=tracker.validation_seconds,
+        notes=plan.notes,
+        method_stats=ctx.stats,
+    )
