@@ -164,7 +164,7 @@ def token_counts_source(corpus: Corpus | None, stats=None) -> str:
     return f"calibration windows of the statistics{amount}"
 
 
-EXPECTED_COUNT_TOKENS = 16_384  # calibration tokens behind --vocab-keep-expected (~1 min on 2 CPU cores)
+EXPECTED_COUNT_TOKENS = 16_384  # calibration tokens behind --vocab-keep-expected (in the analysis pass)
 
 
 def expected_tokens_for(options: PlanOptions) -> int:
