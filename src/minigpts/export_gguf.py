@@ -122,8 +122,6 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
             f"{model_type}: head sizes differ between layers ({sorted(head_dims)}); GGUF has one"
         )
     head_dim = head_dims.pop()
-    if adapter.family in _OTHER_ARCHS:
-        return _other_layout(model, adapter, name, per_layer, layers, hidden, head_dim, mlp, heads, kv_heads)
     common = dict(
         family=adapter.family,
         model_type=model_type,
@@ -135,6 +133,8 @@ def gguf_layout(model: nn.Module) -> GgufLayout:
         heads=heads,
         kv_heads=kv_heads,
     )
+    if adapter.family in _OTHER_ARCHS:
+        return _other_layout(model, adapter, name, common)
     if adapter.family == "phi":
         problems = []
         if per_layer:
@@ -214,18 +214,17 @@ _TANH_GELU = {"gelu_pytorch_tanh", "gelu_new"}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
-def _other_layout(
-    model, adapter, name, per_layer, layers, hidden, head_dim, mlp, heads, kv_heads
-) -> GgufLayout:
-    """Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM and GPT-2, as llama.cpp's converter writes them."""
+def _other_layout(model, adapter, name, common: dict) -> GgufLayout:
+    """Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM and GPT-2, as llama.cpp's converter writes them;
+    ``common``: the GgufLayout fields ``gguf_layout`` read from the model."""
     config = model.config
-    model_type = config.model_type
-    arch = _OTHER_ARCHS[adapter.family].get(model_type)
+    hidden, head_dim, heads = common["hidden"], common["head_dim"], common["heads"]
+    arch = _OTHER_ARCHS[adapter.family].get(config.model_type)
     if arch is None:
         raise GgufUnsupported(f"{name}: minigpts has no GGUF mapping for this model type")
     problems: list[str] = []
     notes: list[str] = []
-    if per_layer:
+    if common["per_layer"]:
         problems.append(
             f"widths that differ between layers (llama.cpp's {arch} sizes every layer from the first; "
             "only its Llama variant 'deci' reads per-layer widths)"
@@ -244,7 +243,7 @@ def _other_layout(
     rope, norm = None, "rms"
     context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
     if adapter.family == "gemma":
-        shape = (len(layers), hidden, heads[0], head_dim)
+        shape = (common["n_layers"], hidden, heads[0], head_dim)
         rope = _gemma_keys(model, adapter, arch, shape, context, problems, extra)
     else:
         norm = _plain_keys(config, adapter.family, context, problems, notes, extra)
@@ -253,17 +252,9 @@ def _other_layout(
     if norm == "rms":
         extra.append(("add_layer_norm_rms_eps", float(config.rms_norm_eps)))
     return GgufLayout(
+        **common,  # per_layer is False here: a per-layer model was refused above
         arch=arch,
-        family=adapter.family,
-        model_type=model_type,
         permute_qk=False,  # every one of these rotates halves (llama.cpp's NEOX rope), as transformers does
-        per_layer=False,
-        n_layers=len(layers),
-        hidden=hidden,
-        head_dim=head_dim,
-        mlp=mlp,
-        heads=heads,
-        kv_heads=kv_heads,
         notes=notes,
         norm=norm,
         rope_dims=rope_dims,
