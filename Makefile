@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 # The full story on the embedded SmolLM2 and the bundled corpus (~10 min on 2 idle CPU cores):
-# evaluate, analyse (with second moments and a gradient pass), keep 78 % of the parameters — the
+# evaluate, analyse (with second moments and a gradient pass), keep 80 % of the parameters — the
 # vocabulary the domain uses or the model expects, per-layer MLP/attention widths chosen by the
 # loss they cost, output projections refit —, recover by distillation from the unpruned model on
 # a fixed budget of 65,536 training tokens (bf16 autocast: ~1.5× faster steps on CPUs with native

@@ -9,6 +9,11 @@ torch, transformers, the model's transformers classes and minigpts are imported
 
     nice -n 10 .venv/bin/python benchmarks/bench_memory.py                    # 2,048 tokens
     .venv/bin/python benchmarks/bench_memory.py --tokens 8192 --moments --fisher-tokens 1024
+    .venv/bin/python benchmarks/bench_memory.py --moments --prune             # + prune vs prune --offload
+
+``--prune`` adds the pruning arm: ``minigpts prune`` (MLP halved, refit with --moments) of the same
+model from the in-memory statistics, whole vs ``--offload`` (plan, refit, surgery and the shards one
+layer at a time), each in a fresh process; the two outputs' tensors must be equal.
 """
 
 from __future__ import annotations
@@ -68,25 +73,75 @@ def child(args) -> None:
     print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "seconds": seconds}))
 
 
-def run_child(mode: str, args, windows: Path, stats: Path) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        mode,
-        "--model-dir",
-        str(args.model_dir),
-        "--windows",
-        str(windows),
-        "--stats",
-        str(stats),
-        "--batch-size",
-        str(args.batch_size),
-        "--fisher-tokens",
-        str(args.fisher_tokens),
-        "--threads",
-        str(args.threads or 0),
-    ] + (["--moments"] if args.moments else [])
+def prune_child(args) -> None:
+    """One `minigpts prune` (whole, or --offload) in this (fresh) process; prints its memory figures."""
+    import minigpts.cli
+    import minigpts.models
+    import minigpts.surgery_offload  # noqa: F401  (imported before the baseline, as on both paths)
+
+    if args.threads:
+        torch_threads(args.threads)
+    refit = ["--reconstruct", "lstsq" if args.moments else "none"]
+    argv = ["prune", "--model", str(args.model_dir), "--stats", args.stats, "--mlp-ratio", "0.5", *refit]
+    argv += ["--out", args.out, "--device", "cpu", "--dtype", "float32"]
+    baseline = status_kib("VmRSS")
+    started = time.perf_counter()
+    code = minigpts.cli.main(argv + (["--offload"] if args.child == "prune-offload" else []))
+    if code != 0:
+        sys.exit(f"prune exited {code}")
+    seconds = time.perf_counter() - started
+    print(json.dumps({"baseline_kib": baseline, "peak_kib": status_kib("VmHWM"), "seconds": seconds}))
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def prune_arm(args, stats: Path, tmp: Path) -> None:
+    """Peak RSS of `prune` whole vs `prune --offload` from the same statistics; their tensors compared."""
+    from safetensors.torch import load_file
+
+    results, tensors = {}, {}
+    for mode in ("prune-memory", "prune-offload"):
+        out = tmp / mode
+        results[mode] = run_child(mode, args, tmp / "windows.pt", stats, ["--out", str(out)])
+        tensors[mode] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for mode, label in (("prune-memory", "prune (whole model)"), ("prune-offload", "prune --offload")):
+        r = results[mode]
+        above = (r["peak_kib"] - r["baseline_kib"]) / 1024
+        print(
+            f"{label:<22}{r['baseline_kib'] / 1024:>9.0f}M{r['peak_kib'] / 1024:>9.0f}M{above:>9.0f}M{r['seconds']:>9.1f}s"
+        )
+    a, b = tensors["prune-memory"], tensors["prune-offload"]
+    same = sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)
+    print(f"pruned tensors: {'equal' if same else 'DIFFERENT'} ({len(a)} tensors)")
+
+
+def run_child(mode: str, args, windows: Path, stats: Path, extra: list[str] = ()) -> dict:
+    command = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--model-dir",
+            str(args.model_dir),
+            "--windows",
+            str(windows),
+            "--stats",
+            str(stats),
+            "--batch-size",
+            str(args.batch_size),
+            "--fisher-tokens",
+            str(args.fisher_tokens),
+            "--threads",
+            str(args.threads or 0),
+        ]
+        + (["--moments"] if args.moments else [])
+        + list(extra)
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -133,13 +188,19 @@ def main() -> None:
         "--fisher-tokens", type=int, default=0, help="tokens of the gradient pass (default 0)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each analysis")
-    parser.add_argument("--child", choices=["memory", "offload"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--prune", action="store_true", help="also prune whole vs --offload (peak RSS of each)"
+    )
+    parser.add_argument(
+        "--child", choices=["memory", "offload", "prune-memory", "prune-offload"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--windows", help=argparse.SUPPRESS)
     parser.add_argument("--stats", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        prune_child(args) if args.child.startswith("prune") else child(args)
         return
 
     import torch
@@ -175,6 +236,8 @@ def main() -> None:
         for mode in ("memory", "offload"):
             results[mode] = run_child(mode, args, tmp / "windows.pt", tmp / f"{mode}.safetensors")
             results[mode]["stats"] = ActivationStats.load(tmp / f"{mode}.safetensors")
+        if args.prune:
+            prune_arm(args, tmp / "memory.safetensors", tmp)
 
     print(f"{'path':<22}{'baseline':>10}{'peak':>10}{'above':>10}{'x fp32':>9}{'rusage':>10}{'seconds':>9}")
     for mode, label in (("memory", "in memory (analyze)"), ("offload", "layer by layer")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -447,6 +448,46 @@ def test_eval_counts_the_budget_in_the_recorded_base_tokens(capsys, tmp_path, mo
     assert code == 2 and "only meaningful with --max-eval-tokens" in err and err.count("\n") == 1
 
 
+def _teacher_dir(model_dir, where, extra_tokens: int = 0):
+    """A copy of the tiny model with other weights (and ``extra_tokens`` more vocabulary rows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.mul_(0.9)
+    if extra_tokens:
+        teacher.resize_token_embeddings(teacher.config.vocab_size + extra_tokens)
+    teacher.save_pretrained(where)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(where)
+    return where, teacher
+
+
+def test_run_distills_from_the_teacher_flag_names(capsys, tmp_path, model_dir):
+    from minigpts.recovery.distill import teacher_fingerprint
+
+    where, teacher = _teacher_dir(model_dir, tmp_path / "teacher")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        capsys, "run", "--model", model_dir, "--data", "sample", *CPU, *EVAL, *CALIB, *TRAIN, "--mlp-ratio", "0.5",
+        "--embedding-threshold", "0", "--finetune", "distill", "--teacher", where, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    cache = report["finetuned"]["finetune"]["method_stats"]["teacher_cache"]
+    assert teacher_fingerprint(teacher) in cache  # the cached predictions are the --teacher model's
+
+
+def test_run_refuses_a_teacher_with_another_vocabulary(capsys, tmp_path, model_dir):
+    where, _ = _teacher_dir(model_dir, tmp_path / "teacher", extra_tokens=8)
+    code, _, err = run_cli(
+        capsys, "run", "--model", model_dir, "--data", "sample", *CPU, *EVAL, *CALIB, *TRAIN, "--mlp-ratio", "0.5",
+        "--finetune", "distill", "--teacher", where, "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert code == 2 and "--teacher" in err and "share the unpruned model's tokenizer" in err
+    assert "Traceback" not in err
+
+
 def test_run_dry_run_writes_nothing(capsys, tmp_path, model_dir):
     out = tmp_path / "dry"
     code, stdout, err = run_cli(
@@ -586,6 +627,55 @@ def test_finetune_distill_uses_recorded_base_model(capsys, tmp_path, pruned_dir,
     assert info["metadata"]["base_model"] == str(model_dir)
     assert info["metadata"]["finetune"]["method"] == "distill"
     assert not (tmp_path / ".distilled.work").exists()
+
+
+def test_finetune_distill_of_an_unpruned_model_distils_from_a_frozen_copy_of_it(capsys, tmp_path, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "self-distilled"
+    argv = [
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        "sample",
+        *CPU,
+        *TRAIN,
+        "--method",
+        "distill",
+        "--out",
+        out,
+    ]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert json.loads((out / "minigpts.json").read_text())["metadata"]["finetune"]["method"] == "distill"
+    before = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_finetune_distill_of_a_pruned_model_without_its_base_asks_for_teacher(capsys, tmp_path, pruned_dir):
+    orphan = tmp_path / "orphan"
+    shutil.copytree(pruned_dir, orphan)
+    info = json.loads((orphan / "minigpts.json").read_text())
+    del info["metadata"]["base_model"]
+    (orphan / "minigpts.json").write_text(json.dumps(info))
+    argv = [
+        "finetune",
+        "--model",
+        orphan,
+        "--data",
+        "sample",
+        *CPU,
+        *TRAIN,
+        "--method",
+        "distill",
+        "--out",
+        tmp_path / "x",
+    ]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "pass --teacher MODEL" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------------------------------

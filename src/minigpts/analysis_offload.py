@@ -92,7 +92,7 @@ class _Checkpoint:
         else:
             raise UserError(
                 f"{FLAG}: {directory} has no model.safetensors (nor model.safetensors.index.json); "
-                "layer-by-layer analysis reads safetensors only"
+                "layer-by-layer work reads safetensors only"
             )
         self.where: dict[str, Path] = {}
         for name in files:
@@ -125,6 +125,11 @@ class _Checkpoint:
                 )
             if name != key:
                 self.renamed[name] = key
+
+    def saved_name(self, name: str) -> str:
+        """The key ``save_pretrained`` writes for the model's tensor ``name``: the checkpoint's own name
+        where loading renames it (GPT-NeoX's embed_out), else ``name`` (with the base-model prefix)."""
+        return self.renamed.get(name, name)
 
     def key(self, name: str, base_prefix: str) -> str | None:
         """The checkpoint's key of the model's tensor ``name`` (base-model checkpoints lack the prefix)."""
@@ -302,6 +307,11 @@ class _Onloader:
             else:
                 owner._buffers[attr] = tensor
 
+    def rename(self, module: nn.Module) -> None:
+        """Record the names of ``module``'s submodules again, after surgery replaced some of them
+        (StableLM's per-head norms: a new ModuleList of the kept heads' norms)."""
+        self.names |= {id(m): n for n, m in module.named_modules(prefix=self.names[id(module)])}
+
     def free(self, module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
         """Back to the meta device (the weights' memory is released), except the modules in ``skip``.
 
@@ -330,7 +340,7 @@ def _model_dir(model: str | Path) -> Path:
     _, path, _ = _resolve_source(spec, FLAG)
     if path is None or not path.is_dir():
         raise UserError(
-            f"{FLAG}: {spec!r} is not a local model directory; layer-by-layer analysis reads the "
+            f"{FLAG}: {spec!r} is not a local model directory; layer-by-layer work reads the "
             f"safetensors files of a directory (download it first), a GGUF file or an alias ({', '.join(ALIASES)})"
         )
     return path
@@ -356,8 +366,8 @@ def build_skeleton(
         raise UserError(f"{FLAG}: {error}") from None
     if adapter.family not in SEQUENTIAL_FAMILIES:
         raise UserError(
-            f"{FLAG}: layer-by-layer analysis does not support the {adapter.family} family (model type "
-            f"{config.model_type!r}) yet; supported: {', '.join(SEQUENTIAL_FAMILIES)}; analyse it without {FLAG}"
+            f"{FLAG}: layer-by-layer work does not support the {adapter.family} family (model type "
+            f"{config.model_type!r}) yet; supported: {', '.join(SEQUENTIAL_FAMILIES)}; run without {FLAG}"
         )
     checkpoint = _Checkpoint(path)
     with init_empty_weights(include_buffers=False):
@@ -635,15 +645,7 @@ def _output_gradients(
         return current["out"] if index == len(layers) - 1 else hidden
 
     onloader.load(body, skip=(layer_list,))
-    tied = (
-        head is not None
-        and onloader.checkpoint.key(onloader.names[id(head)] + ".weight", onloader.base_prefix) is None
-    )
-    if head is not None:
-        if tied and getattr(model.config, "tie_word_embeddings", False):
-            head.weight = adapter.embedding(model).weight
-        else:
-            onloader.load(head)
+    load_head(model, onloader)
     try:
         for i, layer in enumerate(layers):
             layer_list[i] = _StandIn(layer, i, record)
@@ -660,3 +662,18 @@ def _output_gradients(
         if head is not None:
             onloader.free(head)
     return grads
+
+
+def load_head(model: nn.Module, onloader: _Onloader) -> None:
+    """Read the LM head (after the body): a head tied to the embedding, which the checkpoint does not
+    store, is given the embedding's (already read) weight instead."""
+    from minigpts.arch import get_adapter
+
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    tied = onloader.checkpoint.key(onloader.names[id(head)] + ".weight", onloader.base_prefix) is None
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        head.weight = get_adapter(model).embedding(model).weight
+    else:
+        onloader.load(head)

@@ -276,9 +276,7 @@ def analyze_offloaded_cli(args, corpus, options):
     from minigpts.models import load_tokenizer
     from minigpts.pipeline import calibration_windows
 
-    if args.allow_pickle:
-        offload, pickle = flag_of(CommandOptions, "offload"), flag_of(SourceOptions, "allow_pickle")
-        raise UserError(f"{offload} reads safetensors only: drop {pickle}")
+    offload_reads_safetensors(args)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     windows = calibration_windows(tokenizer, corpus, options)
     metadata = {"data": corpus.source, "seed": corpus.seed, "calib_tokens_requested": options.calib_tokens}
@@ -288,6 +286,12 @@ def analyze_offloaded_cli(args, corpus, options):
         depth_tokens=options.depth_tokens, device=args.device, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
+
+
+def offload_reads_safetensors(args) -> None:
+    if args.allow_pickle:
+        offload, pickle = flag_of(CommandOptions, "offload"), flag_of(SourceOptions, "allow_pickle")
+        raise UserError(f"{offload} reads safetensors only: drop {pickle}")
 
 
 def print_score_distribution(model, stats, criterion: str = "l1") -> None:
@@ -387,6 +391,8 @@ def cmd_prune(args) -> int:
         )
     if not args.dry_run:
         check_output_dir(args.out, args.force)
+    if args.offload:
+        return prune_offloaded_cli(args, options)
     stats = ActivationStats.load(args.stats) if args.stats else None
     corpus = load_data(args) if args.data else None
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, **model_access(args))
@@ -403,6 +409,14 @@ def cmd_prune(args) -> int:
     model, tokenizer = prune_copy(
         loaded.model, loaded.tokenizer, plan, options, stats=stats, calibration=calibration, in_place=True
     )
+    metadata = prune_metadata(loaded, plan, stats, corpus)
+    save_model(model, tokenizer, args.out, plan=plan, metadata=metadata, force=args.force)
+    console().print(f"pruned model written to {args.out}")
+    return 0
+
+
+def prune_metadata(loaded, plan, stats, corpus) -> dict:
+    """What minigpts.json and the model card record of a pruning: the base model, statistics, data."""
     from minigpts.export import base_license
 
     metadata = {"base_model": loaded.source_id, "stats": stats.metadata if stats is not None else None}
@@ -411,8 +425,41 @@ def cmd_prune(args) -> int:
     metadata["base_license"] = base_license(loaded.path, loaded.name)
     if corpus is not None:
         metadata["data"] = corpus.source
-    save_model(model, tokenizer, args.out, plan=plan, metadata=metadata, force=args.force)
-    console().print(f"pruned model written to {args.out}")
+    return metadata
+
+
+def prune_offloaded_cli(args, options) -> int:
+    """`prune --offload`: the plan from the skeleton and the statistics, then surgery layer by layer."""
+    from minigpts.models import (
+        DEFAULT_MODEL,
+        LoadedModel,
+        _resolve_source,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
+    from minigpts.surgery_offload import load_stats, plan_offloaded, prune_offloaded
+
+    offload_reads_safetensors(args)
+    spec = args.model or DEFAULT_MODEL
+    stats = load_stats(args.stats) if args.stats else None
+    corpus = load_data(args) if args.data else None
+    tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    access = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    plan = plan_offloaded(spec, tokenizer, stats, options, corpus=corpus, **access)
+    print_plan(plan)
+    if args.dry_run:
+        console().print("[dim]--dry-run: nothing written[/dim]")
+        return 0
+    _, path, description = _resolve_source(spec)
+    loaded = LoadedModel(model=None, tokenizer=tokenizer, name=spec, path=path, description=description)
+    metadata = prune_metadata(loaded, plan, stats, corpus)
+    prune_offloaded(
+        spec, plan, stats, args.out, tokenizer=tokenizer, reconstruct=options.reconstruct, ridge=options.ridge,
+        metadata=metadata, force=args.force, **access,
+    )  # fmt: skip
+    console().print(f"pruned model written to {args.out}, one decoder layer at a time")
     return 0
 
 
@@ -429,8 +476,12 @@ def cmd_finetune(args) -> int:
     print_splits(corpus)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, **model_access(args))
     info = read_metadata(loaded.path)
-    teacher_name = args.teacher or (info.get("metadata") or {}).get("base_model")
     plan = info.get("plan") or {}
+    # a model minigpts did not cut is its own unpruned model: distilling from a frozen copy of it keeps
+    # domain fine-tuning close to what the model knew (and gives the stop rule its base)
+    teacher_name = (
+        args.teacher or (info.get("metadata") or {}).get("base_model") or (None if plan else args.model)
+    )
     from minigpts.recovery import get_recovery_method
 
     needs_teacher = get_recovery_method(options.method).needs_teacher
@@ -474,7 +525,8 @@ def _finetune_base(args, teacher_name: str | None):
 
     if not teacher_name:
         raise UserError(
-            f"--model {args.model}: no unpruned model is recorded in its minigpts.json; pass --teacher MODEL"
+            f"--model {args.model}: a pruned model whose minigpts.json records no unpruned model; "
+            f"pass {flag_of(FinetuneOptions, 'teacher')} MODEL"
         )
     flag = flag_of(FinetuneOptions, "teacher")
     try:
@@ -699,7 +751,7 @@ SUBCOMMANDS = {
     "prune": (
         "plan from statistics and physically remove units",
         "cmd_prune",
-        [(SourceOptions, MODEL + DATA), PLAN, (CommandOptions, ("stats",))]
+        [(SourceOptions, MODEL + DATA), PLAN, (CommandOptions, ("stats", "offload"))]
         + [(RunOptions, ("out", "dry_run", "force"))],
     ),
     "finetune": (

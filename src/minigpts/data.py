@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -366,39 +367,40 @@ def _read_parquet(path: Path, fields: list[str]) -> list[str]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises many types for corrupt files
         raise UserError(f"{path}: cannot read parquet ({err})") from err
-    missing = [f for f in fields if f not in table.column_names]
-    if missing:
-        raise UserError(
-            f"{path}: field {missing[0]!r} not found (--text-field); available fields: "
-            f"{', '.join(table.column_names)}"
-        )
-    columns = [table.column(f).to_pylist() for f in fields]
-    docs = []
-    for i, values in enumerate(zip(*columns)):
-        doc = _join_fields(dict(zip(fields, values)), fields, f"{path}[{i}]")
-        if doc is not None:
-            docs.append(doc)
-    return docs
+    return _table_docs(
+        table.column_names, lambda name: table.column(name).to_pylist(), fields, str(path), number_rows=True
+    )
 
 
 def _is_saved_hf_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()
 
 
-def _records_to_docs(dataset, fields: list[str], where: str) -> list[str]:
-    missing = [f for f in fields if f not in dataset.column_names]
+def _table_docs(
+    column_names: list[str],
+    column: Callable[[str], list],
+    fields: list[str],
+    where: str,
+    *,
+    number_rows: bool,
+) -> list[str]:
+    """The documents of a table (parquet, HF dataset) whose ``column(name)`` reads only the columns needed."""
+    missing = [f for f in fields if f not in column_names]
     if missing:
         raise UserError(
             f"{where}: field {missing[0]!r} not found (--text-field); available fields: "
-            f"{', '.join(dataset.column_names)}"
+            f"{', '.join(column_names)}"
         )
-    columns = [dataset[f] for f in fields]
     docs = []
-    for values in zip(*columns):
-        doc = _join_fields(dict(zip(fields, values)), fields, where)
+    for i, values in enumerate(zip(*(column(f) for f in fields))):
+        doc = _join_fields(dict(zip(fields, values)), fields, f"{where}[{i}]" if number_rows else where)
         if doc is not None:
             docs.append(doc)
     return docs
+
+
+def _records_to_docs(dataset, fields: list[str], where: str) -> list[str]:
+    return _table_docs(dataset.column_names, dataset.__getitem__, fields, where, number_rows=False)
 
 
 def _dataset_to_named(data, fields: list[str], where: str) -> dict[str | None, list[str]]:

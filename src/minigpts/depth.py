@@ -98,6 +98,7 @@ def removal_loss(model: nn.Module, windows: torch.LongTensor, *, progress: bool 
     )
 
     from minigpts import distributed
+    from minigpts.evaluation import eval_mode
 
     def mean_loss() -> float:
         total, count = 0.0, 0
@@ -110,21 +111,15 @@ def removal_loss(model: nn.Module, windows: torch.LongTensor, *, progress: bool 
         total, count = distributed.reduce_numbers(total, count)  # themselves on one process
         return total / max(count, 1)
 
-    was_training = model.training
     losses = torch.zeros(len(layers), dtype=torch.float64)
-    try:
-        model.eval()
-        with torch.inference_mode():
-            base = mean_loss()
-            for i, layer in enumerate(layers):
-                handle = layer.register_forward_hook(_skip, with_kwargs=True)
-                try:
-                    losses[i] = mean_loss() - base
-                finally:
-                    handle.remove()
-    finally:
-        model.train(was_training)
-        bar.close()
+    with bar, eval_mode(model), torch.inference_mode():
+        base = mean_loss()
+        for i, layer in enumerate(layers):
+            handle = layer.register_forward_hook(_skip, with_kwargs=True)
+            try:
+                losses[i] = mean_loss() - base
+            finally:
+                handle.remove()
     return losses
 
 

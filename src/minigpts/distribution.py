@@ -66,15 +66,6 @@ def score_distribution(scores) -> dict[str, dict[str, float]]:
     return {group: describe_values(values) for group, values in group_values(scores).items()}
 
 
-def model_score_distribution(
-    model, stats, criterion: str = "l1", seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """``score_distribution`` of ``model``'s units under the registered criterion ``criterion``."""
-    from minigpts.criteria import unit_scores
-
-    return score_distribution(unit_scores(model, stats, criterion, seed))
-
-
 def share_at_or_below(values, threshold: float) -> float:
     """The fraction of ``values`` that a threshold removes (score <= threshold)."""
     import numpy as np

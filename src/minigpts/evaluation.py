@@ -132,6 +132,17 @@ def count_parameters(model) -> tuple[int, int]:
     return total, total - embedding
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block, then back in the mode it was in (even on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def decode_speed(model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 2) -> float:
     """Greedy decoding speed in tokens per second: batch 1, with the KV cache, the best of ``repeats``.
 
@@ -142,18 +153,13 @@ def decode_speed(model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeat
     vocab = model.get_input_embeddings().num_embeddings
     prompt = (torch.arange(prompt_tokens, device=device) * 7919 % vocab).unsqueeze(0)
     settings = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **settings)  # warm-up
-            best = math.inf
-            for _ in range(repeats):
-                started = time.perf_counter()
-                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
-                best = min(best, time.perf_counter() - started)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **settings)  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+            best = min(best, time.perf_counter() - started)
     return new_tokens / best
 
 
@@ -260,27 +266,25 @@ def _evaluate_windows(model, windows: list, byte_lengths, batch_size: int, progr
     nll_sum = 0.0
     tokens = 0
     n_bytes = 0
-    was_training = model.training
-    model.eval()
-    try:
-        probe = windows[0][:8].unsqueeze(0).to(device) if windows else None
-        with deferred_head(model, probe) if probe is not None else contextlib.nullcontext() as head:
-            i = 0
-            while i < len(windows):
-                length = len(windows[i])
-                batch = [windows[i]]
+    probe = windows[0][:8].unsqueeze(0).to(device) if windows else None
+    with (
+        eval_mode(model),
+        deferred_head(model, probe) if probe is not None else contextlib.nullcontext() as head,
+    ):
+        i = 0
+        while i < len(windows):
+            length = len(windows[i])
+            batch = [windows[i]]
+            i += 1
+            while i < len(windows) and len(batch) < batch_size and len(windows[i]) == length:
+                batch.append(windows[i])
                 i += 1
-                while i < len(windows) and len(batch) < batch_size and len(windows[i]) == length:
-                    batch.append(windows[i])
-                    i += 1
-                ids = torch.stack(batch).to(device)
-                nll_sum += _nll_sum(model, head, ids)
-                tokens += ids[:, 1:].numel()
-                n_bytes += int(byte_lengths[ids[:, 1:].cpu()].sum())
-                if progress is not None:
-                    progress(ids.numel())
-    finally:
-        model.train(was_training)
+            ids = torch.stack(batch).to(device)
+            nll_sum += _nll_sum(model, head, ids)
+            tokens += ids[:, 1:].numel()
+            n_bytes += int(byte_lengths[ids[:, 1:].cpu()].sum())
+            if progress is not None:
+                progress(ids.numel())
     return {"nll_sum": nll_sum, "tokens": tokens, "bytes": n_bytes}
 
 

@@ -13,6 +13,8 @@ import hashlib
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,16 @@ def save_model(
     as {model label: {metric: value}} (e.g. {"base": {...}, "pruned": {...}}), becomes a table in the
     card, and `metadata["base_model"]` / `metadata["params_before"]` are shown there too.
     """
+    with staged_directory(out_dir, force) as staging:
+        model.save_pretrained(staging)
+        write_companions(model, tokenizer, staging, plan, metadata or {})
+    return Path(out_dir)
+
+
+@contextmanager
+def staged_directory(out_dir: str | Path, force: bool) -> Iterator[Path]:
+    """A fresh directory next to ``out_dir`` to write a model into, renamed to ``out_dir`` when the block
+    ends without an error (deleted when it fails), so a crash never leaves half a model there."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a directory: pick another --out")
@@ -111,17 +123,20 @@ def save_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        _write(model, tokenizer, staging, plan, metadata or {})
+        staging.mkdir()
+        yield staging
         _usual_file_modes(staging)
         _move_into_place(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return out_dir
 
 
-def _write(model: nn.Module, tokenizer: Any, path: Path, plan: PruningPlan | None, metadata: dict) -> None:
-    model.save_pretrained(path)
+def write_companions(
+    model: nn.Module, tokenizer: Any, path: Path, plan: PruningPlan | None, metadata: dict
+) -> None:
+    """What goes next to the weights and config.json: tokenizer, modeling file + auto_map, minigpts.json,
+    model card. Reads the config and the shapes only (the weights may be on the meta device)."""
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     remote = needs_remote_code(model)

@@ -77,18 +77,20 @@ def open_model(
         raise UserError(f"llama.cpp cannot load {path}: {err}") from err
 
 
+def _opened(path_or_model, **options):
+    """A GGUF path opened with ``options`` (see `open_model`), or an already open model as it is."""
+    return open_model(path_or_model, **options) if isinstance(path_or_model, (str, Path)) else path_or_model
+
+
 def llama_tokenize(path_or_model, text: str) -> list[int]:
     """llama.cpp's token ids for `text`: no BOS, special tokens in the text parsed as ours are."""
-    model = open_model(path_or_model, n_ctx=64) if isinstance(path_or_model, (str, Path)) else path_or_model
+    model = _opened(path_or_model, n_ctx=64)
     return list(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
 def llama_logits(path_or_model, ids: list[int]) -> np.ndarray:
     """[len(ids), vocab] float32 logits of one window, from llama.cpp."""
-    if isinstance(path_or_model, (str, Path)):
-        model = open_model(path_or_model, n_ctx=max(64, len(ids)), logits_all=True)
-    else:
-        model = path_or_model
+    model = _opened(path_or_model, n_ctx=max(64, len(ids)), logits_all=True)
     model.reset()
     model.eval(list(ids))
     return np.array(model.scores[: len(ids)], dtype=np.float32)
@@ -129,10 +131,7 @@ def llama_bits_per_byte(path: str | Path, windows: list, byte_lengths) -> dict:
 
 def llama_greedy(path_or_model, prompt: list[int], tokens: int) -> tuple[list[int], float]:
     """(the `tokens` greedily decoded ids, seconds spent decoding them after the prompt)."""
-    if isinstance(path_or_model, (str, Path)):
-        model = open_model(path_or_model, n_ctx=len(prompt) + tokens + 8)
-    else:
-        model = path_or_model
+    model = _opened(path_or_model, n_ctx=len(prompt) + tokens + 8)
     import llama_cpp
 
     def last_logits() -> np.ndarray:

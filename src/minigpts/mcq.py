@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -37,8 +38,7 @@ from pathlib import Path
 import torch
 
 from minigpts.errors import UserError
-
-PROMPT_FORMAT = 'context + "\\n" + question, then " " + choice; prompt and choice tokenized separately'
+from minigpts.evaluation import eval_mode
 
 
 @dataclass
@@ -626,15 +626,13 @@ def score_choices(
     if distributed.active():
         start, stop = distributed.bounds(len(items))
         local = _score_choices_local(model, tokenizer, items[start:stop], batch_size=batch_size, cache=cache)
-        offsets = [0]
-        for item in items:
-            offsets.append(offsets[-1] + len(item.choices))
+        offsets = _choice_offsets(items)
         flat = torch.zeros(offsets[-1], dtype=torch.float64)
         values = [score for question in local for score in question]
         flat[offsets[start] : offsets[stop]] = torch.tensor(values, dtype=torch.float64)
         distributed.reduce([flat])  # zeros elsewhere: the sum is each question's own scores
         flat = flat.tolist()
-        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(items))]
+        return [flat[start:stop] for start, stop in itertools.pairwise(offsets)]
     return _score_choices_local(model, tokenizer, items, batch_size=batch_size, cache=cache)
 
 
@@ -646,38 +644,31 @@ def _score_choices_local(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = [0.0] * len(requests)
+    offsets = _choice_offsets(items)
+    questions = [list(range(start, stop)) for start, stop in itertools.pairwise(offsets)]
     alone: list[int] = []
     shared: list[tuple[list[int], int]] = []
-    questions: list[list[int]] = []
-    cursor = 0
-    for item in items:
-        indices = list(range(cursor, cursor + len(item.choices)))
-        questions.append(indices)
-        cursor += len(item.choices)
+    for indices in questions:
         length = _shared_length([requests[i] for i in indices]) if cache else 0
         if length:
             shared.append((indices, length))
         else:
             alone.extend(indices)
     packed = cache and bool(requests) and _packable(model, requests)  # a rank may get no questions
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            common = dict(batch_size=batch_size, pad_id=pad_id, device=device, scores=scores)
-            if packed:
-                _score_packed(model, requests, questions, **common)
-            elif shared:
-                _score_shared(model, requests, shared, **common)
-            if alone and not packed:
-                _score_full(model, requests, alone, **common)
-    finally:
-        model.train(was_training)
-    per_question, cursor = [], 0
-    for item in items:
-        per_question.append(scores[cursor : cursor + len(item.choices)])
-        cursor += len(item.choices)
-    return per_question
+    with eval_mode(model), torch.inference_mode():
+        common = dict(batch_size=batch_size, pad_id=pad_id, device=device, scores=scores)
+        if packed:
+            _score_packed(model, requests, questions, **common)
+        elif shared:
+            _score_shared(model, requests, shared, **common)
+        if alone and not packed:
+            _score_full(model, requests, alone, **common)
+    return [scores[start:stop] for start, stop in itertools.pairwise(offsets)]
+
+
+def _choice_offsets(items: list[MCQItem]) -> list[int]:
+    """Where each question's choices start in the flat list of every choice, then the total."""
+    return list(itertools.accumulate((len(item.choices) for item in items), initial=0))
 
 
 def mcq_metrics(items: list[MCQItem], scores: list[list[float]]) -> dict:

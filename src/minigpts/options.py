@@ -699,7 +699,10 @@ class FinetuneOptions:
     )
     distill_temperature: float = option(2.0, "--distill-temperature", help="distillation temperature")
     teacher: str | None = option(
-        None, "--teacher", help="teacher model for distill (default: the unpruned model)"
+        None,
+        "--teacher",
+        help="teacher model for distill (default: the unpruned model; for a model minigpts did not "
+        "prune, a frozen copy of itself)",
     )
     teacher_cache: str | None = option(  # teacher top-k cache shared by runs (default: inside the work dir)
         None,
@@ -743,6 +746,14 @@ class CommandOptions:
         "pushed through it; the same statistics as in memory; peak memory ≈ one layer + the hidden states "
         "(+ --moments' (width)² sums per layer: --no-moments to stay small); needs a local directory, GGUF "
         "file or alias, and --taylor-tokens / --depth-tokens 0",
+        variants={
+            "prune": {
+                "help": "prune a model larger than memory: plan from --stats and the shapes alone, then read, "
+                "refit, cut and write one decoder layer at a time (output in safetensors shards); the same "
+                "model as without it; criteria that read the weights (wanda, weight, flap, refit), "
+                "--allocation error, hidden channels, depth and --sequential are refused"
+            }
+        },
     )
     budget_tokenizer: str | None = option(
         None,

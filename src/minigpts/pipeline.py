@@ -704,6 +704,7 @@ class Domain:
     eval_kwargs: dict
     stop_at_bpb: float | None = None
     calibration: torch.Tensor | None = None  # --sequential windows of the corpus
+    teacher_model: Any = None  # --teacher's model; None: the unpruned model teaches
 
     @classmethod
     def prepare(
@@ -718,9 +719,11 @@ class Domain:
             say(f"stop rule: validation bits/byte ≤ {stop_at_bpb:.4f} (the unpruned model's)")
         kwargs = dict(general=general, mcq_sets=mcq_sets, progress=progress, budget_tokenizer=base_tokenizer)
         calibration = sequential_calibration(base_tokenizer, corpus, options)
+        teacher = given_teacher(options, base_model) if method is not None and method.needs_teacher else None
         return cls(
-            corpus, options, base_model, base_tokenizer, method, recovery, kwargs, stop_at_bpb, calibration
-        )
+            corpus, options, base_model, base_tokenizer, method, recovery, kwargs, stop_at_bpb, calibration,
+            teacher,
+        )  # fmt: skip
 
     def prune(self, plan, stats, calibration, in_place=False):
         """(model, tokenizer): the base model pruned with ``plan`` (a copy unless ``in_place``)."""
@@ -731,7 +734,9 @@ class Domain:
 
     @property
     def teacher(self):
-        return self.base_model if self.method is not None and self.method.needs_teacher else None
+        if self.method is None or not self.method.needs_teacher:
+            return None
+        return self.teacher_model if self.teacher_model is not None else self.base_model
 
     def evaluate(self, model, tokenizer, name: str, **kwargs) -> dict:
         evaluation = self.options.evaluation
@@ -851,7 +856,7 @@ def run_experiment(options: RunOptions, *, corpus: Corpus | None = None, say=pri
     )
     # The unpruned model is only needed later as a teacher or to build the controls; otherwise it is
     # pruned in place, so the run never holds two models (peak memory ≈ one model + activations).
-    keep_base = options.controls or domain.teacher is not None
+    keep_base = options.controls or (domain.teacher is not None and domain.teacher_model is None)
     if not keep_base:
         loaded.model = None
     steps = _run_steps(options, cache, resume, timings, say)
@@ -887,6 +892,26 @@ def _say_warnings(plan, say) -> None:
     for note in plan.summary.get("notes") or []:
         if note.startswith("warning:"):
             say(f"[yellow]{escape(note)}[/yellow]")
+
+
+def given_teacher(options: RunOptions | SweepOptions, base_model):
+    """--teacher's model (None without the flag): it teaches every recovery of the run, controls included,
+    in the unpruned model's token ids, so it must share the unpruned model's vocabulary."""
+    from minigpts.models import load_model
+    from minigpts.recovery.methods import vocab_size_of
+
+    name = options.recovery.teacher
+    if not name:
+        return None
+    flag = flag_of(FinetuneOptions, "teacher")
+    access = dict(trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
+    teacher = load_model(name, device=options.device, dtype=options.dtype, flag=flag, **access).model
+    if vocab_size_of(teacher) != vocab_size_of(base_model):
+        raise UserError(
+            f"{flag} {name}: it predicts {vocab_size_of(teacher):,} tokens and the unpruned model "
+            f"{vocab_size_of(base_model):,}; the teacher must share the unpruned model's tokenizer"
+        )
+    return teacher
 
 
 def load_base(options: RunOptions | SweepOptions):

@@ -147,28 +147,55 @@ def reconstruct(model: nn.Module, plan, stats, *, ridge: float = DEFAULT_RIDGE) 
     """
     from minigpts.arch import get_adapter
 
-    if not stats.has_moments:
-        raise UserError(
-            "--reconstruct lstsq needs second moments: re-run `minigpts analyze` with --moments "
-            "(the default) or pass --reconstruct none"
-        )
+    check_moments(stats)
     stats.check_model(model)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     kept_layers = set(range(len(layers)) if plan.layers_keep is None else plan.layers_keep)
     done = {"mlp": 0, "attention": 0}
     for i, (layer, layer_plan) in enumerate(zip(layers, plan.layers, strict=True)):
-        if i not in kept_layers:
-            continue
-        down = adapter.mlp_out(layer)
-        if len(layer_plan.mlp_keep) < projection_in_features(down):
-            _write_refit(down, list(layer_plan.mlp_keep), stats.mlp_gram[i], stats.mlp_mean[i], ridge)
-            done["mlp"] += 1
-        n_heads, _, head_dim = adapter.head_layout(layer)
-        if len(layer_plan.heads_keep) < n_heads:
-            channels = _head_channels(layer_plan.heads_keep, head_dim)
-            _write_refit(adapter.attn_out(layer), channels, stats.attn_gram[i], stats.attn_mean[i], ridge)
-            done["attention"] += 1
+        if i in kept_layers:
+            for kind in refit_layer(adapter, layer, layer_plan, layer_moments(stats, i), ridge=ridge):
+                done[kind] += 1
+    return done
+
+
+def check_moments(stats) -> None:
+    """The refit reads second moments: a UserError naming what to re-run when ``stats`` lack them."""
+    if not stats.has_moments:
+        raise UserError(
+            "--reconstruct lstsq needs second moments: re-run `minigpts analyze` with --moments "
+            "(the default) or pass --reconstruct none"
+        )
+
+
+def layer_moments(stats, index: int):
+    """``kind`` ("mlp" or "attention") -> (gram, mean) of layer ``index``, read only when asked for."""
+
+    def moments(kind: str):
+        if kind == "mlp":
+            return stats.mlp_gram[index], stats.mlp_mean[index]
+        return stats.attn_gram[index], stats.attn_mean[index]
+
+    return moments
+
+
+def refit_layer(adapter, layer: nn.Module, layer_plan, moments, *, ridge: float = DEFAULT_RIDGE) -> list[str]:
+    """Refit one layer's pruned output projections (``moments`` as ``layer_moments``); the kinds refit.
+
+    One layer at a time, so a model streamed layer by layer (``minigpts.surgery_offload``) is refit
+    by the same code as the whole model, with only that layer's second moments in memory.
+    """
+    done = []
+    down = adapter.mlp_out(layer)
+    if len(layer_plan.mlp_keep) < projection_in_features(down):
+        _write_refit(down, list(layer_plan.mlp_keep), *moments("mlp"), ridge)
+        done.append("mlp")
+    n_heads, _, head_dim = adapter.head_layout(layer)
+    if len(layer_plan.heads_keep) < n_heads:
+        channels = _head_channels(layer_plan.heads_keep, head_dim)
+        _write_refit(adapter.attn_out(layer), channels, *moments("attention"), ridge)
+        done.append("attention")
     return done
 
 

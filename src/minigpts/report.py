@@ -13,7 +13,7 @@ import csv
 import html
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +217,13 @@ def _finetune_budget(finetune: Mapping | None) -> str:
     return " · ".join(parts)
 
 
+def _keys_in_order(collections: Iterable[Iterable[str]]) -> list[str]:
+    """Every key of ``collections`` once, in the order first seen (table columns)."""
+    return list(dict.fromkeys(key for keys in collections for key in keys))
+
+
 def _mcq_stems(stages: list[tuple[str, dict]]) -> list[str]:
-    stems: list[str] = []
-    for _, stage in stages:
-        stems += [stem for stem in (stage.get("mcq") or {}) if stem not in stems]
-    return stems
+    return _keys_in_order(stage.get("mcq") or {} for _, stage in stages)
 
 
 def _run_columns(report: Mapping) -> list[tuple[str, str, Callable[[str, dict], str]]]:
@@ -436,9 +438,7 @@ def _plan_markdown(summary: Mapping) -> str:
         else:
             lines.append(f"- {key.replace('_', ' ')}: {_plain(value)}")
     for key, items in tables:
-        keys: list[str] = []
-        for item in items:
-            keys += [k for k in item if k not in keys]
+        keys = _keys_in_order(items)
         rows = collapse_rows([[str(i), *(_plain(item.get(k)) for k in keys)] for i, item in enumerate(items)])
         lines += [
             "",
@@ -589,9 +589,7 @@ def _csv_value(value: Any) -> Any:
 
 
 def _write_csv(rows: list[Mapping], path: Path) -> None:
-    columns = list(SWEEP_COLUMNS)
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    columns = _keys_in_order([SWEEP_COLUMNS, *rows])
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -38,22 +38,46 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     The whole plan is validated before anything changes, so a bad plan leaves the model intact.
     """
     adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    layers_keep, layer_plans, hidden_keep, head_keep = _validate(model, adapter, plan)
-    hidden_pruned = len(hidden_keep) < adapter.hidden_size(model)
-
+    hidden_keep, kept = start_plan(model, plan)
     with torch.no_grad():
-        if len(layers_keep) < len(layers):
-            _drop_layers(model, adapter, layers_keep)
-        for new_index, (old_index, layer_plan) in enumerate(zip(layers_keep, layer_plans)):
-            layer = adapter.layers(model)[new_index]
-            _prune_mlp(adapter, layer, layer_plan.mlp_keep)
-            if head_keep[old_index] is not None:
-                _prune_heads(adapter, layer, *head_keep[old_index])
-        if hidden_pruned:
+        for _, layer, layer_plan, heads in kept:
+            prune_layer(adapter, layer, layer_plan, heads)
+        if len(hidden_keep) < adapter.hidden_size(model):
             _prune_hidden(model, adapter, hidden_keep)
     sync_config(model)
     return model
+
+
+def start_plan(model: nn.Module, plan: PruningPlan):
+    """Validate the whole plan and drop the layers it drops: what is left is per layer (``prune_layer``).
+
+    Returns (kept hidden channels, [(original index, layer, its LayerPlan, (heads, KV heads) to keep
+    or None)] per kept layer, in order). Shapes only: the layers may still be on the meta device,
+    so a model streamed layer by layer (``minigpts.surgery_offload``) is cut by the same code.
+    """
+    adapter = get_adapter(model)
+    layers_keep, layer_plans, hidden_keep, head_keep = _validate(model, adapter, plan)
+    if len(layers_keep) < len(adapter.layers(model)):
+        _drop_layers(model, adapter, layers_keep)
+    layers = adapter.layers(model)
+    kept = [
+        (old, layers[new], layer_plan, head_keep[old])
+        for new, (old, layer_plan) in enumerate(zip(layers_keep, layer_plans, strict=True))
+    ]
+    return hidden_keep, kept
+
+
+def prune_layer(
+    adapter: ArchAdapter,
+    layer: nn.Module,
+    layer_plan: LayerPlan,
+    heads: tuple[list[int], list[int]] | None,
+) -> None:
+    """One decoder layer's MLP channels and heads (``start_plan``'s entry for it); layers are independent."""
+    with torch.no_grad():
+        _prune_mlp(adapter, layer, layer_plan.mlp_keep)
+        if heads is not None:
+            _prune_heads(adapter, layer, *heads)
 
 
 # --- validation ---------------------------------------------------------------------------------

@@ -322,24 +322,18 @@ def expected_token_counts(
     """
     from tqdm.auto import tqdm
 
-    from minigpts.evaluation import deferred_head
+    from minigpts.evaluation import deferred_head, eval_mode
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total = None
     bar = tqdm(
         total=windows.numel(), unit="tok", unit_scale=True, desc="expected tokens", disable=not progress
     )
-    try:
-        with deferred_head(model, windows[:1, :8].to(device)) as head:
-            for batch in windows.split(batch_size):
-                probabilities = expected_sums(model, head, batch.to(device))
-                total = probabilities if total is None else total + probabilities
-                bar.update(batch.numel())
-    finally:
-        model.train(was_training)
-        bar.close()
+    with bar, eval_mode(model), deferred_head(model, windows[:1, :8].to(device)) as head:
+        for batch in windows.split(batch_size):
+            probabilities = expected_sums(model, head, batch.to(device))
+            total = probabilities if total is None else total + probabilities
+            bar.update(batch.numel())
     return total.numpy()
 
 
@@ -398,27 +392,13 @@ def select_vocab(
     Always kept: added and special tokens, the chat template's scaffolding, ids named by the model
     and generation configs, the byte alphabet, and (closure) every parent of a kept merge.
     """
-    given = {
-        "embedding_threshold": embedding_threshold,
-        "min_count": min_count,
-        "vocab_size": vocab_size,
-    }
-    chosen = [(k, v) for k, v in given.items() if v is not None]
-    if len(chosen) != 1:
-        raise UserError(
-            "vocabulary pruning: give exactly one of --embedding-threshold, --vocab-min-count, --vocab-size"
-        )
-    mode, value = chosen[0]
+    mode, value = _single_criterion(embedding_threshold, min_count, vocab_size)
     size = len(tokenizer)
     counts = _checked_counts(counts, size)
     bpe = _read_bpe(tokenizer)
     parents = _merge_parents(bpe)
 
-    special = (
-        _special_ids(tokenizer, bpe)
-        | _template_ids(tokenizer)
-        | _checked_config_ids(model_config, generation_config, size)
-    )
+    special = _always_kept_special(tokenizer, bpe, model_config, generation_config, size)
     byte = _byte_alphabet_ids(bpe)
     forced = special | byte
     general = _general_ids(bpe, keep_general, mode) | _top_expected(expected, keep_expected, size, mode)
@@ -439,6 +419,32 @@ def select_vocab(
         kept_seen=len(seen - forced),
         kept_closure=len(closure),
         kept_widened=len(widened),
+    )
+
+
+def _single_criterion(
+    embedding_threshold: float | None, min_count: int | None, vocab_size: int | None
+) -> tuple[str, float | int]:
+    """The one pruning criterion given, as ``(mode, value)``; zero or several is a user error."""
+    given = {
+        "embedding_threshold": embedding_threshold,
+        "min_count": min_count,
+        "vocab_size": vocab_size,
+    }
+    chosen = [(k, v) for k, v in given.items() if v is not None]
+    if len(chosen) != 1:
+        raise UserError(
+            "vocabulary pruning: give exactly one of --embedding-threshold, --vocab-min-count, --vocab-size"
+        )
+    return chosen[0]
+
+
+def _always_kept_special(tokenizer, bpe, model_config, generation_config, size: int) -> set[int]:
+    """Added and special tokens, the chat template's scaffolding and the ids the configs name."""
+    return (
+        _special_ids(tokenizer, bpe)
+        | _template_ids(tokenizer)
+        | _checked_config_ids(model_config, generation_config, size)
     )
 
 

@@ -166,6 +166,9 @@ class ArchAdapter:
     heads_field: str = "num_attention_heads"
     kv_heads_field: str | None = "num_key_value_heads"  # None: the family has no GQA field
     norm_eps_field: str | None = "rms_norm_eps"  # rescaled by hidden pruning of RMSNorm models
+    # transformers derives head_dim from hidden_size // heads (OPT, GPT-2, GPT-NeoX, StableLM), so a
+    # config whose heads * head_dim differs from the hidden size needs the exported remote code
+    head_dim_from_hidden: bool = False
 
     # --- navigation -------------------------------------------------------------------------
     def body(self, model: nn.Module) -> nn.Module:
@@ -379,7 +382,10 @@ class ArchAdapter:
 
     def needs_remote_code(self, config: Any) -> bool:
         """True when transformers' own modeling code cannot rebuild this (uniform) config."""
-        return False
+        if not self.head_dim_from_hidden:
+            return False
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return config.num_attention_heads * head_dim != config.hidden_size
 
     # --- transformers classes, for the remote code of per-layer exports ----------------------
     class_prefixes: dict[str, str] = {}  # model_type -> prefix of its transformers classes

@@ -41,6 +41,7 @@ class GPT2Adapter(ArchAdapter):
     mlp_width_field = "n_inner"
     kv_heads_field = None
     norm_eps_field = None
+    head_dim_from_hidden = True
 
     remote_layer_builder = """
 def build_layer(layer_config, index):
@@ -94,7 +95,3 @@ def build_layer(layer_config, index):
 
     def hidden_pruning_problem(self, config: Any) -> str | None:
         return "gpt2 cannot lose hidden channels: transformers' GPT2Attention derives head_dim from n_embd // n_head"
-
-    def needs_remote_code(self, config: Any) -> bool:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_attention_heads * head_dim != config.hidden_size

@@ -35,6 +35,7 @@ class GPTNeoXAdapter(ArchAdapter):
     norm_kind = "layer"
     kv_heads_field = None
     norm_eps_field = None
+    head_dim_from_hidden = True
 
     remote_layer_builder = """
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -101,7 +102,3 @@ def build_layer(layer_config, index):
                 f"num_attention_heads ({n_heads}): keep a head count that divides the hidden size"
             )
         return None
-
-    def needs_remote_code(self, config: Any) -> bool:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_attention_heads * head_dim != config.hidden_size

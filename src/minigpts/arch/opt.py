@@ -29,6 +29,7 @@ class OPTAdapter(ArchAdapter):
     mlp_width_field = "ffn_dim"
     kv_heads_field = None
     norm_eps_field = None
+    head_dim_from_hidden = True
 
     remote_layer_builder = """
 def build_layer(layer_config, index):
@@ -65,7 +66,3 @@ def build_layer(layer_config, index):
 
     def hidden_pruning_problem(self, config: Any) -> str | None:
         return "opt cannot lose hidden channels: transformers' OPTAttention derives head_dim from hidden_size"
-
-    def needs_remote_code(self, config: Any) -> bool:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_attention_heads * head_dim != config.hidden_size

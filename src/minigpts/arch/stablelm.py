@@ -33,6 +33,7 @@ class StableLmAdapter(ArchAdapter):
     layer_norm_paths = ("input_layernorm", "post_attention_layernorm")  # parallel: the first alone
     norm_kind = "layer"
     norm_eps_field = None
+    head_dim_from_hidden = True
 
     remote_layer_builder = """
 def build_layer(layer_config, index):
@@ -91,7 +92,3 @@ def build_layer(layer_config, index):
 
     def hidden_pruning_problem(self, config: Any) -> str | None:
         return "stablelm cannot lose hidden channels: transformers' StableLmAttention derives head_dim from hidden_size"
-
-    def needs_remote_code(self, config: Any) -> bool:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_attention_heads * head_dim != config.hidden_size

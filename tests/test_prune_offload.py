@@ -1,0 +1,229 @@
+"""`prune --offload` (surgery_offload) writes exactly the model the in-memory `prune` writes, one layer at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from minigpts import analysis_offload
+from minigpts.cli import main
+
+FAMILIES = (
+    "llama", "qwen2", "gemma3_text", "opt-proj", "gpt2", "gpt_neox", "phi", "phi3",
+    "stablelm-parallel-qk-norm",
+)  # fmt: skip
+CPU = ("--device", "cpu", "--dtype", "float32")
+UNIFORM = ("--mlp-ratio", "0.5", "--head-ratio", "0.34")
+PER_LAYER = ("--layout", "per-layer", "--allocation", "paper", "--mlp-ratio", "0.5", "--head-ratio", "0.5")
+VOCAB = ("--vocab-min-count", "1")
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    docs = [f"Supply and demand, lesson {i}: prices move with scarcity and cost." for i in range(40)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+_DIRS: dict[str, tuple] = {}
+
+
+def model_and_stats(name: str, tmp_path_factory, tokenizer, corpus_file) -> tuple:
+    """A tiny model directory of family ``name`` and its statistics (second moments included), made once."""
+    if name not in _DIRS:
+        base = tmp_path_factory.mktemp(name)
+        make_tiny_model(name, len(tokenizer)).save_pretrained(base / "model")
+        tokenizer.save_pretrained(base / "model")
+        stats = base / "stats.safetensors"
+        args = ["analyze", "--model", base / "model", "--data", corpus_file, "--out", stats]
+        assert (
+            main(
+                [
+                    str(a)
+                    for a in [*args, "--seq-len", "16", "--calib-tokens", "128", "--fisher-tokens", "0", *CPU]
+                ]
+            )
+            == 0
+        )
+        _DIRS[name] = base / "model", stats
+    return _DIRS[name]
+
+
+def read_tensors(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    return {key: value for file in files for key, value in load_file(file).items()}
+
+
+def assert_same_output(expected, actual) -> None:
+    """The same tensors (bit for bit), config.json and minigpts.json."""
+    want, got = read_tensors(expected), read_tensors(actual)
+    assert sorted(want) == sorted(got)
+    for key, tensor in want.items():
+        assert tensor.dtype == got[key].dtype and torch.equal(tensor, got[key]), key
+    for name in ("config.json", "minigpts.json", "README.md", "tokenizer.json"):
+        assert (expected / name).read_text() == (actual / name).read_text(), name
+    assert (expected / "modeling_minigpts.py").exists() == (actual / "modeling_minigpts.py").exists()
+
+
+def prune_both(capsys, tmp_path, model_dir, stats, *plan):
+    """The in-memory and the offloaded `prune` of the same plan: (in-memory dir, offloaded dir)."""
+    outs = tmp_path / "memory", tmp_path / "offload"
+    for out, extra in zip(outs, ((), ("--offload",)), strict=True):
+        code, _, err = run_cli(
+            capsys, "prune", "--model", model_dir, "--stats", stats, *plan, "--out", out, *CPU, *extra
+        )
+        assert code == 0, err
+    return outs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_uniform_plan_with_vocabulary_cut_equals_in_memory_for_every_family(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file, name
+):
+    model_dir, stats = model_and_stats(name, tmp_path_factory, tiny_tokenizer, corpus_file)
+    data = ("--data", corpus_file)
+    memory, offload = prune_both(capsys, tmp_path, model_dir, stats, *UNIFORM, *VOCAB, *data)
+    assert_same_output(memory, offload)
+    info = json.loads((offload / "minigpts.json").read_text())
+    assert info["plan"]["settings"]["reconstruct"] == "lstsq" and info["plan"]["vocab_keep"]
+
+
+@pytest.mark.parametrize("reconstruct", ["lstsq", "none"])
+def test_per_layer_plan_equals_in_memory_and_reloads(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file, reconstruct
+):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    plan = (*PER_LAYER, "--reconstruct", reconstruct)
+    memory, offload = prune_both(capsys, tmp_path, model_dir, stats, *plan)
+    assert_same_output(memory, offload)
+    assert json.loads((offload / "minigpts.json").read_text())["layout"] == "per-layer"
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = [
+        AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()(ids).logits
+        for d in (memory, offload)
+    ]
+    assert torch.equal(*logits)
+
+
+def test_sharded_output_reloads_identically(capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minigpts.options import PlanOptions
+    from minigpts.surgery_offload import load_stats, plan_offloaded, prune_offloaded
+
+    model_dir, stats_file = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    memory = tmp_path / "memory"
+    code, _, err = run_cli(
+        capsys, "prune", "--model", model_dir, "--stats", stats_file, *UNIFORM, "--out", memory, *CPU
+    )
+    assert code == 0, err
+    stats, tokenizer = load_stats(stats_file), AutoTokenizer.from_pretrained(model_dir)
+    plan = plan_offloaded(model_dir, tokenizer, stats, PlanOptions(mlp_ratio=0.5, head_ratio=0.34))
+    expected = json.loads((memory / "minigpts.json").read_text())
+    expected_plan, metadata = expected["plan"], expected["metadata"]
+    assert [layer.mlp_keep for layer in plan.layers] == [
+        layer["mlp_keep"] for layer in expected_plan["layers"]
+    ]
+    out = prune_offloaded(
+        model_dir,
+        plan,
+        stats,
+        tmp_path / "sharded",
+        tokenizer=tokenizer,
+        metadata=metadata,
+        max_shard_bytes=6000,
+        progress=False,
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(read_tensors(memory))
+    assert_same_output(memory, out)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    logits = [AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits for d in (memory, out)]
+    assert torch.equal(*logits)
+
+
+def test_second_moments_stay_in_the_file_until_a_layer_asks(tmp_path_factory, tiny_tokenizer, corpus_file):
+    from minigpts.analysis import ActivationStats
+    from minigpts.surgery_offload import load_stats
+
+    _, stats_file = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    lazy, whole = load_stats(stats_file), ActivationStats.load(stats_file)
+    assert not isinstance(lazy.mlp_gram, list) and lazy.has_moments
+    for i in range(whole.n_layers):
+        assert torch.equal(lazy.mlp_gram[i], whole.mlp_gram[i]) and torch.equal(
+            lazy.attn_gram[i], whole.attn_gram[i]
+        )
+        assert torch.equal(lazy.mlp_mean[i], whole.mlp_mean[i]) and torch.equal(
+            lazy.mlp_l1[i], whole.mlp_l1[i]
+        )
+
+
+@pytest.mark.parametrize(
+    "plan, flag",
+    [
+        (("--criterion", "wanda", "--mlp-ratio", "0.5"), "--criterion"),
+        (("--layout", "per-layer", "--mlp-ratio", "0.5"), "--allocation"),
+        (("--target-params", "0.8"), "--allocation"),
+        (("--hidden-ratio", "0.25"), "--hidden-ratio"),
+        (("--drop-layers", "1"), "--drop-layers"),
+        (("--mlp-ratio", "0.5", "--sequential"), "--sequential"),
+        (("--mlp-ratio", "0.5", "--allow-pickle"), "--allow-pickle"),
+    ],
+)
+def test_refused_combinations_are_one_line_and_exit_2(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file, plan, flag
+):
+    model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    args = (
+        "prune",
+        "--model",
+        model_dir,
+        "--stats",
+        stats,
+        *plan,
+        "--offload",
+        "--out",
+        tmp_path / "out",
+        *CPU,
+    )
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and flag in err and "--offload" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file):
+    model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ("prune", "--model", model_dir, "--stats", stats, *UNIFORM, "--offload", "--out", out, *CPU)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "--force" in err and (out / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_every_offload_family_is_checked():
+    from conftest import TINY_CONFIGS
+    from transformers import AutoConfig
+
+    from minigpts.arch import get_adapter
+
+    checked = {get_adapter(AutoConfig.for_model(TINY_CONFIGS[name][0])).family for name in FAMILIES}
+    assert set(analysis_offload.SEQUENTIAL_FAMILIES) <= checked
