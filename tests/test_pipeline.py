@@ -605,13 +605,12 @@ def test_finetune_full_writes_model_and_no_work_dir(capsys, tmp_path, pruned_dir
     assert any(not torch.equal(tuned[name], pruned[name]) for name in pruned)  # training moved weights
 
 
-def test_finetune_distill_uses_recorded_base_model(capsys, tmp_path, pruned_dir, model_dir):
-    out = tmp_path / "distilled"
-    code, stdout, err = run_cli(
-        capsys,
+def distill_argv(model, out) -> list:
+    """`finetune --method distill` of ``model`` on the sample, two tiny steps, into ``out``."""
+    return [
         "finetune",
         "--model",
-        pruned_dir,
+        model,
         "--data",
         "sample",
         *CPU,
@@ -620,7 +619,12 @@ def test_finetune_distill_uses_recorded_base_model(capsys, tmp_path, pruned_dir,
         "distill",
         "--out",
         out,
-    )
+    ]
+
+
+def test_finetune_distill_uses_recorded_base_model(capsys, tmp_path, pruned_dir, model_dir):
+    out = tmp_path / "distilled"
+    code, stdout, err = run_cli(capsys, *distill_argv(pruned_dir, out))
     assert code == 0, err
     assert "distill" in stdout
     info = json.loads((out / "minigpts.json").read_text())
@@ -633,20 +637,7 @@ def test_finetune_distill_of_an_unpruned_model_distils_from_a_frozen_copy_of_it(
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "self-distilled"
-    argv = [
-        "finetune",
-        "--model",
-        model_dir,
-        "--data",
-        "sample",
-        *CPU,
-        *TRAIN,
-        "--method",
-        "distill",
-        "--out",
-        out,
-    ]
-    code, stdout, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *distill_argv(model_dir, out))
     assert code == 0, err
     assert json.loads((out / "minigpts.json").read_text())["metadata"]["finetune"]["method"] == "distill"
     before = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
@@ -660,20 +651,7 @@ def test_finetune_distill_of_a_pruned_model_without_its_base_asks_for_teacher(ca
     info = json.loads((orphan / "minigpts.json").read_text())
     del info["metadata"]["base_model"]
     (orphan / "minigpts.json").write_text(json.dumps(info))
-    argv = [
-        "finetune",
-        "--model",
-        orphan,
-        "--data",
-        "sample",
-        *CPU,
-        *TRAIN,
-        "--method",
-        "distill",
-        "--out",
-        tmp_path / "x",
-    ]
-    code, _, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *distill_argv(orphan, tmp_path / "x"))
     assert code == 2 and "pass --teacher MODEL" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
