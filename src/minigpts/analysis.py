@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,24 @@ from minigpts.errors import UserError
 
 STATS_FORMAT = "minigpts-activation-stats"
 STATS_FORMAT_VERSION = 1
+
+
+class _LazyLayers(Sequence):
+    """One per-layer list of a statistics file, each entry read from the file when indexed."""
+
+    def __init__(self, path: Path, name: str, n_layers: int):
+        self.path, self.name, self.n_layers = path, name, n_layers
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __getitem__(self, index):
+        from safetensors import safe_open
+
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n_layers))]
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(f"{self.name}.{index % self.n_layers}").double()
 
 
 @dataclass
@@ -198,7 +217,9 @@ class ActivationStats:
         os.replace(partial, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> ActivationStats:
+    def load(cls, path: str | Path, *, lazy_moments: bool = False) -> ActivationStats:
+        """The statistics in ``path``; ``lazy_moments``: the (width)² second moments stay in the file and
+        each layer's is read when indexed (``prune --offload``: all of them may outweigh a layer)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -212,7 +233,10 @@ class ActivationStats:
                 header = handle.metadata() or {}
                 if header.get("format") != STATS_FORMAT:
                     raise UserError(not_stats)
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+                keys = list(handle.keys())  # noqa: SIM118
+                tensors = {
+                    key: handle.get_tensor(key) for key in keys if not (lazy_moments and "_gram." in key)
+                }
         except UserError:
             raise
         except Exception as error:  # safetensors raises several types for a file that is not its own
@@ -220,10 +244,15 @@ class ActivationStats:
         if int(header.get("format_version", "0")) > STATS_FORMAT_VERSION:
             raise UserError(f"--stats {path}: written by a newer minigpts; upgrade minigpts to read it")
         head_layout = [tuple(layout) for layout in json.loads(header["head_layout"])]
-        names = _PER_LAYER + (_MOMENTS if "mlp_gram.0" in tensors else ())
+        names = _PER_LAYER + (_MOMENTS if "mlp_gram.0" in keys else ())
         names += ("mlp_fisher", "attn_fisher") if "mlp_fisher.0" in tensors else ()
         names += tuple(n for n in _OPTIONAL_PER_LAYER if f"{n}.0" in tensors and n not in names)
-        lists = {name: [tensors[f"{name}.{i}"].double() for i in range(len(head_layout))] for name in names}
+        lists = {
+            name: _LazyLayers(path, name, len(head_layout))
+            if lazy_moments and name.endswith("_gram")
+            else [tensors[f"{name}.{i}"].double() for i in range(len(head_layout))]
+            for name in names
+        }
         whole = {name: tensors[name].double() for name in _OPTIONAL_WHOLE if name in tensors}
         return cls(
             **lists,

@@ -25,8 +25,6 @@ and LM head at the end + the statistics without their second moments + one layer
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,47 +136,11 @@ def plan_offloaded(
     return plan
 
 
-class _LazyLayers(Sequence):
-    """One per-layer list of a statistics file, each entry read from the file when indexed."""
-
-    def __init__(self, path: Path, name: str, n_layers: int):
-        self.path, self.name, self.n_layers = path, name, n_layers
-
-    def __len__(self) -> int:
-        return self.n_layers
-
-    def __getitem__(self, index):
-        from safetensors import safe_open
-
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.n_layers))]
-        with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(f"{self.name}.{index % self.n_layers}").double()
-
-
 def load_stats(path: str | Path) -> ActivationStats:
-    """``ActivationStats.load`` leaving the (width)² second moments in the file: each layer's is read
-    when the refit asks for it (all of them could outweigh a layer of the model)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    """The statistics with each layer's second moments read from the file only when the refit asks."""
     from minigpts.analysis import ActivationStats
 
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header, keys = handle.metadata() or {}, list(handle.keys())  # noqa: SIM118
-            small = {k: handle.get_tensor(k) for k in keys if "_gram." not in k}
-    except Exception:  # not a statistics file: the ordinary loader says what is wrong
-        return ActivationStats.load(path)
-    if "mlp_gram.0" not in keys:
-        return ActivationStats.load(path)
-    with tempfile.TemporaryDirectory(prefix="minigpts-stats-") as scratch:
-        save_file(small, Path(scratch) / path.name, metadata=header)
-        stats = ActivationStats.load(Path(scratch) / path.name)
-    stats.mlp_gram = _LazyLayers(path, "mlp_gram", stats.n_layers)
-    stats.attn_gram = _LazyLayers(path, "attn_gram", stats.n_layers)
-    return stats
+    return ActivationStats.load(path, lazy_moments=True)
 
 
 # --- surgery and save -----------------------------------------------------------------------------
