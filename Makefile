@@ -44,7 +44,7 @@ demo: $(STAMP)
 		--embedding-threshold 0 --vocab-keep-expected 24576 \
 		--calib-tokens 16384 --max-eval-tokens 8192 \
 		--finetune distill --mixed-precision bf16 --max-train-tokens 65536 --finetune-seq-len 256 \
-		--lr 3e-4 --max-val-tokens 4096 \
+		--lr 2e-4 --max-val-tokens 4096 \
 		--general-data sample-medical
 
 test: $(STAMP)

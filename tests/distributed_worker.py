@@ -7,6 +7,7 @@ on its share, rank 0 saves the (reduced) results to OUT_FILE with ``torch.save``
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ def stats_dict(stats) -> dict:
     for name, value in vars(stats).items():
         if isinstance(value, torch.Tensor):
             out[name] = value.double().clone()
-        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        elif isinstance(value, Sequence) and value and isinstance(value[0], torch.Tensor):  # lists, lazy ones
             out[name] = [v.double().clone() for v in value]
         elif isinstance(value, int | float):
             out[name] = value
@@ -59,6 +60,7 @@ def compute(tmp: Path, world: int = 1) -> dict:
             depth_tokens=16 * 3,
         )
         results[f"stats_{str(dtype).removeprefix('torch.')}"] = stats_dict(stats)
+    results["stats_offload"] = offloaded_stats(tmp, calib, vocab)
 
     model = make_tiny_llama(vocab, seed=0)
     held_out = list(windows(7, 16, vocab, seed=2)) + [windows(1, 9, vocab, seed=3)[0]]  # a shorter last one
@@ -93,6 +95,22 @@ def compute(tmp: Path, world: int = 1) -> dict:
         "weights": {k: v.detach().double().clone() for k, v in trained.state_dict().items()},
     }
     return results
+
+
+def offloaded_stats(tmp: Path, calib: torch.Tensor, vocab: int) -> dict:
+    """Layer-by-layer analysis with second moments (each layer's reduced as soon as it is done)."""
+    from minigpts import distributed
+    from minigpts.analysis_offload import analyze_offloaded
+
+    directory = tmp / "offload-model"
+    if distributed.is_main():  # (save_pretrained writes its config on the main process only)
+        make_tiny_llama(vocab, seed=0).to(torch.float64).save_pretrained(directory, safe_serialization=True)
+    distributed.barrier()
+    stats = analyze_offloaded(
+        directory, calib, batch_size=BATCH, progress=False, moments=True, fisher_tokens=16 * 5,
+        dtype=torch.float64,
+    )  # fmt: skip
+    return stats_dict(stats)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -28,14 +30,19 @@ def saved(tmp_path, name: str = "llama", dtype=torch.float64, **save_options):
     return model, directory
 
 
+GRAM_RTOL = 1e-6  # layer by layer, the second moments' means are kept (in files) as float32
+
+
 def assert_same_stats(expected, actual, rtol: float = 1e-10) -> None:
-    """Every statistic of ``expected`` equals ``actual``'s (each tensor to ``rtol`` of its largest entry)."""
+    """Every statistic of ``expected`` equals ``actual``'s (each tensor to ``rtol`` of its largest entry;
+    the second moments to float32 precision at best)."""
     for field in dataclasses.fields(expected):
         x, y = getattr(expected, field.name), getattr(actual, field.name)
         if field.name == "metadata":
             continue
+        tolerance = max(rtol, GRAM_RTOL) if field.name.endswith("_gram") else rtol
         if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
-            assert len(x) == len(y), field.name
+            assert isinstance(y, Sequence) and len(x) == len(y), field.name
             pairs = list(zip(x, y, strict=True))
         elif isinstance(x, torch.Tensor):
             pairs = [(x, y)]
@@ -45,7 +52,7 @@ def assert_same_stats(expected, actual, rtol: float = 1e-10) -> None:
         for u, v in pairs:
             assert u.shape == v.shape and u.dtype == v.dtype, field.name
             scale = u.double().abs().max().clamp_min(1e-300)
-            assert ((u.double() - v.double()).abs().max() / scale).item() <= rtol, field.name
+            assert ((u.double() - v.double()).abs().max() / scale).item() <= tolerance, field.name
     for key in ("family", "seq_len", "windows", "dtype", "model"):
         assert expected.metadata[key] == actual.metadata[key], key
     assert actual.metadata["offload"] is True
@@ -193,3 +200,139 @@ def test_cli_analyze_offload_writes_the_in_memory_statistics(tmp_path, tiny_toke
     assert_same_stats(expected, actual, rtol=1e-6)  # float32 model: the same hooks, same batches
     assert main(["analyze", *common, "--offload", "--allow-pickle", "--out", str(tmp_path / "x")]) == 2
     assert "--offload reads safetensors only" in capsys.readouterr().err
+
+
+def _spied_opens(monkeypatch) -> list[str]:
+    """The files ``safetensors.safe_open`` opens from now on (as the lazy per-layer lists call it)."""
+    import safetensors
+
+    opened, original = [], safetensors.safe_open
+
+    def spy(path, *args, **kwargs):
+        opened.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", spy)
+    return opened
+
+
+def test_offloaded_moments_are_spilled_per_layer_and_read_lazily(tmp_path, monkeypatch):
+    """moments=True layer by layer: each layer's float64 sums exist only while that layer runs (freed
+    as soon as its means are in its own file under work_dir); the result's grams are lazy lists that
+    read one file per indexed layer and equal the in-memory ones to float32 precision."""
+    from minigpts import analysis
+
+    _, directory = saved(tmp_path, "llama")
+    windows = windows_for()
+    held = []  # at each spill: how many layers hold float64 gram sums
+    original = analysis._LayerSums.spill
+
+    def spill(self, i, n_tokens, parent=None):
+        held.append(sum(m.gram is not None for m in self.mlp_moments + self.attn_moments))
+        return original(self, i, n_tokens, parent)
+
+    monkeypatch.setattr(analysis._LayerSums, "spill", spill)
+    work = tmp_path / "work"
+    work.mkdir()
+    options = dict(batch_size=2, moments=True)
+    expected = in_memory(directory, windows, **options)
+    actual = analyze_offloaded(
+        directory, windows, dtype=torch.float64, progress=False, work_dir=work, **options
+    )
+    n_layers = expected.n_layers
+    assert held == [2] * n_layers  # the MLP's and the attention's of the one layer just run
+    assert isinstance(expected.mlp_gram, list)  # in memory: unchanged
+    for name in ("mlp_gram", "attn_gram"):
+        lazy = getattr(actual, name)
+        assert isinstance(lazy, analysis._LazyLayers) and len(lazy) == n_layers
+    scratch = actual.mlp_gram.keep.path
+    assert scratch.parent == work and actual.attn_gram.keep is actual.mlp_gram.keep
+    assert sorted(p.name for p in scratch.iterdir()) == [f"layer-{i}.safetensors" for i in range(n_layers)]
+    assert_same_stats(expected, actual)
+    opened = _spied_opens(monkeypatch)
+    gram = actual.attn_gram[1]
+    assert opened == [str(scratch / "layer-1.safetensors")]
+    assert gram.dtype == torch.float64 and gram.shape == expected.attn_gram[1].shape
+    assert actual.mlp_gram[-1].shape == expected.mlp_gram[-1].shape
+    with pytest.raises(IndexError):
+        actual.mlp_gram[n_layers]
+
+
+def _saved_file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
+
+
+VOLATILE = ("seconds", "tokens_per_second", "created", "offload")  # differ from run to run / by path
+
+
+def assert_same_files(expected_path, actual_path) -> None:
+    """The same keys, dtypes and shapes; tensors equal (float32 second moments to float32 precision);
+    the same header, apart from the run's timing and the offload flag in the provenance."""
+    (x, x_meta), (y, y_meta) = _saved_file(expected_path), _saved_file(actual_path)
+    assert sorted(x) == sorted(y)
+    for key in x:
+        assert x[key].dtype == y[key].dtype and x[key].shape == y[key].shape, key
+        tolerance = GRAM_RTOL if "_gram." in key else 1e-10
+        scale = x[key].double().abs().max().clamp_min(1e-300)
+        assert ((x[key].double() - y[key].double()).abs().max() / scale).item() <= tolerance, key
+    provenance = [json.loads(meta.pop("metadata")) for meta in (x_meta, y_meta)]
+    assert x_meta == y_meta
+    for meta in provenance:
+        for key in VOLATILE:
+            meta.pop(key, None)
+    assert provenance[0] == provenance[1]
+
+
+def test_offloaded_moments_save_and_load_as_the_in_memory_ones(tmp_path):
+    """The statistics file of a layer-by-layer analysis with moments (its grams copied from their
+    per-layer files one at a time) equals the in-memory analysis' file; it loads, lazily too, and a
+    lazily loaded one saves the same file again."""
+    from minigpts.analysis import ActivationStats
+
+    _, directory = saved(tmp_path, "qwen2")
+    windows = windows_for(n=4, seq_len=8)
+    options = dict(batch_size=3, moments=True, fisher_tokens=10)
+    expected = in_memory(directory, windows, **options)
+    actual = analyze_offloaded(directory, windows, dtype=torch.float64, progress=False, **options)
+    expected.save(tmp_path / "memory.safetensors")
+    actual.save(tmp_path / "offload.safetensors")
+    assert_same_files(tmp_path / "memory.safetensors", tmp_path / "offload.safetensors")
+    for lazy in (False, True):
+        loaded = ActivationStats.load(tmp_path / "offload.safetensors", lazy_moments=lazy)
+        assert_same_stats(ActivationStats.load(tmp_path / "memory.safetensors"), loaded)
+    loaded.save(tmp_path / "again.safetensors")  # the lazily loaded one: grams streamed from the file
+    assert_same_files(tmp_path / "offload.safetensors", tmp_path / "again.safetensors")
+
+
+def test_spill_directory_lives_as_long_as_the_statistics(tmp_path):
+    """The per-layer files stay while the statistics (or a list of their grams) live, saving included;
+    the directory is removed once they are garbage-collected."""
+    _, directory = saved(tmp_path, "llama")
+    stats = analyze_offloaded(
+        directory, windows_for(n=2, seq_len=6), dtype=torch.float64, progress=False, moments=True
+    )
+    scratch = stats.mlp_gram.keep.path
+    stats.save(tmp_path / "stats.safetensors")
+    assert scratch.is_dir()
+    grams = stats.attn_gram
+    del stats
+    gc.collect()
+    assert scratch.is_dir() and grams[0].shape[0] == grams[0].shape[1]
+    del grams
+    gc.collect()
+    assert not scratch.exists()
+
+
+def test_a_process_without_windows_still_spills_every_layer(tmp_path, monkeypatch):
+    """Data parallel, a process may get no windows: it still reports every layer done (each layer's
+    reduce is collective), with zero sums."""
+    from minigpts import distributed
+
+    _, directory = saved(tmp_path, "llama")
+    monkeypatch.setattr(distributed, "shard", lambda items, align=1: items[:0])
+    stats = analyze_offloaded(directory, windows_for(), dtype=torch.float64, progress=False, moments=True)
+    assert len(stats.mlp_gram) == stats.n_layers
+    assert all(not gram.any() for gram in stats.mlp_gram[:] + stats.attn_gram[:])

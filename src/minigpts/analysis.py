@@ -29,9 +29,13 @@ layers comparable (``minigpts.allocation``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,21 +53,51 @@ STATS_FORMAT_VERSION = 1
 
 
 class _LazyLayers(Sequence):
-    """One per-layer list of a statistics file, each entry read from the file when indexed."""
+    """A per-layer list whose entries stay in safetensors files, each read (as float64) when indexed.
 
-    def __init__(self, path: Path, name: str, n_layers: int):
-        self.path, self.name, self.n_layers = path, name, n_layers
+    ``entries``: the (file, key) of each layer's tensor; ``keep``: what must live as long as the list
+    (layer-by-layer analysis: the scratch directory of its per-layer files, removed with it).
+    """
+
+    def __init__(self, entries: list[tuple[Path, str]], keep: Any = None):
+        self.entries, self.keep = list(entries), keep
+
+    @classmethod
+    def of_file(cls, path: Path, name: str, n_layers: int) -> _LazyLayers:
+        """``name.0`` ... ``name.{n_layers - 1}`` of one statistics file."""
+        return cls([(path, f"{name}.{i}") for i in range(n_layers)])
 
     def __len__(self) -> int:
-        return self.n_layers
+        return len(self.entries)
 
     def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.stored(index).double()
+
+    def stored(self, index: int) -> torch.Tensor:
+        """Entry ``index`` in the file's dtype (float32 for the second moments)."""
         from safetensors import safe_open
 
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.n_layers))]
-        with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(f"{self.name}.{index % self.n_layers}").double()
+        path, key = self.entries[index]
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        """Entry ``index``'s shape, from the file's header (nothing else is read)."""
+        from safetensors import safe_open
+
+        path, key = self.entries[index]
+        with safe_open(str(path), framework="pt") as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+
+class _ScratchDirectory:
+    """A temporary directory, removed when this object is garbage-collected (or at exit)."""
+
+    def __init__(self, prefix: str, parent: str | Path | None = None):
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        self._remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
 
 
 @dataclass
@@ -178,17 +212,25 @@ class ActivationStats:
 
     # --- file format ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write one safetensors file (atomically: temporary file, then rename)."""
-        from safetensors.torch import save_file
+        """Write one safetensors file (atomically: temporary file, then rename).
+
+        Written a tensor at a time (``minigpts.tensorfile``): each layer's second moments are converted
+        to float32, or read from their file when they are lazy, only when their turn comes.
+        """
+        from minigpts.tensorfile import write_safetensors
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"token_counts": self.token_counts.contiguous()}
+        tensors: dict[str, Any] = {"token_counts": self.token_counts.contiguous()}
         for name in _PER_LAYER + (_MOMENTS if self.has_moments else ()):
             # second-moment matrices are large: float32 on disk (7 significant digits are plenty for a refit)
-            dtype = torch.float32 if name.endswith("_gram") else torch.float64
-            for i, tensor in enumerate(getattr(self, name)):
-                tensors[f"{name}.{i}"] = tensor.detach().to("cpu", dtype).contiguous()
+            values = getattr(self, name)
+            for i in range(len(values)):
+                tensors[f"{name}.{i}"] = (
+                    _deferred_gram(values, i)
+                    if name.endswith("_gram")
+                    else values[i].detach().to("cpu", torch.float64).contiguous()
+                )
         if self.has_fisher:
             for name in ("mlp_fisher", "attn_fisher"):
                 for i, tensor in enumerate(getattr(self, name)):
@@ -213,7 +255,7 @@ class ActivationStats:
             "metadata": json.dumps(self.metadata, default=str),
         }
         partial = path.with_name(f".{path.name}.partial")
-        save_file(tensors, partial, metadata=header)
+        write_safetensors(partial, tensors, metadata=header)
         os.replace(partial, path)
 
     @classmethod
@@ -248,7 +290,7 @@ class ActivationStats:
         names += ("mlp_fisher", "attn_fisher") if "mlp_fisher.0" in tensors else ()
         names += tuple(n for n in _OPTIONAL_PER_LAYER if f"{n}.0" in tensors and n not in names)
         lists = {
-            name: _LazyLayers(path, name, len(head_layout))
+            name: _LazyLayers.of_file(path, name, len(head_layout))
             if lazy_moments and name.endswith("_gram")
             else [tensors[f"{name}.{i}"].double() for i in range(len(head_layout))]
             for name in names
@@ -266,6 +308,17 @@ class ActivationStats:
             n_tokens=int(header["n_tokens"]),
             metadata=json.loads(header["metadata"]),
         )
+
+
+def _deferred_gram(values: Sequence[torch.Tensor], index: int):
+    """Layer ``index``'s second moments as ``save`` writes them: float32, converted (or read from the
+    lazy list's file) only when written."""
+    from minigpts.tensorfile import DeferredTensor
+
+    if isinstance(values, _LazyLayers):
+        return DeferredTensor(torch.float32, values.shape(index), lambda: values.stored(index))
+    tensor = values[index]
+    return DeferredTensor(torch.float32, tuple(tensor.shape), lambda: tensor)
 
 
 _PER_LAYER = ("mlp_l1", "mlp_l2sq", "attn_dim_l1", "attn_dim_l2sq", "reader_l1", "reader_l2sq")
@@ -287,6 +340,7 @@ class _ExpectedPass:
         n_windows, seq_len = windows.shape
         self.model, self.head, self.context = model, None, None
         self.windows = max(1, min(n_windows, -(-tokens // seq_len))) if tokens > 0 and enabled else 0
+        self.seq_len = seq_len
         self.first = distributed.bounds(n_windows, batch_size)[0]  # this process's first window
         self.probe = windows[:1, :8]
         width = model.get_output_embeddings().weight.shape[0]
@@ -314,19 +368,40 @@ class _ExpectedPass:
             self.context.__exit__(None, None, None)
             self.context = None
 
+    def results(self) -> dict[str, Any]:
+        """ActivationStats fields: the summed probabilities and their token count (none when not run)."""
+        if self.total is None:
+            return {}
+        return {"expected_counts": self.total, "expected_tokens": self.windows * self.seq_len}
+
 
 class _Moments:
-    """Running float64 sums of a (per channel) and a aᵀ of the tensors it is given (matmul in float32)."""
+    """Running float64 sums of a (per channel) and a aᵀ of the tensors it is given (matmul in float32).
+
+    Allocated at the first use (layer by layer, only the layers run so far hold theirs); once
+    ``spilled`` (``_LayerSums.spill``) the gram's mean is in a file and its float64 sum is freed.
+    """
 
     def __init__(self, width: int, device: torch.device):
-        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.width, self.device = width, device
+        self.sum: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.spilled = False
+
+    def allocate(self) -> list[torch.Tensor]:
+        """[the sum, the gram's sum] (zeros at the first call)."""
+        if self.sum is None:
+            with torch.inference_mode(False):  # normal tensors: reduced and divided after the pass
+                self.sum = torch.zeros(self.width, dtype=torch.float64, device=self.device)
+                self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.device)
+        return [self.sum, self.gram]
 
     def add(self, x: torch.Tensor) -> None:
+        total, gram = self.allocate()
         x = x.reshape(-1, x.shape[-1])
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        self.sum += work.sum(0, dtype=torch.float64).to(self.sum.device)
-        self.gram += (work.T @ work).to(self.gram.device, torch.float64)
+        total += work.sum(0, dtype=torch.float64).to(total.device)
+        gram += (work.T @ work).to(gram.device, torch.float64)
 
 
 class _Scratch:
@@ -444,6 +519,7 @@ def analyze(
     depth_tokens: int = 0,
     expected_tokens: int = 0,
     run_body: Any = None,
+    work_dir: str | Path | None = None,
 ) -> ActivationStats:
     """Run the model body over ``windows`` [N, L] and return the per-unit statistics.
 
@@ -459,9 +535,10 @@ def analyze(
     afterwards; hooks are removed even when the pass fails. ``metadata`` (data, seed, ...) is merged
     into the recorded provenance.
 
-    ``run_body(local_windows, batch_size, bar)``, when given, replaces the pass itself (by default
-    ``body(input_ids=batch)`` batch by batch): ``minigpts.analysis_offload`` runs the hooked layers
-    one at a time with it, so the statistics come from this same code.
+    ``run_body(local_windows, batch_size, bar, layer_done)``, when given, replaces the pass itself (by
+    default ``body(input_ids=batch)`` batch by batch) with this same code's hooks: ``analysis_offload``
+    runs the layers one at a time, calling ``layer_done(i)`` once layer i has seen every batch (its
+    second moments then go to a file under ``work_dir``: ``_LayerSums.spill``).
     """
     from minigpts import distributed
     from minigpts.arch import get_adapter
@@ -476,12 +553,11 @@ def analyze(
     local = distributed.shard(windows, batch_size)  # all of them on one process
     expected = _ExpectedPass(model, windows, expected_tokens, batch_size, enabled=run_body is None)
     started = time.perf_counter()
+    run_body = sums.spilling(run_body, windows.numel(), work_dir)
     _hooked_pass(model, adapter, sums, expected, local, batch_size, progress, run_body)
     distributed.reduce(sums.tensors() + [expected.total])  # the other processes' sums (data parallel)
     seconds = time.perf_counter() - started
-    extra = sums.results(windows.numel(), n_windows)
-    if expected.total is not None:
-        extra |= {"expected_counts": expected.total, "expected_tokens": expected.windows * seq_len}
+    extra = sums.results(windows.numel(), n_windows) | expected.results()
     extra |= _gradient_passes(model, windows, fisher_tokens, taylor_tokens, depth_tokens, progress)
     return ActivationStats(
         **extra,
@@ -547,6 +623,7 @@ class _LayerSums:
         self.influence = BlockInfluence(len(layers), on)
         self.mlp_moments = [_Moments(adapter.mlp_width(lay), on) for lay in layers] if moments else None
         self.attn_moments = [_Moments(adapter.attn_width(lay), on) for lay in layers] if moments else None
+        self.spill_dir: _ScratchDirectory | None = None  # where spill() writes each layer's second moments
 
     def register(self) -> list:
         """The forward hooks, in the order the sums are fed (remove them when done)."""
@@ -578,8 +655,46 @@ class _LayerSums:
         return (
             channel
             + [self.influence.sums, self.influence.tokens]
-            + [t for m in moments for t in (m.sum, m.gram)]
+            + [t for m in moments if not m.spilled for t in m.allocate()]  # spilled: reduced already
         )
+
+    def spilling(self, run_body, n_tokens: int, parent: str | Path | None):
+        """``run_body`` (None stays None) given its ``layer_done``: ``spill``."""
+        if run_body is None:
+            return None
+        return functools.partial(
+            run_body, layer_done=functools.partial(self.spill, n_tokens=n_tokens, parent=parent)
+        )
+
+    def spill(self, i: int, n_tokens: int, parent: str | Path | None = None) -> None:
+        """Layer ``i`` has seen every batch (layer-by-layer analysis): its second moments are reduced
+        across processes (every process spills the same layers in the same order), their means
+        written to a file in a temporary directory (made under ``parent`` at the first call), and
+        the float64 gram sums freed. The mean vectors stay (reduced) in memory."""
+        from minigpts import distributed
+
+        if self.mlp_moments is None or self.mlp_moments[i].spilled:
+            return
+        if self.spill_dir is None:
+            self.spill_dir = _ScratchDirectory("minigpts-moments-", parent)
+        distributed.reduce(self.mlp_moments[i].allocate() + self.attn_moments[i].allocate())
+        self._write_grams(i, n_tokens)
+
+    def _spill_file(self, i: int) -> Path:
+        return self.spill_dir.path / f"layer-{i}.safetensors"
+
+    def _write_grams(self, i: int, n_tokens: int) -> None:
+        """Layer ``i``'s (reduced) gram sums: their means to its file, as float32 (as ``save`` stores
+        them), then freed."""
+        from safetensors.torch import save_file
+
+        grams = {}
+        for name, moments in (("mlp_gram", self.mlp_moments[i]), ("attn_gram", self.attn_moments[i])):
+            gram = moments.allocate()[1]
+            moments.gram, moments.spilled = None, True
+            grams[name] = gram.div_(n_tokens).to("cpu", torch.float32)  # results()' means, rounded
+            del gram
+        save_file(grams, self._spill_file(i))
 
     def results(self, n_tokens: int, n_windows: int) -> dict[str, Any]:
         """ActivationStats fields: means over the tokens (windows for the window norms)."""
@@ -606,12 +721,27 @@ class _LayerSums:
         }
         if self.mlp_moments is not None:
             fields |= {
-                "mlp_gram": means([m.gram for m in self.mlp_moments]),
-                "mlp_mean": means([m.sum for m in self.mlp_moments]),
-                "attn_gram": means([m.gram for m in self.attn_moments]),
-                "attn_mean": means([m.sum for m in self.attn_moments]),
+                "mlp_mean": means([m.allocate()[0] for m in self.mlp_moments]),
+                "attn_mean": means([m.allocate()[0] for m in self.attn_moments]),
             }
+            fields |= self._grams(n_tokens, means)
         return fields
+
+    def _grams(self, n_tokens: int, means) -> dict[str, Any]:
+        """mlp_gram and attn_gram: in memory, or (after ``spill``) read per layer from their files, the
+        directory removed once no list holds it; a layer not spilled yet (already reduced) is written now."""
+        if self.spill_dir is None:
+            return {
+                "mlp_gram": means([m.allocate()[1] for m in self.mlp_moments]),
+                "attn_gram": means([m.allocate()[1] for m in self.attn_moments]),
+            }
+        for i, moments in enumerate(self.mlp_moments):
+            if not moments.spilled:
+                self._write_grams(i, n_tokens)
+        return {
+            name: _LazyLayers([(self._spill_file(i), name) for i in range(len(self.layers))], self.spill_dir)
+            for name in ("mlp_gram", "attn_gram")
+        }
 
 
 def _provenance(model: nn.Module, adapter, windows: torch.Tensor, seconds: float) -> dict[str, Any]:

@@ -16,8 +16,13 @@ without ever holding the whole model: the model is built on the meta device (acc
 
 The statistics are recorded by ``analyze``'s own hooks (``analyze(..., run_body=...)``), so they are
 those of the in-memory pass: bit-identical activations (same batches, same kernels), the same
-float64 sums. Peak memory ≈ the largest of (the embedding, one decoder layer) + the calibration
-hidden states + the statistics (``moments=True`` keeps (width)² float64 sums per layer, as in memory).
+float64 sums. With ``moments=True``, as soon as a layer has seen every batch its (width)² float64
+second-moment sums are reduced across processes, their means written as float32 (as the statistics
+file stores them) to a per-layer file in a temporary directory (under ``work_dir``) and freed: the
+result's ``mlp_gram`` / ``attn_gram`` read each layer from its file when indexed (the directory
+lives as long as they do), and ``ActivationStats.save`` copies them into the statistics file one at
+a time. Peak memory ≈ the largest of (the embedding, one decoder layer) + the calibration hidden
+states + the per-unit vectors + one layer's second moments.
 
 The gradient pass (``fisher_tokens``) is also run layer by layer: the forward stores each layer's
 input hidden states of the gradient windows in a temporary directory, the loss gradient at the last
@@ -400,8 +405,8 @@ def analyze_offloaded(
     Same options and result as ``minigpts.analysis.analyze`` on the loaded model (see the module
     docstring); ``taylor_tokens`` and ``depth_tokens`` must be 0. ``device``: where each layer runs
     (the hidden states stay on the CPU); ``dtype``: as ``load_model``'s (default float32 on the CPU,
-    bfloat16 on a GPU). ``work_dir``: where the gradient pass keeps each layer's inputs (default: a
-    temporary directory).
+    bfloat16 on a GPU). ``work_dir``: where temporary directories keep each layer's inputs for the
+    gradient pass and its second moments (default: the system's temporary directory).
     """
     from minigpts.analysis import analyze
     from minigpts.models import resolve_device, resolve_dtype
@@ -421,15 +426,11 @@ def analyze_offloaded(
     skeleton, checkpoint = build_skeleton(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     onloader = _Onloader(skeleton, checkpoint, torch_dtype, torch_device)
     runner = _LayerByLayer(skeleton, onloader, torch_device)
-    stats = analyze(
-        skeleton,
-        windows,
-        batch_size=batch_size,
-        progress=progress,
-        metadata={"device": str(torch_device), "offload": True} | (metadata or {}),
-        moments=moments,
-        run_body=runner,
+    options = dict(
+        batch_size=batch_size, progress=progress, moments=moments, run_body=runner, work_dir=work_dir
     )
+    metadata = {"device": str(torch_device), "offload": True} | (metadata or {})
+    stats = analyze(skeleton, windows, metadata=metadata, **options)
     if fisher_tokens > 0:
         n_windows, seq_len = stats.metadata["windows"], stats.metadata["seq_len"]
         count = max(1, min(n_windows, -(-fisher_tokens // seq_len)))
@@ -496,10 +497,13 @@ class _LayerByLayer:
         out = layer(hidden.to(self.device), *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def __call__(self, local: torch.Tensor, batch_size: int, bar) -> None:
+    def __call__(self, local: torch.Tensor, batch_size: int, bar, layer_done=None) -> None:
+        """Every batch through layer 0, then through layer 1, ...; ``layer_done(i)`` after layer i (its
+        second moments are then spilled to disk: ``analyze``)."""
         layers = self.adapter.layers(self.model)
         batches = [local[start : start + batch_size] for start in range(0, len(local), batch_size)]
-        hidden, calls = self.inputs(batches)
+        # a process without windows still reports every layer done: the per-layer reduce is collective
+        hidden, calls = self.inputs(batches) if batches else ([], {})
         for i, layer in enumerate(layers):
             self.onloader.load(layer)
             try:
@@ -509,6 +513,9 @@ class _LayerByLayer:
                     bar.update(batch.numel() / len(layers))
             finally:
                 self.onloader.free(layer)
+                _release_free_memory()
+            if layer_done is not None:
+                layer_done(i)
                 _release_free_memory()
 
 

@@ -252,7 +252,8 @@ def cmd_analyze(args) -> int:
     corpus = load_data(args)
     print_splits(corpus)
     if args.offload:
-        stats = analyze_offloaded_cli(args, corpus, options)
+        out.parent.mkdir(parents=True, exist_ok=True)  # the second moments are spilled beside the output
+        stats = analyze_offloaded_cli(args, corpus, options, work_dir=out.parent)
         model = None
     else:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, **model_access(args))
@@ -270,8 +271,9 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def analyze_offloaded_cli(args, corpus, options):
-    """`analyze --offload`: the tokenizer alone, then the statistics one decoder layer at a time."""
+def analyze_offloaded_cli(args, corpus, options, work_dir):
+    """`analyze --offload`: the tokenizer alone, then the statistics one decoder layer at a time
+    (temporary files, e.g. each layer's second moments, under ``work_dir``: the output's folder)."""
     from minigpts.analysis_offload import analyze_offloaded
     from minigpts.models import load_tokenizer
     from minigpts.pipeline import calibration_windows
@@ -284,7 +286,7 @@ def analyze_offloaded_cli(args, corpus, options):
         args.model, windows, batch_size=options.batch_size, metadata=metadata, moments=options.moments,
         fisher_tokens=options.fisher_tokens if options.moments else 0, taylor_tokens=options.taylor_tokens,
         depth_tokens=options.depth_tokens, device=args.device, dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, work_dir=work_dir,
     )  # fmt: skip
 
 

@@ -50,6 +50,14 @@ _NEG = -1e30  # a log-probability that is zero after exp, yet finite (no NaN in 
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _vocab_mismatch(teacher_vocab: int, student_vocab: int) -> UserError:
+    """One message for a teacher and student of different vocabularies, from the option check or the loss."""
+    return UserError(
+        f"--method distill: the teacher predicts {teacher_vocab} tokens and the student "
+        f"{student_vocab}; give teacher_vocab_keep when the student's vocabulary was trimmed"
+    )
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -63,10 +71,7 @@ def distillation_loss(
     (loss, ce, kl), ce and kl detached. Training uses ``sparse_distillation_loss`` on cached targets.
     """
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise UserError(
-            f"--method distill: the teacher predicts {teacher_logits.shape[-1]} tokens and the student "
-            f"{student_logits.shape[-1]}; give teacher_vocab_keep when the student's vocabulary was trimmed"
-        )
+        raise _vocab_mismatch(teacher_logits.shape[-1], student_logits.shape[-1])
     targets = labels[:, 1:]
     scored = targets != -100
     student = student_logits[:, :-1][scored].float()
@@ -408,10 +413,7 @@ def check_distill_options(ctx) -> None:
     teacher_vocab = vocab_size_of(ctx.teacher)
     keep = ctx.teacher_vocab_keep
     if keep is None and teacher_vocab != ctx.student_vocab_size:
-        raise UserError(
-            f"--method distill: the teacher predicts {teacher_vocab} tokens and the student "
-            f"{ctx.student_vocab_size}; give teacher_vocab_keep when the student's vocabulary was trimmed"
-        )
+        raise _vocab_mismatch(teacher_vocab, ctx.student_vocab_size)
     if keep is not None:
         if len(keep) != ctx.student_vocab_size:
             raise UserError(

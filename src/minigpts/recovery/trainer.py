@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import (
@@ -135,6 +136,19 @@ class _ValScale:
     scored_tokens: int
     scored_bytes: int | None
 
+    @classmethod
+    def of(cls, windows: torch.Tensor, byte_lengths) -> _ValScale:
+        """The scale of these validation windows: their first tokens are never scored."""
+        return cls(
+            scored_tokens=windows[:, 1:].numel(),
+            scored_bytes=None if byte_lengths is None else int(byte_lengths[windows[:, 1:]].sum()),
+        )
+
+    def ppl_at_bpb(self, bpb: float) -> float:
+        """The perplexity of ``bpb`` on these windows, so a bits-per-byte target is a perplexity one."""
+        # bpb ≤ target  ⇔  mean NLL ≤ target·ln2·bytes/tokens on these windows
+        return math.exp(bpb * math.log(2) * self.scored_bytes / self.scored_tokens)
+
     def bpb(self, loss: float) -> float | None:
         if not self.scored_bytes:
             return None
@@ -202,12 +216,17 @@ def _unprepare_for_training(trainer) -> None:
     model = trainer.model
     if not getattr(model, "_is_accelerate_prepared", False):
         return
-    if "_original_forward" in vars(model):
-        model.forward = model._original_forward
-        del model._original_forward
+    _drop_autocast_forward(model)
     del model._is_accelerate_prepared
     trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
     trainer.model_wrapped = model
+
+
+def _drop_autocast_forward(model) -> None:
+    """Restore the ``forward`` that accelerate's autocast wrapper replaced, so later passes run in fp32."""
+    if "_original_forward" in vars(model):
+        model.forward = model._original_forward
+        del model._original_forward
 
 
 def use_bf16_autocast(mixed_precision: str, on_gpu: bool) -> bool:
@@ -252,10 +271,6 @@ def _check_windows(windows, flag: str) -> torch.Tensor:
 def _check_options(
     budgets, lr, warmup_ratio, scheduler, batch_size, grad_accum, max_minutes, eval_every
 ) -> None:
-    if not budgets:
-        raise UserError(
-            "finetune: give --max-epochs, --max-steps or --max-train-tokens (the schedule needs a length)"
-        )
     for flag, value in budgets.items():
         if value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
@@ -297,42 +312,19 @@ def _read_run_state(checkpoint: Path | None) -> dict:
 
 
 def finetune(
-    model,
-    tokenizer,
-    train_windows,
-    val_windows,
-    *,
-    out_dir,
-    method="full",
-    teacher=None,
-    teacher_vocab_keep=None,
-    max_epochs: float | None = None,
-    max_steps: int | None = None,
-    max_train_tokens: int | None = None,
-    max_minutes: float | None = None,
-    stop_at_ppl: float | None = None,
-    stop_at_bpb: float | None = None,
-    early_stopping_patience: int | None = None,
-    eval_every: int | None = None,
-    lr: float = _DEFAULTS.lr,
-    warmup_ratio: float = _DEFAULTS.warmup_ratio,
-    scheduler: str = "cosine",
-    batch_size: int = _DEFAULTS.batch_size,
-    grad_accum: int = _DEFAULTS.grad_accum,
-    seed: int = _DEFAULTS.seed,
-    resume: bool = False,
-    lora_r: int = _DEFAULTS.lora_r,
-    lora_alpha: int = _DEFAULTS.lora_alpha,
-    distill_alpha: float = _DEFAULTS.distill_alpha,
-    distill_temperature: float = _DEFAULTS.distill_temperature,
-    teacher_cache=None,
-    teacher_top_k: int = _DEFAULTS.teacher_top_k,
-    teacher_cache_dtype: str = "float16",
-    method_options: dict | None = None,
-    byte_lengths=None,
-    progress: bool = True,
+    model, tokenizer, train_windows, val_windows, *, out_dir, method="full", teacher=None,
+    teacher_vocab_keep=None, max_epochs: float | None = None, max_steps: int | None = None,
+    max_train_tokens: int | None = None, max_minutes: float | None = None, stop_at_ppl: float | None = None,
+    stop_at_bpb: float | None = None, early_stopping_patience: int | None = None,
+    eval_every: int | None = None, lr: float = _DEFAULTS.lr, warmup_ratio: float = _DEFAULTS.warmup_ratio,
+    scheduler: str = "cosine", batch_size: int = _DEFAULTS.batch_size, grad_accum: int = _DEFAULTS.grad_accum,
+    seed: int = _DEFAULTS.seed, resume: bool = False, lora_r: int = _DEFAULTS.lora_r,
+    lora_alpha: int = _DEFAULTS.lora_alpha, distill_alpha: float = _DEFAULTS.distill_alpha,
+    distill_temperature: float = _DEFAULTS.distill_temperature, teacher_cache=None,
+    teacher_top_k: int = _DEFAULTS.teacher_top_k, teacher_cache_dtype: str = "float16",
+    method_options: dict | None = None, byte_lengths=None, progress: bool = True,
     mixed_precision: str = _DEFAULTS.mixed_precision,
-):
+):  # fmt: skip
     """Fine-tune ``model`` on packed windows with a registered recovery method; returns (model, result).
 
     Length (see ``minigpts.recovery.budget``): ``max_steps``, ``max_train_tokens`` (whole steps of
@@ -358,70 +350,93 @@ def finetune(
     a peft adapter directory). The returned model is a plain transformers model (the method's
     ``unwrap``), in eval mode, on the device it came from, in its original dtype (float32 on a CPU).
     """
-    recovery = get_recovery_method(method)
-    if max_epochs is None and max_steps is None and max_train_tokens is None:
+    call = SimpleNamespace(**locals())  # the arguments by name, for the steps below
+    recovery, budgets, train_windows, val_windows = _checked_inputs(call)
+    run, args, datasets = _plan_run(call, train_windows, val_windows, budgets)
+    ctx = _recovery_context(call, recovery, args, datasets["train_dataset"])
+    recovery.check(ctx)
+    return _train(recovery, ctx, run, model, tokenizer, args, datasets)
+
+
+def _checked_inputs(call: SimpleNamespace):
+    """Refuse a bad call before anything is read or written: (method, step budgets, windows as int64).
+
+    The budgets hold all three (None where not given), with one epoch when none is given.
+    """
+    recovery = get_recovery_method(call.method)
+    max_epochs = call.max_epochs
+    if max_epochs is None and call.max_steps is None and call.max_train_tokens is None:
         max_epochs = 1.0
-    train_windows = _check_windows(train_windows, "--data (train split)")
-    val_windows = _check_windows(val_windows, "--data (validation split)")
-    budgets = {"max_steps": max_steps, "max_train_tokens": max_train_tokens, "max_epochs": max_epochs}
+    train_windows = _check_windows(call.train_windows, "--data (train split)")
+    val_windows = _check_windows(call.val_windows, "--data (validation split)")
+    budgets = {
+        "max_steps": call.max_steps,
+        "max_train_tokens": call.max_train_tokens,
+        "max_epochs": max_epochs,
+    }
     step_budgets = {name: value for name, value in budgets.items() if value is not None}
-    _check_options(step_budgets, lr, warmup_ratio, scheduler, batch_size, grad_accum, max_minutes, eval_every)
-    if stop_at_bpb is not None and byte_lengths is None:
+    _check_options(
+        step_budgets, call.lr, call.warmup_ratio, call.scheduler, call.batch_size, call.grad_accum,
+        call.max_minutes, call.eval_every,
+    )  # fmt: skip
+    if call.stop_at_bpb is not None and call.byte_lengths is None:
         raise UserError("finetune: stop_at_bpb needs byte_lengths (evaluation.token_byte_lengths(tokenizer))")
-    checkpoint_dir = Path(out_dir) / "checkpoints"
-    resume_from = _resume_point(checkpoint_dir, resume)
+    return recovery, budgets, train_windows, val_windows
+
+
+def _plan_run(call: SimpleNamespace, train_windows, val_windows, budgets: dict):
+    """The run decided before its first step: (``_Run``, Trainer arguments, Trainer datasets).
+
+    In this order: the resume point is checked and the stage's clock starts before the Trainer's
+    arguments set up the devices, whose number the budget plan needs; the plan then sets the steps.
+    """
+    checkpoint_dir = Path(call.out_dir) / "checkpoints"
+    resume_from = _resume_point(checkpoint_dir, call.resume)
     run_state = _read_run_state(resume_from)
     clock = Clock(run_state["seconds"])  # the stage's clock: teacher pass, training, validation
-    bf16 = use_bf16_autocast(mixed_precision, torch.cuda.is_available())
+    bf16 = use_bf16_autocast(call.mixed_precision, torch.cuda.is_available())
     args = _training_arguments(
-        checkpoint_dir,
-        batch_size,
-        grad_accum,
-        lr,
-        scheduler,
-        warmup_ratio,
-        seed,
-        bf16,
-        early_stopping_patience,
-    )
+        checkpoint_dir, call.batch_size, call.grad_accum, call.lr, call.scheduler, call.warmup_ratio, call.seed,
+        bf16, call.early_stopping_patience,
+    )  # fmt: skip
     plan = plan_budget(
         n_train=len(train_windows), seq_len=train_windows.shape[1], n_val=len(val_windows),
-        val_seq_len=val_windows.shape[1], batch_size=batch_size, grad_accum=grad_accum,
-        world_size=args.world_size, eval_every=eval_every, **budgets,
+        val_seq_len=val_windows.shape[1], batch_size=call.batch_size, grad_accum=call.grad_accum,
+        world_size=args.world_size, eval_every=call.eval_every, **budgets,
     )  # fmt: skip
     val_windows = val_windows[: plan.val_windows]
     args.max_steps = plan.total_steps
     args.eval_steps = args.save_steps = plan.eval_every
     args.logging_steps = max(1, min(plan.eval_every, plan.total_steps // 100))
-    order = window_order(len(train_windows), plan.total_steps * plan.windows_per_step, seed)
+    order = window_order(len(train_windows), plan.total_steps * plan.windows_per_step, call.seed)
     resumed = _resumed_step(resume_from, plan.total_steps)
-    scale = _ValScale(
-        scored_tokens=val_windows[:, 1:].numel(),
-        scored_bytes=None if byte_lengths is None else int(byte_lengths[val_windows[:, 1:]].sum()),
-    )
-    if stop_at_bpb is not None:  # bpb ≤ target  ⇔  mean NLL ≤ target·ln2·bytes/tokens on these windows
-        stop_at_ppl = math.exp(stop_at_bpb * math.log(2) * scale.scored_bytes / scale.scored_tokens)
-    options = dict(
-        lora_r=lora_r, lora_alpha=lora_alpha, distill_alpha=distill_alpha,
-        distill_temperature=distill_temperature,
-        teacher_cache=None if teacher_cache is None else Path(teacher_cache),
-        teacher_top_k=teacher_top_k, teacher_cache_dtype=teacher_cache_dtype, bf16_autocast=bf16,
-    ) | dict(method_options or {})  # fmt: skip
-    ctx = RecoveryContext(
-        method=recovery.name, out_dir=Path(out_dir), device=args.device, seed=seed, batch_size=batch_size,
-        train_windows=train_windows, used_windows=torch.unique(order), student_vocab_size=vocab_size_of(model),
-        teacher=teacher, options=options, progress=progress,
-        teacher_vocab_keep=None if teacher_vocab_keep is None else torch.as_tensor(teacher_vocab_keep, dtype=torch.long),
-    )  # fmt: skip
-    recovery.check(ctx)
+    scale = _ValScale.of(val_windows, call.byte_lengths)
+    stop_at_ppl = call.stop_at_ppl if call.stop_at_bpb is None else scale.ppl_at_bpb(call.stop_at_bpb)
     run = _Run(
-        plan, scale, clock, resume_from, resumed, run_state, stop_at_ppl, early_stopping_patience,
-        None if max_minutes is None else max_minutes * 60, progress,
+        plan, scale, clock, resume_from, resumed, run_state, stop_at_ppl, call.early_stopping_patience,
+        None if call.max_minutes is None else call.max_minutes * 60, call.progress,
     )  # fmt: skip
     datasets = dict(
         train_dataset=_StreamDataset(train_windows, order), eval_dataset=_WindowDataset(val_windows)
     )
-    return _train(recovery, ctx, run, model, tokenizer, args, datasets)
+    return run, args, datasets
+
+
+def _recovery_context(call: SimpleNamespace, recovery, args, stream: _StreamDataset):
+    """What the method's hooks see of the run; ``method_options`` override the named options."""
+    options = dict(
+        lora_r=call.lora_r, lora_alpha=call.lora_alpha, distill_alpha=call.distill_alpha,
+        distill_temperature=call.distill_temperature,
+        teacher_cache=None if call.teacher_cache is None else Path(call.teacher_cache),
+        teacher_top_k=call.teacher_top_k, teacher_cache_dtype=call.teacher_cache_dtype, bf16_autocast=args.bf16,
+    ) | dict(call.method_options or {})  # fmt: skip
+    keep = call.teacher_vocab_keep
+    return RecoveryContext(
+        method=recovery.name, out_dir=Path(call.out_dir), device=args.device, seed=call.seed,
+        batch_size=call.batch_size, train_windows=stream.windows, used_windows=torch.unique(stream.order),
+        student_vocab_size=vocab_size_of(call.model), teacher=call.teacher, options=options,
+        progress=call.progress, teacher_vocab_keep=None if keep is None else torch.as_tensor(keep, dtype=torch.long),
+    )  # fmt: skip
 
 
 def _training_arguments(
@@ -514,9 +529,7 @@ def _train(recovery, ctx, run: _Run, model, tokenizer, args, datasets: dict):
             initial_eval, tracker, guard, trained = _train_steps(recovery, trainer, run)
         result = _result(recovery, ctx, run, trainer.state, initial_eval, tracker, guard, trained)
         final = recovery.unwrap(trainer.model, ctx)
-        if "_original_forward" in vars(final):  # accelerate's autocast wrapper: later passes run in fp32
-            final.forward = final._original_forward
-            del final._original_forward
+        _drop_autocast_forward(final)
     finally:
         recovery.finish(ctx)
     if use_cache is not None:
