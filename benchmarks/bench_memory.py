@@ -11,9 +11,10 @@ torch, transformers, the model's transformers classes and minigpts are imported
     .venv/bin/python benchmarks/bench_memory.py --tokens 8192 --moments --fisher-tokens 1024
     .venv/bin/python benchmarks/bench_memory.py --moments --prune             # + prune vs prune --offload
 
-``--prune`` adds the pruning arm: ``minigpts prune`` (MLP halved, refit with --moments) of the same
-model from the in-memory statistics, whole vs ``--offload`` (plan, refit, surgery and the shards one
-layer at a time), each in a fresh process; the two outputs' tensors must be equal.
+``--prune`` adds the pruning arm: ``minigpts prune`` (by default the MLP halved with Wanda scores and
+the error allocation across layers, ``--prune-plan``; refit with --moments) of the same model from the
+in-memory statistics, whole vs ``--offload`` (plan, refit, surgery and the shards one layer at a
+time), each in a fresh process; the two outputs' tensors must be equal.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def prune_child(args) -> None:
     if args.threads:
         torch_threads(args.threads)
     refit = ["--reconstruct", "lstsq" if args.moments else "none"]
-    argv = ["prune", "--model", str(args.model_dir), "--stats", args.stats, "--mlp-ratio", "0.5", *refit]
+    argv = ["prune", "--model", str(args.model_dir), "--stats", args.stats, *args.prune_plan.split(), *refit]
     argv += ["--out", args.out, "--device", "cpu", "--dtype", "float32"]
     baseline = status_kib("VmRSS")
     started = time.perf_counter()
@@ -140,6 +141,7 @@ def run_child(mode: str, args, windows: Path, stats: Path, extra: list[str] = ()
             str(args.threads or 0),
         ]
         + (["--moments"] if args.moments else [])
+        + ["--prune-plan", args.prune_plan]
         + list(extra)
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -190,6 +192,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each analysis")
     parser.add_argument(
         "--prune", action="store_true", help="also prune whole vs --offload (peak RSS of each)"
+    )
+    parser.add_argument(
+        "--prune-plan",
+        default="--criterion wanda --layout per-layer --mlp-ratio 0.5",
+        help="the plan flags of the pruning arm (default: Wanda scores, the error allocation, MLP halved)",
     )
     parser.add_argument(
         "--child", choices=["memory", "offload", "prune-memory", "prune-offload"], help=argparse.SUPPRESS

@@ -61,6 +61,7 @@ def compute(tmp: Path, world: int = 1) -> dict:
         )
         results[f"stats_{str(dtype).removeprefix('torch.')}"] = stats_dict(stats)
     results["stats_offload"] = offloaded_stats(tmp, calib, vocab)
+    results["fisher_one_window"] = one_window_fisher(tmp, calib, vocab)
 
     model = make_tiny_llama(vocab, seed=0)
     held_out = list(windows(7, 16, vocab, seed=2)) + [windows(1, 9, vocab, seed=3)[0]]  # a shorter last one
@@ -111,6 +112,23 @@ def offloaded_stats(tmp: Path, calib: torch.Tensor, vocab: int) -> dict:
         dtype=torch.float64,
     )  # fmt: skip
     return stats_dict(stats)
+
+
+def one_window_fisher(tmp: Path, calib: torch.Tensor, vocab: int) -> dict:
+    """The gradient pass over one window, in memory and layer by layer: on 2 processes one has none."""
+    from minigpts.analysis import analyze
+    from minigpts.analysis_offload import analyze_offloaded
+
+    model = make_tiny_llama(vocab, seed=0).to(torch.float64)
+    whole = analyze(model, calib, batch_size=BATCH, progress=False, fisher_tokens=16)
+    layered = analyze_offloaded(
+        tmp / "offload-model", calib, batch_size=BATCH, progress=False, fisher_tokens=16, dtype=torch.float64
+    )
+    return {
+        "in_memory": [t.clone() for t in whole.mlp_fisher],
+        "offload": [t.clone() for t in layered.mlp_fisher],
+        "tokens": (whole.fisher_tokens, layered.fisher_tokens),
+    }
 
 
 def main() -> None:

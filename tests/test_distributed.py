@@ -113,6 +113,18 @@ def test_reduced_statistics_equal_single_process(launched, dtype):
     assert one["n_tokens"] == two["n_tokens"] == 160
 
 
+def test_gradient_pass_over_fewer_windows_than_processes(launched):
+    """One Fisher window on 2 processes: the process without one joins the reduce, the sums are the same."""
+    single, multi = launched
+    one, two = single["fisher_one_window"], multi["fisher_one_window"]
+    assert one["tokens"] == two["tokens"] == (16, 16)
+    for path in ("in_memory", "offload"):
+        for a, b in zip(two[path], one[path], strict=True):
+            assert a.abs().sum() > 0 and _rel(a, b) <= STRICT, path
+    for a, b in zip(one["offload"], one["in_memory"], strict=True):
+        assert _rel(a, b) <= 1e-10  # layer by layer = the whole model's pass
+
+
 def test_evaluation_and_mcq_equal_single_process(launched):
     single, multi = launched
     assert multi["eval"]["tokens"] == single["eval"]["tokens"]

@@ -67,6 +67,7 @@ def test_sweep_reports_frontier_and_general_calibration_control(tmp_path, tiny_t
     )
     args = ["sweep", "--model", model_dir, "--device", "cpu", "--data", corpus, "--out", out]
     args += ["--target-params", "0.9", "0.7", "--finetune", "none", "--controls", "--general-data", general]
+    args += ["--vocab-size", "300"]  # a vocabulary cut too: the general-units control joins
     args += [
         "--seq-len",
         "16",
@@ -86,6 +87,7 @@ def test_sweep_reports_frontier_and_general_calibration_control(tmp_path, tiny_t
         assert float(row["bpb_val"]) > 0 and float(row["bpb_val_base"]) > 0
         assert float(row["control_general_bpb"]) > 0
         assert row["control_general_params"] == row["params"]  # same widths, same parameter count
+        assert float(row["control_general_units_bpb"]) > 0
     saved = json.loads((out / "sweep.json").read_text())
     (point,) = saved["frontier"]
     assert point["domain"] == "law" and point["setting"] in {r["setting"] for r in rows}
@@ -94,6 +96,9 @@ def test_sweep_reports_frontier_and_general_calibration_control(tmp_path, tiny_t
     control = runs["law"]["settings"]["target=0.7"]["control_general_calibration"]
     assert control["calibration"]["stats"]["data"] == str(general)  # measured on the general text
     assert control["calibration"]["plan_settings"]["calibration_data"] == str(general)
+    units = runs["law"]["settings"]["target=0.7"]["control_general_units"]
+    assert units["pruned"]["params"] == control["pruned"]["params"]
+    assert "domain's vocabulary" in units["calibration"]["plan_settings"]["control"]
 
 
 def test_run_controls_without_general_data_skip_the_general_control(tmp_path, tiny_tokenizer, capsys):
@@ -113,3 +118,40 @@ def test_run_controls_without_general_data_skip_the_general_control(tmp_path, ti
     assert "--general-data" in captured.out + captured.err
     stages = json.loads((out / "report.json").read_text())["stages"]
     assert "control_random" in stages and not any("general_calibration" in name for name in stages)
+
+
+def test_general_units_control_keeps_the_domain_vocabulary_and_the_general_units(tiny_tokenizer):
+    """control_general_units separates the unit choice from the vocabulary's: the general control's units
+    with the domain plan's vocabulary; only a plan that cuts both structure and vocabulary calls for it."""
+    import dataclasses
+
+    import torch
+
+    from minigpts.analysis import analyze
+    from minigpts.data import Corpus
+    from minigpts.options import PlanOptions
+    from minigpts.pipeline import GENERAL_CONTROL, GENERAL_UNITS_CONTROL, general_controls, general_plan_like
+    from minigpts.plan import make_plan
+
+    torch.manual_seed(0)
+    model = make_tiny_llama(len(tiny_tokenizer), num_hidden_layers=2).eval()
+    vocab = len(tiny_tokenizer)
+    domain_stats = analyze(model, torch.randint(0, vocab // 2, (4, 16)), progress=False)
+    general_stats = analyze(model, torch.randint(vocab // 2, vocab, (4, 16)), progress=False)
+    options = PlanOptions(criterion="l1", mlp_ratio=0.5)
+    plan = make_plan(model, domain_stats, criterion="l1", mlp_ratio=0.5)
+    assert general_controls(plan, options) == [(GENERAL_CONTROL, True)]  # no vocabulary cut: one control
+    plan = dataclasses.replace(plan, vocab_keep=list(range(vocab - 100)))
+    assert general_controls(plan, options) == [(GENERAL_CONTROL, True), (GENERAL_UNITS_CONTROL, False)]
+    text = ["Quokkas juggle xylophones in Zanzibar, story {i}." for i in range(20)]
+    general = Corpus("general", {"calibration": text, "train": text}, presplit=True, seed=0)
+    full = general_plan_like(model, tiny_tokenizer, plan, general_stats, general, options)
+    units = general_plan_like(
+        model, tiny_tokenizer, plan, general_stats, general, options, general_vocab=False
+    )
+    assert units.vocab_keep == plan.vocab_keep and full.vocab_keep != plan.vocab_keep
+    assert len(full.vocab_keep) == len(plan.vocab_keep)
+    assert (
+        units.layers == full.layers and units.layers != plan.layers
+    )  # the general text's units, same widths
+    assert [len(layer.mlp_keep) for layer in units.layers] == [len(layer.mlp_keep) for layer in plan.layers]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -119,6 +120,49 @@ def test_per_layer_plan_equals_in_memory_and_reloads(
     assert torch.equal(*logits)
 
 
+WEIGHT_PLANS = {
+    "wanda-error": (
+        "--criterion",
+        "wanda",
+        "--layout",
+        "per-layer",
+        "--mlp-ratio",
+        "0.5",
+        "--head-ratio",
+        "0.5",
+    ),
+    "flap-target": ("--criterion", "flap", "--target-params", "0.8"),
+    "refit": ("--criterion", "refit", "--mlp-ratio", "0.5"),
+    "weight": ("--criterion", "weight", "--mlp-ratio", "0.25", "--head-ratio", "0.34"),
+}
+
+
+@pytest.mark.parametrize("plan", list(WEIGHT_PLANS))
+def test_plans_that_read_weights_equal_in_memory_one_layer_at_a_time(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file, monkeypatch, plan
+):
+    """Criteria reading weights and the error allocation plan on the skeleton, reading one decoder
+    layer at a time from the checkpoint (never two at once), and give the in-memory plan's model."""
+    from minigpts import surgery_offload
+
+    model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    read, held, most = surgery_offload._layer_read, [], [0]
+
+    @contextlib.contextmanager
+    def counted(onloader, layer):
+        with read(onloader, layer):
+            held.append(layer)
+            most[0] = max(most[0], len(held))
+            yield layer
+            held.remove(layer)
+        assert all(p.is_meta for p in layer.parameters())  # freed again
+
+    monkeypatch.setattr(surgery_offload, "_layer_read", counted)
+    memory, offload = prune_both(capsys, tmp_path, model_dir, stats, *WEIGHT_PLANS[plan])
+    assert_same_output(memory, offload)
+    assert most[0] == 1
+
+
 def test_sharded_output_reloads_identically(capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,9 +220,6 @@ def test_second_moments_stay_in_the_file_until_a_layer_asks(tmp_path_factory, ti
 @pytest.mark.parametrize(
     "plan, flag",
     [
-        (("--criterion", "wanda", "--mlp-ratio", "0.5"), "--criterion"),
-        (("--layout", "per-layer", "--mlp-ratio", "0.5"), "--allocation"),
-        (("--target-params", "0.8"), "--allocation"),
         (("--hidden-ratio", "0.25"), "--hidden-ratio"),
         (("--drop-layers", "1"), "--drop-layers"),
         (("--mlp-ratio", "0.5", "--sequential"), "--sequential"),
@@ -227,3 +268,37 @@ def test_every_offload_family_is_checked():
 
     checked = {get_adapter(AutoConfig.for_model(TINY_CONFIGS[name][0])).family for name in FAMILIES}
     assert set(analysis_offload.SEQUENTIAL_FAMILIES) <= checked
+
+
+def test_a_criterion_reading_weights_outside_layer_weights_is_a_clear_error(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file
+):
+    """A registered criterion that reads weights without ``criteria.layer_weights`` finds only the
+    skeleton's meta tensors under --offload: a one-line error naming the way out, exit 2."""
+    from minigpts.arch import get_adapter
+    from minigpts.criteria import Criterion, UnitScores, register_criterion, unregister_criterion
+
+    @register_criterion
+    class OutsideReader(Criterion):
+        name = "outside-reader"
+        help = "reads the down projection's weights outside layer_weights (a toy)"
+
+        def scores(self, model, stats, seed):
+            adapter = get_adapter(model)
+            layers = adapter.layers(model)
+            mlp = [adapter.mlp_out(layer).weight.abs().sum(0).to("cpu", torch.float64) for layer in layers]
+            heads = [torch.ones(adapter.head_layout(layer)[0], dtype=torch.float64) for layer in layers]
+            return UnitScores(mlp, heads, torch.ones(adapter.residual_width(layers[0]), dtype=torch.float64))
+
+    try:
+        model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+        capsys.readouterr()  # (the fixture's own output)
+        args = ("prune", "--model", model_dir, "--stats", stats, "--criterion", "outside-reader")
+        code, _, err = run_cli(
+            capsys, *args, "--mlp-ratio", "0.5", "--offload", "--out", tmp_path / "o", *CPU
+        )
+        assert code == 2 and err.count("\n") == 1 and "layer_weights" in err and "--offload" in err, err
+        code, _, err = run_cli(capsys, *args, "--mlp-ratio", "0.5", "--out", tmp_path / "m", *CPU)
+        assert code == 0, err  # in memory the same criterion works
+    finally:
+        unregister_criterion("outside-reader")

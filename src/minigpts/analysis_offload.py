@@ -453,6 +453,8 @@ class _LayerByLayer:
 
     def inputs(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """Each batch's hidden states entering the first layer (CPU) and, per batch shape, each layer's other arguments."""
+        if not batches:  # a process without windows (data parallel) still takes part in every reduce
+            return [], {}
         adapter, model = self.adapter, self.model
         body, layer_list = adapter.body(model), adapter.layer_list(model)
         layers = list(layer_list)
@@ -503,7 +505,7 @@ class _LayerByLayer:
         layers = self.adapter.layers(self.model)
         batches = [local[start : start + batch_size] for start in range(0, len(local), batch_size)]
         # a process without windows still reports every layer done: the per-layer reduce is collective
-        hidden, calls = self.inputs(batches) if batches else ([], {})
+        hidden, calls = self.inputs(batches)
         for i, layer in enumerate(layers):
             self.onloader.load(layer)
             try:
@@ -566,37 +568,45 @@ def _gradient_moments(
     batches = [local[i : i + 1] for i in range(len(local))]
     bar = tqdm(total=local.numel() * 2, unit="tok", unit_scale=True, desc="gradients", disable=not progress)
     try:
-        hidden, calls = _forward_to_disk(runner, onloader, layers, batches, scratch, bar, local.numel())
-        # the loss gradient at the last layer's output, from the model's own final norm, head and loss
-        grads = _output_gradients(model, onloader, batches, hidden)
-        del hidden
-        # backward, layer by layer in reverse order
-        for i in reversed(range(len(layers))):
-            layer = layers[i]
-            inputs = torch.load(scratch / f"input-{i}.pt")
-            (scratch / f"input-{i}.pt").unlink()
-            onloader.load(layer)
-            handles = [
-                adapter.mlp_out(layer).register_forward_hook(_capture(sums["mlp"][i])),
-                adapter.attn_out(layer).register_forward_hook(_capture(sums["attn"][i])),
-            ]
-            try:
-                for b, batch in enumerate(batches):
-                    h = inputs[b].to(onloader.device).clone().requires_grad_(True)
-                    out = runner.run_layer(layer, h, calls[tuple(batch.shape)][i])
-                    out.backward(grads[b].to(out.device))
-                    grads[b] = h.grad.detach().to("cpu")
-            finally:
-                for handle in handles:
-                    handle.remove()
-                onloader.free(layer)
-                _release_free_memory()
-            bar.update(local.numel() / len(layers))
+        if batches:  # a process without windows only joins the reduce
+            _backward_layers(runner, onloader, layers, batches, scratch, sums, bar)
         distributed.reduce(sums["mlp"] + sums["attn"])
     finally:
         bar.close()
     n = windows.numel()
     return [(s / n).cpu() for s in sums["mlp"]], [(s / n).cpu() for s in sums["attn"]]
+
+
+def _backward_layers(runner, onloader, layers, batches, scratch: Path, sums: dict, bar) -> None:
+    """Forward to disk, then backward one layer at a time, adding each layer's squared output gradients."""
+    adapter, model = runner.adapter, runner.model
+    n_tokens = sum(batch.numel() for batch in batches)
+    hidden, calls = _forward_to_disk(runner, onloader, layers, batches, scratch, bar, n_tokens)
+    # the loss gradient at the last layer's output, from the model's own final norm, head and loss
+    grads = _output_gradients(model, onloader, batches, hidden)
+    del hidden
+    # backward, layer by layer in reverse order
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        inputs = torch.load(scratch / f"input-{i}.pt")
+        (scratch / f"input-{i}.pt").unlink()
+        onloader.load(layer)
+        handles = [
+            adapter.mlp_out(layer).register_forward_hook(_capture(sums["mlp"][i])),
+            adapter.attn_out(layer).register_forward_hook(_capture(sums["attn"][i])),
+        ]
+        try:
+            for b, batch in enumerate(batches):
+                h = inputs[b].to(onloader.device).clone().requires_grad_(True)
+                out = runner.run_layer(layer, h, calls[tuple(batch.shape)][i])
+                out.backward(grads[b].to(out.device))
+                grads[b] = h.grad.detach().to("cpu")
+        finally:
+            for handle in handles:
+                handle.remove()
+            onloader.free(layer)
+            _release_free_memory()
+        bar.update(n_tokens / len(layers))
 
 
 def _forward_to_disk(runner, onloader, layers, batches, scratch: Path, bar, n_tokens: int):

@@ -17,10 +17,14 @@ parses its arguments (``--criterion`` offers every registered name)::
         def scores(self, model, stats, seed):
             ...  # one float64 score per unit, shaped like the model's groups
             return UnitScores(mlp=[...], heads=[...], hidden=...)
+
+A criterion that reads weights reads each decoder layer's inside ``with layer_weights(model, layer):``,
+so that ``prune --offload`` can plan with it holding one layer at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +119,17 @@ def unit_scores(
 # --- helpers --------------------------------------------------------------------------------------
 
 
+# the attribute of a meta-device skeleton holding its per-layer weight reader (``surgery_offload``)
+LAYER_WEIGHTS_READER = "_minigpts_layer_weights"
+
+
+def layer_weights(model: nn.Module, layer: nn.Module) -> contextlib.AbstractContextManager:
+    """A context in which ``layer``'s weights can be read: a no-op for a model in memory; the skeleton
+    ``prune --offload`` plans on reads the layer from the checkpoint on entry and frees it on exit."""
+    reader = getattr(model, LAYER_WEIGHTS_READER, None)
+    return contextlib.nullcontext() if reader is None else reader(layer)
+
+
 def residual_width(adapter, layers: list[nn.Module]) -> int:
     """Width of the residual stream as the layers read it (OPT's embedding may be narrower)."""
     return adapter.residual_width(layers[0])
@@ -149,12 +164,15 @@ def _consumer_norms(model: nn.Module, stats: ActivationStats | None) -> UnitScor
     mlp, heads = [], []
     hidden = torch.zeros(residual_width(adapter, layers), dtype=torch.float64)
     for i, layer in enumerate(layers):
-        mlp.append(scaled(_column_norms(adapter.mlp_out(layer)), stats.mlp_l2sq[i] if active else None))
-        n_heads, _, head_dim = adapter.head_layout(layer)
-        per_dim = scaled(_column_norms(adapter.attn_out(layer)), stats.attn_dim_l2sq[i] if active else None)
-        heads.append(per_dim.view(n_heads, head_dim).mean(1))
-        for r, reader in enumerate(adapter.residual_readers(layer)):
-            hidden += scaled(_column_norms(reader), stats.reader_l2sq[i][r] if active else None)
+        with layer_weights(model, layer):
+            mlp.append(scaled(_column_norms(adapter.mlp_out(layer)), stats.mlp_l2sq[i] if active else None))
+            n_heads, _, head_dim = adapter.head_layout(layer)
+            per_dim = scaled(
+                _column_norms(adapter.attn_out(layer)), stats.attn_dim_l2sq[i] if active else None
+            )
+            heads.append(per_dim.view(n_heads, head_dim).mean(1))
+            for r, reader in enumerate(adapter.residual_readers(layer)):
+                hidden += scaled(_column_norms(reader), stats.reader_l2sq[i][r] if active else None)
     return UnitScores(mlp, heads, hidden)
 
 
@@ -254,19 +272,20 @@ class RefitCriterion(Criterion):
             mlp_fisher = stats.mlp_fisher[i] if stats.has_fisher else None
             attn_fisher = stats.attn_fisher[i] if stats.has_fisher else None
             down, out = adapter.mlp_out(layer), adapter.attn_out(layer)
-            mlp.append(
-                elimination_order(
-                    adapter.weight(down), stats.mlp_gram[i], stats.mlp_mean[i] if down.bias is not None else None,
-                    block=32, row_weights=mlp_fisher,
-                )
-            )  # fmt: skip
             head_dim = adapter.head_layout(layer)[2]
-            heads.append(
-                elimination_order(
-                    adapter.weight(out), stats.attn_gram[i], stats.attn_mean[i] if out.bias is not None else None,
-                    group=head_dim, row_weights=attn_fisher,
-                )
-            )  # fmt: skip
+            with layer_weights(model, layer):
+                mlp.append(
+                    elimination_order(
+                        adapter.weight(down), stats.mlp_gram[i], stats.mlp_mean[i] if down.bias is not None else None,
+                        block=32, row_weights=mlp_fisher,
+                    )
+                )  # fmt: skip
+                heads.append(
+                    elimination_order(
+                        adapter.weight(out), stats.attn_gram[i], stats.attn_mean[i] if out.bias is not None else None,
+                        group=head_dim, row_weights=attn_fisher,
+                    )
+                )  # fmt: skip
         return UnitScores(mlp, heads, fallback.hidden)
 
 
@@ -333,14 +352,14 @@ class FlapCriterion(Criterion):
         mlp, heads = [], []
         hidden = torch.zeros(residual_width(adapter, layers), dtype=torch.float64)
         for i, layer in enumerate(layers):
-            mlp.append(
-                _standardised(fluctuation(stats.mlp_l2sq[i], stats.mlp_mean[i], adapter.mlp_out(layer)))
-            )
             n_heads, _, head_dim = adapter.head_layout(layer)
-            per_dim = fluctuation(stats.attn_dim_l2sq[i], stats.attn_mean[i], adapter.attn_out(layer)).pow(2)
-            heads.append(_standardised(per_dim).view(n_heads, head_dim).mean(1))
-            for r, reader in enumerate(adapter.residual_readers(layer)):
-                hidden += fluctuation(stats.reader_l2sq[i][r], stats.reader_mean[i][r], reader)
+            with layer_weights(model, layer):
+                mlp_fluctuation = fluctuation(stats.mlp_l2sq[i], stats.mlp_mean[i], adapter.mlp_out(layer))
+                per_dim = fluctuation(stats.attn_dim_l2sq[i], stats.attn_mean[i], adapter.attn_out(layer))
+                for r, reader in enumerate(adapter.residual_readers(layer)):
+                    hidden += fluctuation(stats.reader_l2sq[i][r], stats.reader_mean[i][r], reader)
+            mlp.append(_standardised(mlp_fluctuation))
+            heads.append(_standardised(per_dim.pow(2)).view(n_heads, head_dim).mean(1))
         return UnitScores(mlp, heads, hidden)
 
 

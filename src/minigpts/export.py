@@ -243,6 +243,12 @@ CONTROL_MEANINGS = {
     "control_base_finetuned": "the unpruned model fine-tuned with the same budget",
     "control_random_finetuned": "a random pruning of the same widths, recovered the same way",
     "control_random": "a random pruning of the same widths, not recovered",
+    "control_general_calibration_finetuned": "the same widths chosen on general text (units and vocabulary), "
+    "recovered the same way",
+    "control_general_calibration": "the same widths chosen on general text (units and vocabulary)",
+    "control_general_units_finetuned": "the units chosen on general text, the domain's vocabulary, recovered "
+    "the same way",
+    "control_general_units": "the units chosen on general text, the domain's vocabulary",
 }
 
 

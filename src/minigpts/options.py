@@ -397,7 +397,11 @@ def _pass_tokens(args, flag: str, needed: bool, default: int) -> int:
 class AnalysisOptions:
     GROUP = "analysis"  # the argparse group of the fields that name none
     calib_tokens: int = option(
-        65_536, "--calib-tokens", positive=True, help="calibration tokens to run (default 65,536)"
+        65_536,
+        "--calib-tokens",
+        positive=True,
+        help="calibration tokens to run (default 65,536; fewer save time and cost quality: at the demo's recipe "
+        "8,192 / 16,384 / 32,768 tokens ended +4.4 / +2.2 / +1.4 %% above the base after recovery)",
     )
     seq_len: int = reuse(EvalOptions, "seq_len")
     batch_size: int = reuse(EvalOptions, "batch_size")

@@ -497,6 +497,9 @@ def with_shared_teacher_cache(recovery: FinetuneOptions, method, work: Path) -> 
 
 
 GENERAL_CONTROL = "control_general_calibration"
+# The same units from general text but the domain's vocabulary: separates the choice of units from the
+# vocabulary's (the general control also counts the vocabulary on general text). Only for plans that cut both.
+GENERAL_UNITS_CONTROL = "control_general_units"
 GENERAL_CONTROL_NEEDS = (
     "control_general_calibration (the same cut calibrated on general text) needs --general-data: a "
     "general-domain corpus such as a WikiText sample (none is bundled: WikiText is CC BY-SA)"
@@ -518,10 +521,21 @@ def general_calibration_corpus(general: Corpus) -> Corpus:
     )
 
 
-def general_plan_like(model, tokenizer, plan, general_stats, general_corpus: Corpus, options: PlanOptions):
+def general_controls(plan, options: PlanOptions) -> list[tuple[str, bool]]:
+    """(stage name, vocabulary from general text?) of the general-text controls ``plan`` calls for."""
+    controls = [(GENERAL_CONTROL, True)]
+    if options.has_structure() and plan.vocab_keep is not None:
+        controls.append((GENERAL_UNITS_CONTROL, False))
+    return controls
+
+
+def general_plan_like(
+    model, tokenizer, plan, general_stats, general_corpus: Corpus, options: PlanOptions, *, general_vocab=True
+):
     """The thesis control's plan: exactly ``plan``'s widths per layer (so the same parameter count),
     but the units chosen by the same criterion scored on statistics of general text, and the
-    vocabulary (same size) chosen by the general text's token counts."""
+    vocabulary (same size) chosen by the general text's token counts (``general_vocab``; else the
+    domain plan's vocabulary, to measure the choice of units alone)."""
     from minigpts.plan import best_units_like, unit_scores
 
     notes = []
@@ -533,7 +547,7 @@ def general_plan_like(model, tokenizer, plan, general_stats, general_corpus: Cor
         if plan.layers_keep is not None:
             notes.append("dropped layers: the domain plan's (layer removal is not re-chosen on general text)")
     vocab = plan.vocab_keep
-    if plan.vocab_keep is not None:
+    if plan.vocab_keep is not None and general_vocab:
         from minigpts.vocab import select_vocab
 
         selection = select_vocab(
@@ -549,7 +563,8 @@ def general_plan_like(model, tokenizer, plan, general_stats, general_corpus: Cor
             notes.append("vocabulary: the domain plan's (general counts could not give the same size)")
     settings = {
         **plan.settings,
-        "control": "units chosen on general text, same widths",
+        "control": "units chosen on general text, same widths"
+        + ("" if general_vocab or vocab is None else ", the domain's vocabulary"),
         "calibration_data": general_corpus.source,
     }
     if notes:
@@ -812,9 +827,15 @@ class GeneralCalibration:
             )
         return cls(general.source, text, stats, sequential_calibration(tokenizer, text, options))
 
-    def plan_like(self, domain: Domain, plan, options: PlanOptions):
+    def plan_like(self, domain: Domain, plan, options: PlanOptions, *, general_vocab=True):
         return general_plan_like(
-            domain.base_model, domain.base_tokenizer, plan, self.stats, self.text, options
+            domain.base_model,
+            domain.base_tokenizer,
+            plan,
+            self.stats,
+            self.text,
+            options,
+            general_vocab=general_vocab,
         )
 
     def record(self, control_plan) -> dict:
@@ -950,7 +971,7 @@ def _run_work(options: RunOptions, out: Path | None, corpus: Corpus, say):
         return None, None, resume
     work = work_dir_for(out)
     cache = StageCache.for_run(work, options, corpus)
-    names = ("finetuned", "control_base", "control_random", "control_general")
+    names = ("finetuned", "control_base", "control_random", GENERAL_CONTROL, GENERAL_UNITS_CONTROL)
     checkpoints = [name for name in names if _has_checkpoint(work / name / "checkpoints")]
     if resume:
         finished = cache.finished() + [f"{name} checkpoint" for name in checkpoints]
@@ -1082,8 +1103,9 @@ def _load_pruned(path: Path, options: RunOptions):
 
 def _run_controls(domain: Domain, plan, stats, general, work, timings, say, model_name, progress) -> dict:
     """The controls of `run`: the unpruned model fine-tuned with the same budget, a random cut of the
-    same widths, and the same cut calibrated on general text (--general-data); each recovered when
-    the run recovers (evaluated only then), else evaluated as pruned."""
+    same widths, and the same cut calibrated on general text (--general-data; when the plan also cuts
+    the vocabulary, once more with the domain's vocabulary); each recovered when the run recovers
+    (evaluated only then), else evaluated as pruned."""
     from minigpts.plan import random_plan_like
 
     tuned = domain.method is not None
@@ -1107,8 +1129,7 @@ def _run_controls(domain: Domain, plan, stats, general, work, timings, say, mode
     if general is None:
         say(f"[yellow]skipped {GENERAL_CONTROL}: {GENERAL_CONTROL_NEEDS}[/yellow]")
         return stages
-    names = (GENERAL_CONTROL, f"{GENERAL_CONTROL}_finetuned")
-    with timed(timings, GENERAL_CONTROL):
+    with timed(timings, "general_calibration_analysis"):
         reference = GeneralCalibration.prepare(
             general,
             domain.options,
@@ -1118,12 +1139,15 @@ def _run_controls(domain: Domain, plan, stats, general, work, timings, say, mode
             model_name=model_name,
             progress=progress,
         )
-        control_plan = reference.plan_like(domain, plan, domain.options.plan)
-        *_, control = domain.run_setting(
-            control_plan, work / "control_general", stats=reference.stats, calibration=reference.calibration,
-            names=names, evaluate_pruned=not tuned
-        )  # fmt: skip
-        stages[names[tuned]] = {**control[names[tuned]], "calibration": reference.record(control_plan)}
+    for control, general_vocab in general_controls(plan, domain.options.plan):
+        names = (control, f"{control}_finetuned")
+        with timed(timings, control):
+            control_plan = reference.plan_like(domain, plan, domain.options.plan, general_vocab=general_vocab)
+            *_, result = domain.run_setting(
+                control_plan, work / control, stats=reference.stats, calibration=reference.calibration,
+                names=names, evaluate_pruned=not tuned
+            )  # fmt: skip
+            stages[names[tuned]] = {**result[names[tuned]], "calibration": reference.record(control_plan)}
     return stages
 
 

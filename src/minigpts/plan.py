@@ -778,7 +778,7 @@ class _ErrorModel:
     """The output-error curves of every layer's MLP and attention, and the allocations made from them."""
 
     def __init__(self, model, adapter, stats, scores, layouts, counter, min_mlp, round_to, ridge):
-        from minigpts import allocation
+        from minigpts.criteria import layer_weights
         from minigpts.reconstruct import DEFAULT_RIDGE
 
         ridge = DEFAULT_RIDGE if ridge is None else ridge
@@ -796,36 +796,44 @@ class _ErrorModel:
 
         self.mlp, self.heads = [], []
         for i, layer in enumerate(layers):
-            size, n_heads, n_kv = self.full[i]
-            per_channel = -params_with(i, (size - 1, n_heads, n_kv))
-            widths = _legal_widths(size, min_mlp, round_to)
-            self.mlp.append(
-                allocation.mlp_component(
-                    adapter.mlp_out(layer),
-                    scores.mlp[i],
-                    stats.mlp_gram[i],
-                    stats.mlp_mean[i],
-                    widths,
-                    per_channel,
-                    stats.mlp_fisher[i],
-                    ridge,
-                )
+            with layer_weights(model, layer):  # prune --offload: one layer's weights at a time
+                self._add_layer(i, layer, adapter, stats, params_with, min_mlp, round_to, ridge)
+
+    def _add_layer(self, i, layer, adapter, stats, params_with, min_mlp, round_to, ridge) -> None:
+        """Layer i's MLP and attention error curves."""
+        from minigpts import allocation
+
+        scores, layouts = self.scores, self.layouts
+        size, n_heads, n_kv = self.full[i]
+        per_channel = -params_with(i, (size - 1, n_heads, n_kv))
+        widths = _legal_widths(size, min_mlp, round_to)
+        self.mlp.append(
+            allocation.mlp_component(
+                adapter.mlp_out(layer),
+                scores.mlp[i],
+                stats.mlp_gram[i],
+                stats.mlp_mean[i],
+                widths,
+                per_channel,
+                stats.mlp_fisher[i],
+                ridge,
             )
-            configs = _head_configs(n_heads, n_kv)
-            self.heads.append(
-                allocation.head_component(
-                    adapter.attn_out(layer),
-                    scores.heads[i],
-                    n_kv,
-                    layouts[i][2],
-                    configs,
-                    stats.attn_gram[i],
-                    stats.attn_mean[i],
-                    lambda count, kv, i=i: params_with(i, (self.full[i][0], count, kv)),
-                    stats.attn_fisher[i],
-                    ridge,
-                )
+        )
+        configs = _head_configs(n_heads, n_kv)
+        self.heads.append(
+            allocation.head_component(
+                adapter.attn_out(layer),
+                scores.heads[i],
+                n_kv,
+                layouts[i][2],
+                configs,
+                stats.attn_gram[i],
+                stats.attn_mean[i],
+                lambda count, kv, i=i: params_with(i, (self.full[i][0], count, kv)),
+                stats.attn_fisher[i],
+                ridge,
             )
+        )
 
     def _budget(self, request: _Request, scores: list[torch.Tensor]) -> float:
         if request.ratio is not None:

@@ -29,6 +29,8 @@ STAGE_ORDER = (
     "control_random",
     "control_general_calibration_finetuned",
     "control_general_calibration",
+    "control_general_units_finetuned",
+    "control_general_units",
 )
 STAGE_LABELS = {
     "base": "base",
@@ -39,6 +41,8 @@ STAGE_LABELS = {
     "control_random": "control: random same size",
     "control_general_calibration_finetuned": "control: calibrated on general text, recovered",
     "control_general_calibration": "control: calibrated on general text",
+    "control_general_units_finetuned": "control: units from general text, domain vocabulary, recovered",
+    "control_general_units": "control: units from general text, domain vocabulary",
 }
 
 # The documented columns of sweep rows, in the order sweep.csv writes them (extra keys follow).
@@ -69,6 +73,7 @@ SWEEP_COLUMNS = (
     "control_general_params",
     "bpb_val_base",
     "bpb_val",
+    "control_general_units_bpb",
 )
 
 # The paper's linear/activation thresholds, drawn on the magnitude plot to show what each would cut.
@@ -80,7 +85,8 @@ SWEEP_NOTE = (
     "Δbpb compares the recovered model with the unpruned base. Controls: the unpruned model fine-tuned "
     "with the same budget (base fine-tuned), a random pruning of the same size recovered the same way "
     "(random) and, with --general-data, the same widths chosen from statistics of general text instead "
-    "of the domain's (general)."
+    "of the domain's, the vocabulary counted on the general text too (general) or, when the vocabulary is "
+    "cut, kept as the domain's (general units)."
 )
 
 FRONTIER_NOTE = (
@@ -527,6 +533,11 @@ def _controls_cell(row: Mapping) -> str:
             if _is_missing(row.get("control_general_bpb"))
             else f" · general {_num(row.get('control_general_bpb'), 4)}"
         )
+        + (
+            ""
+            if _is_missing(row.get("control_general_units_bpb"))
+            else f" · general units {_num(row.get('control_general_units_bpb'), 4)}"
+        )
     )
 
 
@@ -792,6 +803,13 @@ _SIZE_SERIES = (
     ("random", "relative_size", "control_random_bpb", "x", {"ms": 9, "mew": 2}),
     ("base_ft", None, "control_base_finetuned_bpb", "*", {"ms": 13, "mec": "black", "mew": 0.6}),
     ("general", "relative_size", "control_general_bpb", "s", {"mfc": "none", "ms": 8, "mew": 1.5}),
+    (
+        "general_units",
+        "relative_size",
+        "control_general_units_bpb",
+        "D",
+        {"mfc": "none", "ms": 7, "mew": 1.5},
+    ),
 )
 # legend key -> the style legend's entry (drawn in grey)
 _SIZE_STYLES = {
@@ -801,6 +819,12 @@ _SIZE_STYLES = {
     "random": {"ls": "", "marker": "x", "mew": 2, "label": "random same size, recovered"},
     "base_ft": {"ls": "", "marker": "*", "ms": 11, "label": "base fine-tuned, same budget"},
     "general": {"ls": "", "marker": "s", "mfc": "none", "label": "same widths, calibrated on general text"},
+    "general_units": {
+        "ls": "",
+        "marker": "D",
+        "mfc": "none",
+        "label": "units from general text, domain vocabulary",
+    },
     "frontier": {
         "ls": "",
         "marker": "o",
@@ -962,6 +986,9 @@ def run_size_row(report: Mapping) -> dict[str, Any]:
             stages.get("control_general_calibration_finetuned")
             or stages.get("control_general_calibration")
             or {}
+        ).get("bits_per_byte"),
+        "control_general_units_bpb": (
+            stages.get("control_general_units_finetuned") or stages.get("control_general_units") or {}
         ).get("bits_per_byte"),
     }
 

@@ -3,9 +3,9 @@
 The model is the meta-device skeleton of ``analysis_offload.build_skeleton``; nothing holds it whole:
 
 - the plan (``plan_offloaded``) is ``pipeline.build_plan`` on the skeleton: shapes, config and the
-  statistics, never the weights. So ``--criterion`` must be one that scores from the statistics
-  alone (``wanda``, ``weight``, ``flap`` and ``refit`` read every layer's weights: refused), and the
-  error allocation, which reads them too, is refused where it would run (``--allocation paper``);
+  statistics; the criteria that read weights (``wanda``, ``weight``, ``flap``, ``refit``) and the
+  error allocation read each decoder layer's inside ``criteria.layer_weights``, which on the
+  skeleton reads that layer from the checkpoint and frees it afterwards (one layer at a time);
 - each kept decoder layer in turn is read from the safetensors file(s), refit (``reconstruct.
   refit_layer``, its second moments read from the statistics file for that layer only), cut
   (``surgery.prune_layer``), appended to the output shards and freed;
@@ -24,6 +24,7 @@ and LM head at the end + the statistics without their second moments + one layer
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from minigpts.analysis_offload import FLAG, _Checkpoint, _Onloader, _release_free_memory
+from minigpts.criteria import LAYER_WEIGHTS_READER
 from minigpts.errors import UserError
 from minigpts.options import PlanOptions, flag_of
 from minigpts.reconstruct import DEFAULT_RIDGE
@@ -41,8 +43,6 @@ if TYPE_CHECKING:
     from minigpts.data import Corpus
     from minigpts.plan import PruningPlan
 
-# criteria whose scores read the weights of every layer: a plan with them needs the whole model
-WEIGHT_CRITERIA = ("wanda", "weight", "flap", "refit")
 DEFAULT_SHARD_BYTES = 2 * 10**9
 
 
@@ -67,22 +67,10 @@ def pruning_skeleton(
 
 def check_offload_options(options: PlanOptions, stats: ActivationStats | None) -> None:
     """A one-line UserError for each plan option that needs the whole model (see the module docstring)."""
-    from minigpts.criteria import criterion_names
 
     def flag(name: str) -> str:
         return flag_of(PlanOptions, name)
 
-    working = [name for name in criterion_names() if name not in WEIGHT_CRITERIA]
-    if options.criterion in WEIGHT_CRITERIA:
-        raise UserError(
-            f"{flag('criterion')} {options.criterion} reads every layer's weights to plan, which {FLAG} "
-            f"never holds: use one of {', '.join(working)}, or prune without {FLAG}"
-        )
-    if options.allocation == "error" and (options.layout == "per-layer" or options.target_params is not None):
-        raise UserError(
-            f"{flag('allocation')} error reads every layer's weights to size the layers, which {FLAG} never "
-            f"holds: pass {flag('allocation')} paper, or prune without {FLAG}"
-        )
     for name in ("hidden_ratio", "drop_layers", "layer_ratio"):
         if getattr(options, name) is not None:
             raise UserError(f"{flag(name)}: {FLAG} does not prune {_WHAT[name]} yet; prune without {FLAG}")
@@ -118,15 +106,18 @@ def plan_offloaded(
     from minigpts.pipeline import build_plan
 
     check_offload_options(options, stats)
-    skeleton, _ = pruning_skeleton(model, dtype, trust_remote_code=trust_remote_code)
+    skeleton, checkpoint = pruning_skeleton(model, dtype, trust_remote_code=trust_remote_code)
     if stats is not None:
         stats.check_model(skeleton)
+    onloader = _Onloader(skeleton, checkpoint, dtype, torch.device("cpu"))
+    setattr(skeleton, LAYER_WEIGHTS_READER, lambda layer: _layer_read(onloader, layer))
     try:
         plan = build_plan(skeleton, tokenizer, stats, options, corpus=corpus)
-    except NotImplementedError as error:  # a criterion registered elsewhere that reads the weights
-        raise UserError(
-            f"{flag_of(PlanOptions, 'criterion')} {options.criterion} reads the weights ({error}); "
-            f"{FLAG} never holds them: use another criterion or prune without {FLAG}"
+    except NotImplementedError as error:  # a criterion registered elsewhere that reads weights outside
+        raise UserError(  # `criteria.layer_weights`: they are not there
+            f"{flag_of(PlanOptions, 'criterion')} {options.criterion} reads weights outside "
+            f"`minigpts.criteria.layer_weights` ({error}), which {FLAG} needs: use another criterion or "
+            f"prune without {FLAG}"
         ) from None
     if plan.hidden_keep is not None and len(plan.hidden_keep) < plan.summary.get("hidden_before", 0):
         raise UserError(
@@ -134,6 +125,17 @@ def plan_offloaded(
             f"not do yet: size the heads with {flag_of(PlanOptions, 'head_ratio')}, or prune without {FLAG}"
         )
     return plan
+
+
+@contextlib.contextmanager
+def _layer_read(onloader: _Onloader, layer: nn.Module):
+    """One decoder layer's weights, read from the checkpoint for the planner and freed after it."""
+    onloader.load(layer)
+    try:
+        yield layer
+    finally:
+        onloader.free(layer)
+        _release_free_memory()
 
 
 def load_stats(path: str | Path) -> ActivationStats:

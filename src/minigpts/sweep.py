@@ -21,7 +21,9 @@ from minigpts.errors import UserError
 from minigpts.evaluation import decode_speed
 from minigpts.options import SweepOptions
 from minigpts.pipeline import (
+    GENERAL_CONTROL,
     GENERAL_CONTROL_NEEDS,
+    GENERAL_UNITS_CONTROL,
     Domain,
     GeneralCalibration,
     PlanOptions,
@@ -29,6 +31,7 @@ from minigpts.pipeline import (
     check_output_dir,
     cleanup,
     expected_tokens_for,
+    general_controls,
     load_base,
     load_mcq_sets,
     recovery_method_or_none,
@@ -190,7 +193,7 @@ def _general_reference(
     if not options.controls:
         return None
     if general is None:
-        say(f"[yellow]skipped control_general_calibration: {GENERAL_CONTROL_NEEDS}[/yellow]")
+        say(f"[yellow]skipped {GENERAL_CONTROL}: {GENERAL_CONTROL_NEEDS}[/yellow]")
         return None
     with_stats = any(p.has_structure() for _, p in grid)
     if with_stats:
@@ -273,36 +276,32 @@ def _frontier_setting(domain: Domain, plan, work: Path, **setting) -> dict:
 
 
 def _sweep_setting(domain: Domain, plan, plan_options, stats, reference, work: Path) -> dict:
-    """One setting and its controls (a random cut of the same widths; the cut chosen on general text)."""
+    """One setting and its controls (a random cut of the same widths; the cut chosen on general text,
+    and, when the plan cuts the vocabulary too, the same with the domain's vocabulary)."""
     from minigpts.plan import random_plan_like
 
     stage = _frontier_setting(domain, plan, work, stats=stats, calibration=domain.calibration)
-    control_random = control_general = None
+    controls = {"control_random": None, GENERAL_CONTROL: None, GENERAL_UNITS_CONTROL: None}
     if domain.options.controls:
         random_plan = random_plan_like(domain.base_model, plan, seed=domain.options.seed)
-        control_random = _frontier_setting(
+        controls["control_random"] = _frontier_setting(
             domain,
             random_plan,
             work.with_name(f"{work.name}-random"),
             stats=stats,
             calibration=domain.calibration,
         )
-    if reference is not None:
-        general_plan = reference.plan_like(domain, plan, plan_options)
-        control_general = _frontier_setting(
+    for name, general_vocab in general_controls(plan, plan_options) if reference is not None else ():
+        general_plan = reference.plan_like(domain, plan, plan_options, general_vocab=general_vocab)
+        controls[name] = _frontier_setting(
             domain,
             general_plan,
-            work.with_name(f"{work.name}-general"),
+            work.with_name(f"{work.name}-{name.removeprefix('control_').replace('_', '-')}"),
             stats=reference.stats,
             calibration=reference.calibration,
         )
-        control_general["calibration"] = reference.record(general_plan)
-    return {
-        "plan_summary": plan.summary,
-        **stage,
-        "control_random": control_random,
-        "control_general_calibration": control_general,
-    }
+        controls[name]["calibration"] = reference.record(general_plan)
+    return {"plan_summary": plan.summary, **stage, **controls}
 
 
 def _sweep_row(
@@ -314,10 +313,10 @@ def _sweep_row(
     final = recovered or pruned
     finetune_info = (recovered or {}).get("finetune") or {}
     controls = {}
-    for key in ("control_random", "control_general_calibration"):
-        control = entry[key]
+    for key in ("control_random", GENERAL_CONTROL, GENERAL_UNITS_CONTROL):
+        control = entry.get(key)
         controls[key] = (control.get("finetuned") or control["pruned"]) if control is not None else None
-    general_final = controls["control_general_calibration"]
+    general_final = controls[GENERAL_CONTROL]
 
     def recovered_value(key: str):
         return recovered[key] if recovered is not None else None
@@ -345,6 +344,7 @@ def _sweep_row(
         "control_random_bpb": (controls["control_random"] or {}).get("bits_per_byte"),
         "control_general_bpb": general_final["bits_per_byte"] if general_final else None,
         "control_general_params": general_final["params"] if general_final else None,
+        "control_general_units_bpb": (controls[GENERAL_UNITS_CONTROL] or {}).get("bits_per_byte"),
         "bpb_val_base": base["validation_bits_per_byte"],
         "bpb_val": entry["validation_bits_per_byte"],
         "decode_tps_base": base["decode_tokens_per_second"],
