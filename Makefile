@@ -43,9 +43,9 @@ demo: $(STAMP)
 		--target-params 0.80 --layout per-layer --criterion wanda \
 		--embedding-threshold 0 --vocab-keep-expected 24576 \
 		--calib-tokens 32768 --max-eval-tokens 8192 \
-		--finetune distill --mixed-precision bf16 --max-train-tokens 65536 --finetune-seq-len 256 \
+		--finetune distill --max-train-tokens 65536 --finetune-seq-len 256 \
 		--lr 2e-4 --max-val-tokens 4096 \
-		--general-data sample-medical
+		--general-data sample-medical --general-max-tokens 4096
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

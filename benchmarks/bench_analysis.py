@@ -6,6 +6,7 @@ best round, so a neighbour process slowing one round does not bias one side.
 
     .venv/bin/python benchmarks/bench_analysis.py                     # SmolLM2-shaped, random init
     .venv/bin/python benchmarks/bench_analysis.py --model smollm2-135m --device cuda
+    .venv/bin/python benchmarks/bench_analysis.py --moments   # + second moments: blocked vs full-product gram
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)"
+    )
+    parser.add_argument(
+        "--moments",
+        action="store_true",
+        help="also time analysis with second moments, with symmetric_gram and with one full xᵀx product",
     )
     args = parser.parse_args()
     if args.threads:
@@ -93,6 +99,20 @@ def main() -> None:
         analyze(model, windows, batch_size=args.batch_size, progress=False)
 
     passes = {"body forward": plain_body, "analyze": analysis, "forward + logits": with_logits}
+    if args.moments:
+        from minigpts import analysis as analysis_module
+
+        blocked = analysis_module.symmetric_gram
+
+        def with_moments(gram) -> None:
+            analysis_module.symmetric_gram = gram
+            try:
+                analyze(model, windows, batch_size=args.batch_size, progress=False, moments=True)
+            finally:
+                analysis_module.symmetric_gram = blocked
+
+        passes["analyze + moments"] = lambda: with_moments(blocked)
+        passes["… full xᵀx gram"] = lambda: with_moments(lambda x: x.T @ x)
     for run in passes.values():  # warm-up: allocator, kernels, lazy inits
         run()
         sync()
@@ -116,6 +136,13 @@ def main() -> None:
     for name in passes:
         print(
             f"  {name:<18} {wall[name]:8.3f} s wall {tokens / wall[name]:10.1f} tok/s   {cpu[name]:8.3f} s CPU"
+        )
+    if args.moments:
+        moments = wall["analyze + moments"] - wall["analyze"]
+        full = wall["… full xᵀx gram"] - wall["analyze"]
+        print(
+            f"second moments: {moments:.3f} s with symmetric_gram vs {full:.3f} s with one full product "
+            f"({moments / full:.2f}x); whole analysis {wall['analyze + moments'] / wall['… full xᵀx gram']:.3f}x"
         )
     for label, times in (("wall", wall), ("CPU", cpu)):
         if device.type == "cuda" and label == "CPU":

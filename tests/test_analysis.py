@@ -284,3 +284,14 @@ def test_expected_counts_in_the_analysis_pass_equal_the_separate_pass(tmp_path, 
     folded.save(path)
     loaded = ActivationStats.load(path)
     assert torch.equal(loaded.expected_counts, folded.expected_counts) and loaded.expected_tokens == 36
+
+
+@pytest.mark.parametrize("width", [5, 383, 577, 1536, 2049])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_gram_equals_the_full_product(width, dtype):
+    from minigpts.analysis import symmetric_gram
+
+    x = torch.randn(300, width, generator=torch.Generator().manual_seed(width), dtype=dtype)
+    gram = symmetric_gram(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(gram, x.T @ x, rtol=tol, atol=tol * width)

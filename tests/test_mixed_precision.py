@@ -51,12 +51,49 @@ def test_bf16_training_differs_from_fp32_and_returns_a_plain_fp32_model(tiny_tok
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
-def test_auto_means_fp32_on_a_cpu_and_bad_values_are_refused():
-    assert use_bf16_autocast("auto", on_gpu=False) is False
+def test_auto_means_bf16_only_where_it_is_native_and_bad_values_are_refused(monkeypatch):
+    from minigpts.recovery import trainer
+
+    for native in (False, True):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        assert use_bf16_autocast("auto", on_gpu=False) is native
     assert use_bf16_autocast("no", on_gpu=True) is False
     assert use_bf16_autocast("bf16", on_gpu=False) is True
     with pytest.raises(UserError, match="--mixed-precision"):
         use_bf16_autocast("fp8", on_gpu=False)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_warns_in_one_line(monkeypatch, capsys, native):
+    from minigpts import cli
+    from minigpts.recovery import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    assert trainer.slow_bf16_warning("auto", on_gpu=False) is None
+    assert trainer.slow_bf16_warning("bf16", on_gpu=True) is None
+    warning = trainer.slow_bf16_warning("bf16", on_gpu=False)
+    assert (warning is None) == native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = cli.main(
+        ["finetune", "--model", "/nonexistent", "--data", "sample", "--out", "x", "--mixed-precision", "bf16"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2  # the missing model is still the error
+    lines = [line for line in err.splitlines() if "warning:" in line]
+    assert len(lines) == (0 if native else 1)
+    if not native:
+        assert "--mixed-precision bf16" in lines[0] and "--mixed-precision auto" in lines[0]
+
+
+def test_native_bf16_detection_can_be_pinned(monkeypatch):
+    from minigpts.recovery.trainer import cpu_has_native_bf16
+
+    monkeypatch.delenv("MINIGPTS_CPU_BF16")
+    detected = cpu_has_native_bf16()
+    assert detected == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    for pinned in ("0", "1"):
+        monkeypatch.setenv("MINIGPTS_CPU_BF16", pinned)
+        assert cpu_has_native_bf16() is (pinned == "1")
 
 
 def test_a_bf16_teacher_pass_has_its_own_cache_close_to_the_fp32_one(tiny_tokenizer, windows, tmp_path):

@@ -345,12 +345,15 @@ def test_run_with_controls_writes_report_and_model(capsys, tmp_path, model_dir):
         "--controls",
         "--general-data",
         "sample-medical",
+        "--general-max-tokens",
+        "128",
         "--out",
         out,
     )
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
+    assert 0 < stages["base"]["general"]["eval_tokens"] <= 128 < stages["base"]["eval_tokens"]
     assert list(stages) == [
         "base",
         "pruned",

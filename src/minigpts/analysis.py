@@ -401,7 +401,26 @@ class _Moments:
         x = x.reshape(-1, x.shape[-1])
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         total += work.sum(0, dtype=torch.float64).to(total.device)
-        gram += (work.T @ work).to(gram.device, torch.float64)
+        gram += symmetric_gram(work).to(gram.device, torch.float64)
+
+
+GRAM_BLOCK = 384  # columns per block of symmetric_gram: small enough to skip most of the lower half
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx from the blocks on and above its diagonal, mirrored: ~60 % of one matmul's work for a
+    1536-wide MLP (the analysis's second moments were a third of its time), the same values."""
+    width = x.shape[1]
+    blocks = max(1, round(width / GRAM_BLOCK))
+    if blocks == 1:
+        return x.T @ x
+    gram = torch.empty(width, width, dtype=x.dtype, device=x.device)
+    edges = [width * i // blocks for i in range(blocks + 1)]
+    for start, stop in zip(edges, edges[1:]):
+        row = x[:, start:stop].T @ x[:, start:]
+        gram[start:stop, start:] = row
+        gram[stop:, start:stop] = row[:, stop - start :].T
+    return gram
 
 
 class _Scratch:

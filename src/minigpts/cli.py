@@ -766,7 +766,10 @@ SUBCOMMANDS = {
         "cmd_run",
         [(RunOptions, MODEL + DATA), (EvalOptions, WINDOWS), (AnalysisOptions, ()), PLAN]
         + [(FinetuneOptions, ()), (EvalOptions, ("split",)), (RunOptions, ("finetune", "controls"))]
-        + [(EvalOptions, ("mcq", "general_data")), (RunOptions, ("out", "dry_run", "force"))]
+        + [
+            (EvalOptions, ("mcq", "general_data", "general_max_tokens")),
+            (RunOptions, ("out", "dry_run", "force")),
+        ]
         + [(CommandOptions, ("gguf", "outtype"))],
     ),
     "sweep": (
@@ -774,7 +777,11 @@ SUBCOMMANDS = {
         "cmd_sweep",
         [(SweepOptions, MODEL + DATA), (EvalOptions, WINDOWS), (AnalysisOptions, ()), PLAN]
         + [(FinetuneOptions, ()), (EvalOptions, ("split",)), (SweepOptions, ("finetune", "controls", "mcq"))]
-        + [(EvalOptions, ("general_data",)), (CommandOptions, ("config",)), (SweepOptions, ("out", "force"))],
+        + [
+            (EvalOptions, ("general_data", "general_max_tokens")),
+            (CommandOptions, ("config",)),
+            (SweepOptions, ("out", "force")),
+        ],
     ),
     "export": (
         "write a model as one GGUF file for llama.cpp (tokenizer included)",
@@ -801,6 +808,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_slow_bf16(args) -> None:
+    if getattr(args, "mixed_precision", None) != "bf16":
+        return
+    import torch
+
+    from minigpts.recovery.trainer import slow_bf16_warning
+
+    warning = slow_bf16_warning(args.mixed_precision, torch.cuda.is_available())
+    if warning:
+        print(f"minigpts: {warning}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -825,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    _warn_slow_bf16(args)
     try:
         return args.func(args)
     except UserError as err:

@@ -380,7 +380,13 @@ class EvalOptions:
             }
         },
     )
-    general_max_tokens: int | None = None
+    general_max_tokens: int | None = option(
+        None,
+        "--general-max-tokens",
+        positive=True,
+        help="score at most this many tokens of the off-domain corpus per stage (default: --max-eval-tokens); "
+        "it only watches forgetting, so a smaller sample than the domain's saves time",
+    )
 
 
 def _pass_tokens(args, flag: str, needed: bool, default: int) -> int:
@@ -722,9 +728,10 @@ class FinetuneOptions:
         "auto",
         "--mixed-precision",
         choices=MIXED_PRECISION,
-        help="auto: bf16 autocast on GPUs that support it, fp32 on a CPU; bf16: also on a CPU (fp32 master "
-        "weights; ~1.5× faster steps on CPUs with native bf16 such as AVX512-BF16/AMX, the same "
-        "bits/byte as fp32 in our measurement); no: fp32",
+        help="auto: bf16 autocast (fp32 master weights) where bf16 is native — GPUs that support it, CPUs "
+        "with AVX512-BF16/AMX (~1.5× faster steps, the same bits/byte as fp32 in our measurements) — else "
+        "fp32; bf16: everywhere (~4.5× slower than fp32 on a CPU that emulates it, e.g. AVX2 only: a "
+        "warning says so); no: fp32",
     )
 
     def budget(self) -> dict[str, Any]:
