@@ -24,6 +24,15 @@ test text that the base's first --eval-tokens tokens cover.
   down_proj (``apply_full_plan(reconstruct="lstsq")``), to separate choosing from refitting.
 - minigpts: ``make_plan(criterion=C, mlp_ratio=R)`` then ``apply_full_plan(reconstruct="none")``
   (sliced, C) or ``"lstsq"`` (C+refit), for C in l1, wanda, flap, taylor.
+- ``--mixed F`` adds the mixed cut: minigpts' criteria choose MLP channels *and* attention heads
+  (``make_plan(criterion=C, target_params=F)``, the default ``per-layer`` layout and error allocation; the
+  row ``wanda+refit uniform`` the same share in every layer) until F of the parameters remain. At
+  F = 0.704 the parameter count equals the 50 % MLP rows' (94.70M of SmolLM2's 134.52M, −30 %), so
+  the mixed rows compare with every 50 % row — Torch-Pruning's included — at the same size. Depth at
+  that size: ``depth`` drops only decoder layers (ShortGPT's Block Influence, as many as come closest
+  to F), ``wanda+refit drop=4`` drops 4 and cuts widths for the rest; ``--decode-tokens N`` adds the
+  greedy decode speed of the base and of each mixed row (batch 1, the best of ``--decode-repeats``),
+  as a ratio to the base measured in the same run.
 
 Checks on every Torch-Pruning model: its MLP widths and parameter count equal minigpts' at the same
 ratio; it runs; minigpts' surgery of the channels it chose gives the same logits; it saves with
@@ -52,7 +61,7 @@ from bench_quality import data_spec  # noqa: E402
 
 from minigpts.analysis import ActivationStats, taylor_importance  # noqa: E402
 from minigpts.data import load_corpus  # noqa: E402
-from minigpts.evaluation import evaluate  # noqa: E402
+from minigpts.evaluation import decode_speed, evaluate  # noqa: E402
 from minigpts.pipeline import AnalysisOptions, apply_full_plan, calibration_windows, run_analysis  # noqa: E402
 from minigpts.plan import make_plan  # noqa: E402
 
@@ -76,6 +85,17 @@ DEFAULT_METHODS = (
     "tp-activation",
     "tp-activation+refit",
 )
+MIXED_METHODS = (
+    "wanda+refit",
+    "flap+refit",
+    "l1+refit",
+    "taylor+refit",
+    "wanda",
+    "l1",
+    "wanda+refit uniform",
+    "depth",
+    "wanda+refit drop=4",
+)
 TP_CALLS = {
     "tp-magnitude": 'GroupMagnitudeImportance(p=2, group_reduction="mean")',
     "tp-taylor": "GroupTaylorImportance()",
@@ -90,6 +110,21 @@ def n_params(model: nn.Module) -> int:
 
 def n_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def speed(row: dict, base: dict | None) -> str:
+    """Decode tokens/s and the ratio to the base's, measured in the same run ("" when not measured)."""
+    tps = row.get("decode_tokens_per_second")
+    if tps is None:
+        return ""
+    base_tps = (base or {}).get("decode_tokens_per_second")
+    return f"{tps:.1f}" + (f" ({tps / base_tps:.2f}×)" if base_tps else "")
+
+
+def mlp_width(model: nn.Module) -> int | str:
+    """The MLP width, or "mean W" when the layers differ (a per-layer plan)."""
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    return widths[0] if len(set(widths)) == 1 else f"mean {sum(widths) / len(widths):.0f}"
 
 
 def mlp_layers(model: nn.Module) -> list[nn.Module]:
@@ -388,6 +423,44 @@ class Bench:
             f"minigpts make_plan(criterion='{name}', mlp_ratio={ratio}) + apply_full_plan(reconstruct='{how}')"
         )
 
+    def mixed(self, method: str, target: float) -> tuple[nn.Module, str]:
+        """(model, what produced it) for the mixed cut to ``target`` of the parameters. ``method``: ``C`` or
+        ``C+refit`` (MLP channels and heads, per-layer), with `` uniform`` (every layer alike) or
+        `` drop=N`` (N decoder layers by Block Influence first, widths for the rest); ``depth``: decoder
+        layers only, as many as come closest to the target."""
+        name, *extras = method.split(" ")
+        refit = name.endswith("+refit")
+        criterion = name.removesuffix("+refit")
+        layout = "uniform" if "uniform" in extras else "per-layer"
+        drops = [int(e.removeprefix("drop=")) for e in extras if e.startswith("drop=")]
+        if name == "depth":
+            criterion, drops = "wanda", [self.layers_for(target)]
+        elif criterion not in OURS or set(extras) - {"uniform"} - {f"drop={n}" for n in drops}:
+            raise SystemExit(f"unknown mixed method {method!r}: use one of {', '.join(MIXED_METHODS)}")
+        widths = (
+            {}
+            if name == "depth"
+            else dict(target_params=target, layout=layout, target_groups=("mlp", "heads"))
+        )
+        if drops:
+            widths |= dict(drop_layers=drops[0], layer_criterion="bi")
+        plan = make_plan(self.base, self.stats_for(criterion), criterion=criterion, **widths)
+        how = "lstsq" if refit else "none"
+        model, _ = apply_full_plan(
+            copy.deepcopy(self.base), self.tokenizer, plan, stats=self.stats_for(criterion), reconstruct=how
+        )
+        call = ", ".join(f"{k}={v!r}" for k, v in widths.items())
+        return (
+            model,
+            f"minigpts make_plan(criterion='{criterion}', {call}) + apply_full_plan(reconstruct='{how}')",
+        )
+
+    def layers_for(self, target: float) -> int:
+        """How many decoder layers to drop so that the parameters come closest to ``target`` of the base's."""
+        total = n_params(self.base)
+        per_layer = n_params(self.base.model.layers[0])
+        return round((1 - target) * total / per_layer)
+
     def score(self, label: str, model: nn.Module, produced_by: str, ratio: float | None) -> dict:
         started = time.perf_counter()
         result = evaluate(
@@ -396,7 +469,10 @@ class Bench:
         )  # fmt: skip
         row = {
             "ratio": ratio,
-            "mlp_width": model.config.intermediate_size,
+            "layers": len(model.model.layers),
+            "mlp_width": mlp_width(model),
+            "heads": sum(layer.self_attn.o_proj.in_features for layer in model.model.layers)
+            // model.config.head_dim,
             "params": n_params(model),
             "weight_bytes": n_bytes(model),
             "bits_per_byte": result.bits_per_byte,
@@ -404,6 +480,10 @@ class Bench:
             "eval_bytes": result.eval_bytes,
             "produced_by": produced_by,
         }
+        if self.args.decode_tokens and ratio is None:  # the mixed rows (and the base): decode speed too
+            row["decode_tokens_per_second"] = decode_speed(
+                model, new_tokens=self.args.decode_tokens, repeats=self.args.decode_repeats
+            )
         self.rows[label] = row
         self.say(f"  {label:32s} {row['params'] / 1e6:7.2f}M  {row['bits_per_byte']:.4f} bits/byte  "
                  f"[{produced_by}] ({time.perf_counter() - started:.0f} s eval)")  # fmt: skip
@@ -429,11 +509,26 @@ class Bench:
                 del model
         self.fill_common()
 
+    def run_mixed(self, methods: list[str], target: float) -> None:
+        base = self.rows.get("base")
+        if self.args.decode_tokens and base is not None and "decode_tokens_per_second" not in base:
+            base["decode_tokens_per_second"] = decode_speed(  # the baseline of the speed ratios, this run
+                self.base, new_tokens=self.args.decode_tokens, repeats=self.args.decode_repeats
+            )
+            self.save()
+        for method in methods:
+            label = f"{method} mixed {1 - target:.0%}"
+            if label not in self.rows:
+                model, produced_by = self.mixed(method, target)
+                self.score(label, model, produced_by, None)
+                del model
+
     def table(self) -> str:
         base = self.rows.get("base")
         lines = [
-            "| method | MLP width | params | weight bytes | bits/byte | vs base | scored tokens / bytes | produced by |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| method | layers | MLP width | heads | params | weight bytes | bits/byte | vs base | decode tok/s "
+            "(× base) | scored tokens / bytes | produced by |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for label, row in self.rows.items():
             delta = (
@@ -442,8 +537,10 @@ class Bench:
                 else f"{row['bits_per_byte'] / base['bits_per_byte'] - 1:+.1%}"
             )
             lines.append(
-                f"| {label} | {row['mlp_width']} | {row['params'] / 1e6:.2f}M | {row['weight_bytes']:,} | "
-                f"{row['bits_per_byte']:.4f} | {delta} | {row['eval_tokens']:,} / {row['eval_bytes']:,} | "
+                f"| {label} | {row.get('layers', '')} | {row['mlp_width']} | {row.get('heads', '')} | "
+                f"{row['params'] / 1e6:.2f}M | {row['weight_bytes']:,} | "
+                f"{row['bits_per_byte']:.4f} | {delta} | {speed(row, base)} | "
+                f"{row['eval_tokens']:,} / {row['eval_bytes']:,} | "
                 f"{row['produced_by']} |"
             )
         return "\n".join(lines)
@@ -508,6 +605,23 @@ def main(argv: list[str] | None = None) -> dict:
         "--ratios", type=float, nargs="+", default=[0.25, 0.5], help="share of MLP channels removed"
     )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="rows, run in this order")
+    parser.add_argument(
+        "--mixed",
+        type=float,
+        default=None,
+        metavar="F",
+        help="also the mixed cut (MLP channels + heads) to F of the parameters, e.g. 0.704 (= the 50%% rows' size)",
+    )
+    parser.add_argument(
+        "--mixed-methods", nargs="+", default=list(MIXED_METHODS), help="rows of the mixed cut, in this order"
+    )
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=0,
+        help="with --mixed: also greedy decode speed of the base and the mixed rows (N new tokens, batch 1)",
+    )
+    parser.add_argument("--decode-repeats", type=int, default=5, help="decode speed: the best of this many")
     parser.add_argument("--calib-tokens", type=int, default=16_384)
     parser.add_argument("--taylor-tokens", type=int, default=4_096, help="gradient pass of both Taylor rows")
     parser.add_argument("--eval-tokens", type=int, default=8_192)
@@ -567,6 +681,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.seq_len}, Taylor gradients on the first {bench.taylor_windows.numel():,}, bits/byte on the test "
           f"text of the base's first {args.eval_tokens:,} tokens", flush=True)  # fmt: skip
     bench.run(args.methods, args.ratios)
+    if args.mixed is not None:
+        bench.run_mixed(args.mixed_methods, args.mixed)
     print("\n" + bench.table())
     print("\n" + bench.overlaps())
     print(f"done in {time.perf_counter() - started:.0f} s")

@@ -213,3 +213,19 @@ def test_a_budget_tokenizer_fixes_the_text_for_a_coarser_tokenizer(tiny_tokenize
     first_piece = len(trimmed.decode(tokenize_stream(trimmed, text)[:1]).encode())
     assert fixed.eval_bytes + first_piece == len("\n\n".join(text).encode())
     assert "reference tokenizer" in fixed.protocol
+
+
+def test_the_protocol_says_how_much_of_the_split_a_budget_covers(tiny_tokenizer, tiny_llama):
+    """A budget on a corpus grouped by topic measures the first documents only: the protocol says so."""
+    from minigpts.evaluation import coverage
+
+    lengths = [len(tiny_tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    common = dict(model_name="t", seq_len=64, progress=False)
+    inside = evaluate(tiny_llama, tiny_tokenizer, TEXTS, max_tokens=lengths[0] + 3, **common)
+    assert inside.protocol.endswith(f"(2 of {len(TEXTS)} documents in file order, the last one cut)")
+    whole = evaluate(tiny_llama, tiny_tokenizer, TEXTS, max_tokens=10**6, **common)
+    assert whole.protocol.endswith(f"(all {len(TEXTS)} documents)")
+    assert "documents" not in evaluate(tiny_llama, tiny_tokenizer, TEXTS, **common).protocol  # no budget
+    # a budget that ends exactly at a document's end keeps it whole
+    exact = text_within_token_budget(tiny_tokenizer, TEXTS, sum(lengths[:2]))
+    assert coverage(exact, TEXTS) == f"2 of {len(TEXTS)} documents in file order"

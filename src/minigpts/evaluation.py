@@ -320,6 +320,15 @@ def _timed_windows(model, windows, byte_lengths, batch_size: int, split: str, pr
     return out, total, time.perf_counter() - start
 
 
+def coverage(chosen: list[str], texts: list[str]) -> str:
+    """How much of the split a token budget's text is, e.g. "4 of 18 documents in file order, the last
+    one cut": on a corpus grouped by topic, a budget that covers a few documents measures those."""
+    if len(chosen) == len(texts) and (not chosen or len(chosen[-1]) >= len(texts[-1])):
+        return f"all {len(texts)} documents"
+    cut = bool(chosen) and len(chosen[-1]) < len(texts[len(chosen) - 1])
+    return f"{len(chosen)} of {len(texts)} documents in file order" + (", the last one cut" if cut else "")
+
+
 def evaluate(
     model,
     tokenizer,
@@ -341,11 +350,12 @@ def evaluate(
     share a budget tokenizer (``run`` and ``sweep`` use the unpruned model's).
     """
     _check_seq_len(model, seq_len)
-    texts = text_within_token_budget(budget_tokenizer or tokenizer, texts, max_tokens, DOCUMENT_SEPARATOR)
+    chosen = text_within_token_budget(budget_tokenizer or tokenizer, texts, max_tokens, DOCUMENT_SEPARATOR)
     budget_note = ""
     if max_tokens is not None:
         whose = "the model's own" if budget_tokenizer is None else "the reference"
-        budget_note = f"; text = what the first {max_tokens} tokens of {whose} tokenizer cover"
+        budget_note = f"; text = what the first {max_tokens} tokens of {whose} tokenizer cover ({coverage(chosen, texts)})"
+    texts = chosen
     ids = tokenize_stream(tokenizer, texts, DOCUMENT_SEPARATOR)
     windows = stream_windows(ids, seq_len)
     if not windows:
