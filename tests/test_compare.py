@@ -75,4 +75,4 @@ def test_sweep_compares_criteria_in_one_table(tmp_path, tiny_tokenizer, capsys):
 def test_sweep_parser_takes_several_criteria():
     args = build_parser().parse_args(["sweep", "--data", "d", "--out", "o", "--criterion", "l1", "flap"])
     assert args.criterion == ["l1", "flap"]
-    assert build_parser().parse_args(["sweep", "--data", "d", "--out", "o"]).criterion == "l1"
+    assert build_parser().parse_args(["sweep", "--data", "d", "--out", "o"]).criterion is None  # default

@@ -15,6 +15,7 @@ from minigpts.analysis import ActivationStats, analyze
 from minigpts.arch import get_adapter
 from minigpts.errors import UserError
 from minigpts.evaluation import count_parameters
+from minigpts.options import PlanOptions
 from minigpts.plan import PruningPlan, describe_plan, make_plan, unit_scores
 
 VOCAB = 300
@@ -95,7 +96,7 @@ def widths(plan: PruningPlan) -> list[tuple[int, int, int]]:
 def test_mlp_ratio_uniform_rounds_to_multiples_of_8_and_keeps_top_scores(ratio, kept):
     model = llama()
     stats = synthetic_stats(model)
-    plan = make_plan(model, stats, mlp_ratio=ratio)
+    plan = make_plan(model, stats, criterion="l1", mlp_ratio=ratio)
     for layer, scores in zip(plan.layers, stats.mlp_l1, strict=True):
         assert layer.mlp_keep == top(scores, kept)
         assert layer.heads_keep == list(range(6)) and layer.kv_heads_keep == [0, 1]
@@ -130,9 +131,9 @@ def test_head_selection_follows_the_scores():
     for layer in range(3):  # group 1 (heads 3..5) dominates; within group 0, head 1 is best
         head = torch.tensor([0.2, 0.5, 0.1, 0.9, 0.8, 0.7], dtype=torch.float64)
         stats.attn_dim_l1[layer] = head.repeat_interleave(8)
-    whole_group = make_plan(model, stats, head_ratio=0.5)  # 3 heads: one whole group
+    whole_group = make_plan(model, stats, criterion="l1", head_ratio=0.5)  # 3 heads: one whole group
     assert all(x.heads_keep == [3, 4, 5] and x.kv_heads_keep == [1] for x in whole_group.layers)
-    thinned = make_plan(model, stats, head_ratio=1 / 3)  # 4 heads: two per group
+    thinned = make_plan(model, stats, criterion="l1", head_ratio=1 / 3)  # 4 heads: two per group
     assert all(x.heads_keep == [0, 1, 3, 4] and x.kv_heads_keep == [0, 1] for x in thinned.layers)
 
 
@@ -155,7 +156,7 @@ def test_per_layer_ranks_globally_and_keeps_minimums():
     stats = synthetic_stats(model)
     stats.mlp_l1[0] = stats.mlp_l1[0] * 1e-6  # layer 0's MLP is idle in this domain
     stats.attn_dim_l1[0] = stats.attn_dim_l1[0] * 1e-6
-    plan = make_plan(model, stats, mlp_ratio=0.5, head_ratio=0.5, layout="per-layer")
+    plan = make_plan(model, stats, criterion="l1", mlp_ratio=0.5, head_ratio=0.5, layout="per-layer")
     first, *rest = plan.layers
     assert first.mlp_keep == top(stats.mlp_l1[0], 8)  # min_mlp survives
     assert len(first.heads_keep) == 1 and len(first.kv_heads_keep) == 1
@@ -163,18 +164,18 @@ def test_per_layer_ranks_globally_and_keeps_minimums():
     kept = sum(len(x.mlp_keep) for x in plan.layers)
     assert abs(kept - 0.5 * 3 * 96) <= 3 * 8 / 2  # one global count, each layer rounded to 8
     assert_legal_gqa(plan, stats.head_layout)
-    bigger_minimum = make_plan(model, stats, mlp_ratio=0.5, layout="per-layer", min_mlp=24)
+    bigger_minimum = make_plan(model, stats, criterion="l1", mlp_ratio=0.5, layout="per-layer", min_mlp=24)
     assert len(bigger_minimum.layers[0].mlp_keep) == 24
 
 
 def test_hidden_ratio_is_global_and_respects_transformers_width_rules():
     model = llama()
     stats = synthetic_stats(model)
-    plan = make_plan(model, stats, hidden_ratio=0.25)
+    plan = make_plan(model, stats, criterion="l1", hidden_ratio=0.25)
     # 48 * 0.75 = 36 -> multiples of 8 that LlamaConfig accepts with 6 heads (hidden % heads == 0): 48 only,
     # so 24 (|36-24| = 12 = |36-48|, tie keeps more) -> 48: nothing removed
     assert plan.hidden_keep is None
-    plan = make_plan(model, stats, hidden_ratio=0.5)
+    plan = make_plan(model, stats, criterion="l1", hidden_ratio=0.5)
     assert plan.hidden_keep == top(stats.hidden_l1, 24)
     assert plan.summary["hidden_after"] == 24
 
@@ -247,6 +248,27 @@ def test_wanda_and_weight_scores_use_the_consuming_weights():
     plan = make_plan(model, stats, criterion="wanda", mlp_ratio=0.5)
     assert plan.layers[1].mlp_keep == top(wanda.mlp[1], 48)
     assert plan.criterion == "wanda" and plan.settings["criterion"] == "wanda"
+
+
+def test_default_criterion_is_wanda_and_l1_under_the_papers_thresholds():
+    """No criterion: Wanda's score for ratios and targets; the paper's l1 when a paper threshold sizes
+    a group (its values are mean |a| values); an explicit criterion always wins."""
+    model = llama()
+    stats = synthetic_stats(model)
+    wanda, l1 = unit_scores(model, stats, "wanda"), unit_scores(model, stats, "l1")
+    assert top(wanda.mlp[1], 48) != top(l1.mlp[1], 48)  # the two criteria disagree here
+    by_default = make_plan(model, stats, mlp_ratio=0.5)
+    assert by_default.criterion == "wanda" and by_default.layers[1].mlp_keep == top(wanda.mlp[1], 48)
+    threshold = float(stats.mlp_l1[1].median())
+    paper = make_plan(model, stats, activation_threshold=threshold, layout="per-layer", round_to=1)
+    assert paper.criterion == "l1"
+    assert paper.layers[1].mlp_keep == torch.nonzero(stats.mlp_l1[1] > threshold).flatten().tolist()
+    assert make_plan(model, stats, linear_threshold=1e-9, layout="per-layer").criterion == "l1"
+    explicit = make_plan(model, stats, criterion="wanda", activation_threshold=0.0)
+    assert explicit.criterion == "wanda"
+    options = PlanOptions(mlp_ratio=0.5)
+    assert options.criterion is None and options.resolved_criterion() == "wanda"
+    assert PlanOptions(activation_threshold=0.1).resolved_criterion() == "l1"
 
 
 def test_random_is_seeded_and_matches_the_size_of_l1():
@@ -403,8 +425,10 @@ def test_stats_must_fit_the_model_and_exist_for_data_criteria():
     model = llama()
     with pytest.raises(UserError, match="measured on synthetic"):
         make_plan(model, synthetic_stats(llama(intermediate=64)), mlp_ratio=0.5)
+    with pytest.raises(UserError, match="--criterion wanda needs activation statistics"):
+        make_plan(model, None, mlp_ratio=0.5)  # the default criterion
     with pytest.raises(UserError, match="--criterion l1 needs activation statistics"):
-        make_plan(model, None, mlp_ratio=0.5)
+        make_plan(model, None, criterion="l1", mlp_ratio=0.5)
 
 
 def test_family_limits_are_errors_when_asked_and_notes_otherwise():

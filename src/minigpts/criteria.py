@@ -186,7 +186,7 @@ class L1Criterion(Criterion):
     its output; hidden channel: the mean over every residual-reading projection of every layer."""
 
     name = "l1"
-    help = "the paper's mean |a| of each unit's activation (default)"
+    help = "the paper's mean |a| of each unit's activation"
     needs_stats = True
 
     def scores(self, model, stats, seed):

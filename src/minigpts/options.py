@@ -219,7 +219,12 @@ def _registry(module: str, name: str) -> Callable[[], Any]:
 def _criterion_help() -> str:
     from minigpts.criteria import criterion_names, get_criterion
 
-    return "unit score: " + "; ".join(f"{name}: {get_criterion(name).help}" for name in criterion_names())
+    scores = "; ".join(f"{name}: {get_criterion(name).help}" for name in criterion_names())
+    return (
+        "unit score (default wanda: with the refit the best, or within 0.8 %% of the best, in our "
+        "measurements; l1 when a paper threshold --activation-threshold/--linear-threshold is given, "
+        f"whose values are l1's): {scores}"
+    )
 
 
 def _layer_criterion_help() -> str:
@@ -461,8 +466,8 @@ VOCABULARY = "plan (vocabulary)"
 @dataclass
 class PlanOptions:
     GROUP = STRUCTURE
-    criterion: str = option(
-        "l1",
+    criterion: str | None = option(  # None: `plan.resolve_criterion` (wanda, or l1 with a paper threshold)
+        None,
         "--criterion",
         choices=_registry("minigpts.criteria", "criterion_names"),
         help=_criterion_help,
@@ -614,6 +619,12 @@ class PlanOptions:
     def has_vocab(self) -> bool:
         return any(getattr(self, name) is not None for name in self.VOCAB_FIELDS)
 
+    def resolved_criterion(self) -> str:
+        """The criterion the plan scores with (``--criterion`` when given; see ``plan.resolve_criterion``)."""
+        from minigpts.plan import resolve_criterion
+
+        return resolve_criterion(self.criterion, self.activation_threshold, self.linear_threshold)
+
     def structure_kwargs(self) -> dict[str, Any]:
         """``make_plan``'s keyword arguments."""
         import inspect
@@ -761,8 +772,8 @@ class CommandOptions:
             "prune": {
                 "help": "prune a model larger than memory: plan from --stats and the shapes alone, then read, "
                 "refit, cut and write one decoder layer at a time (output in safetensors shards); the same "
-                "model as without it; criteria that read the weights (wanda, weight, flap, refit), "
-                "--allocation error, hidden channels, depth and --sequential are refused"
+                "model as without it; criteria that read the weights and --allocation error read one layer at a "
+                "time; hidden channels, depth and --sequential are refused"
             }
         },
     )

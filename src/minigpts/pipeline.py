@@ -276,9 +276,10 @@ def record_score_distribution(model, stats, options: PlanOptions, plan) -> None:
     from minigpts.criteria import unit_scores
     from minigpts.distribution import score_distribution, threshold_warnings
 
-    scores = unit_scores(model, stats, options.criterion, options.seed)
+    criterion = options.resolved_criterion()
+    scores = unit_scores(model, stats, criterion, options.seed)
     plan.summary["score_distribution"] = {
-        "criterion": options.criterion,
+        "criterion": criterion,
         "groups": score_distribution(scores),
     }
     adapter = get_adapter(model)
@@ -290,7 +291,7 @@ def record_score_distribution(model, stats, options: PlanOptions, plan) -> None:
         plan.summary,
         activation_threshold=options.activation_threshold,
         linear_threshold=options.linear_threshold,
-        criterion=options.criterion,
+        criterion=criterion,
         groups=tuple(groups),
     )
     if warnings:
@@ -542,7 +543,7 @@ def general_plan_like(
     layers, hidden = plan.layers, plan.hidden_keep
     if options.has_structure():
         layers, hidden = best_units_like(
-            model, plan, unit_scores(model, general_stats, options.criterion, options.seed)
+            model, plan, unit_scores(model, general_stats, options.resolved_criterion(), options.seed)
         )
         if plan.layers_keep is not None:
             notes.append("dropped layers: the domain plan's (layer removal is not re-chosen on general text)")
@@ -1152,6 +1153,8 @@ def _run_controls(domain: Domain, plan, stats, general, work, timings, say, mode
 
 
 def _run_report(options: RunOptions, loaded, corpus, plan, stats, stages, timings) -> dict:
+    recorded = dataclasses.asdict(options)
+    recorded["plan"]["criterion"] = options.plan.resolved_criterion()  # the one used, not None (= default)
     return {
         "minigpts_version": __version__,
         "model": loaded.name,
@@ -1162,7 +1165,7 @@ def _run_report(options: RunOptions, loaded, corpus, plan, stats, stages, timing
         "seq_len": options.evaluation.seq_len,
         "protocol": stages["base"]["protocol"],
         "budget_tokenizer": loaded.source_id,  # the tokenizer the token budgets are counted in
-        "options": dataclasses.asdict(options),
+        "options": recorded,
         "plan_summary": plan.summary,
         "vocab": plan.summary.get("vocab"),
         "stats": stats.metadata if stats is not None else None,

@@ -371,11 +371,27 @@ def _check_fraction(flag: str, value: float | None, *, low_open: bool, high_open
         raise UserError(f"{flag} {value}: the {meaning} must be in {interval}")
 
 
+DEFAULT_CRITERION = "wanda"  # with the refit, the best measured on every shared corpus and size
+PAPER_CRITERION = "l1"  # the paper's mean |a|: its thresholds are in these units
+
+
+def resolve_criterion(
+    criterion: str | None, activation_threshold: float | None = None, linear_threshold: float | None = None
+) -> str:
+    """The criterion that scores units: ``criterion`` when given; otherwise ``wanda`` (its weight-aware
+    score suits the refit: README, *Quality at size*), or the paper's ``l1`` when a paper threshold is
+    given, since the paper's threshold values are mean |a| values."""
+    if criterion is not None:
+        return criterion
+    paper = activation_threshold is not None or linear_threshold is not None
+    return PAPER_CRITERION if paper else DEFAULT_CRITERION
+
+
 def make_plan(
     model: nn.Module,
     stats: ActivationStats | None,
     *,
-    criterion: str = "l1",
+    criterion: str | None = None,
     mlp_ratio: float | None = None,
     head_ratio: float | None = None,
     hidden_ratio: float | None = None,
@@ -398,7 +414,7 @@ def make_plan(
     Amounts, per group type (MLP channels, attention heads, hidden channels):
 
     - the paper's thresholds, in units of ``criterion`` (the paper's values, e.g. 1e-3, assume
-      ``l1``): ``activation_threshold`` removes MLP channels scoring <= E, ``linear_threshold``
+      ``l1``, which ``criterion=None`` then picks: ``resolve_criterion``): ``activation_threshold`` removes MLP channels scoring <= E, ``linear_threshold``
       removes attention heads (score = mean over the head's dims) and hidden channels scoring <= E;
     - ratios ``mlp_ratio`` / ``head_ratio`` / ``hidden_ratio``: the fraction removed, in [0, 1);
     - ``target_params``: the fraction of all parameters to keep, in (0, 1]. One removal ratio,
@@ -413,6 +429,7 @@ def make_plan(
     Influence; ``loss``: the loss increase without the layer, needs ``analyze --depth-tokens``); the
     widths are then planned on the layers that stay (see ``_plan_with_depth``).
     """
+    criterion = resolve_criterion(criterion, activation_threshold, linear_threshold)
     if drop_layers or layer_ratio:
         widths = {k: v for k, v in locals().items() if k not in _NOT_WIDTH_ARGS}  # every width argument
         return _plan_with_depth(model, stats, widths, drop_layers, layer_ratio, layer_criterion)

@@ -115,7 +115,7 @@ def plan_offloaded(
         plan = build_plan(skeleton, tokenizer, stats, options, corpus=corpus)
     except NotImplementedError as error:  # a criterion registered elsewhere that reads weights outside
         raise UserError(  # `criteria.layer_weights`: they are not there
-            f"{flag_of(PlanOptions, 'criterion')} {options.criterion} reads weights outside "
+            f"{flag_of(PlanOptions, 'criterion')} {options.resolved_criterion()} reads weights outside "
             f"`minigpts.criteria.layer_weights` ({error}), which {FLAG} needs: use another criterion or "
             f"prune without {FLAG}"
         ) from None

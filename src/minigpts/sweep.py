@@ -325,7 +325,7 @@ def _sweep_row(
         "model": model_name,
         "domain": domain,
         "setting": label,
-        "criterion": plan_options.criterion,
+        "criterion": plan_options.resolved_criterion(),
         "relative_size": final["params"] / base["params"],
         "params": final["params"],
         "size_bytes": final["size_bytes"],
