@@ -615,10 +615,9 @@ def cmd_sweep(args) -> int:
     from minigpts.options import DEFAULT_TAYLOR_TOKENS
     from minigpts.sweep import run_sweep
 
-    criteria = (
-        args.criterion if isinstance(args.criterion, list) else [args.criterion] if args.criterion else []
-    )
-    args.criterion = criteria[0] if criteria else None  # the plan options' default; settings_grid sets each
+    given = args.criterion if isinstance(args.criterion, list) else [args.criterion]
+    criteria = [name for name in given if name]  # none given: the plan options' default criterion
+    args.criterion = criteria[0] if criteria else None  # settings_grid sets each one
     if "taylor" in criteria and args.taylor_tokens is None:
         args.taylor_tokens = DEFAULT_TAYLOR_TOKENS  # one analysis serves every criterion
     options = from_args(SweepOptions, args, criteria=list(dict.fromkeys(criteria)))
