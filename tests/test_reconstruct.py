@@ -416,6 +416,23 @@ def test_refit_criterion_plans_a_model():
         make_plan(model, no_moments, criterion="refit", mlp_ratio=0.5)
 
 
+def test_refit_is_never_ranked_across_layers():
+    """refit's scores are ranks within a layer: one ranking across layers (the paper's per-layer
+    allocation, chosen or fallen back to without gradients) would size every layer alike, so it is a
+    clear error there; the error allocation sizes the layers apart and refit orders units within each."""
+    model = tiny()
+    with_fisher = analyze(model, windows(), progress=False, moments=True, fisher_tokens=64)
+    no_fisher = analyze(model, windows(), progress=False, moments=True)
+    paper = {"layout": "per-layer", "allocation": "paper", "mlp_ratio": 0.5}
+    for stats, kwargs in ((with_fisher, paper), (no_fisher, {**paper, "allocation": "error"})):
+        with pytest.raises(UserError, match="--criterion refit ranks units within a layer only"):
+            make_plan(model, stats, criterion="refit", **kwargs)
+        assert make_plan(model, stats, criterion="wanda", **kwargs).criterion == "wanda"
+    error_allocation = make_plan(model, with_fisher, layout="per-layer", mlp_ratio=0.5, criterion="refit")
+    assert error_allocation.criterion == "refit"
+    assert len({len(layer.mlp_keep) for layer in error_allocation.layers}) > 1  # layers sized apart
+
+
 # --- every family -------------------------------------------------------------------------------------
 
 

@@ -221,7 +221,7 @@ def _criterion_help() -> str:
 
     scores = "; ".join(f"{name}: {get_criterion(name).help}" for name in criterion_names())
     return (
-        "unit score (default wanda: with the refit the best, or within 0.8 %% of the best, in our "
+        "unit score (default wanda: with the refit the best, or within 1 %% of the best, in our "
         "measurements; l1 when a paper threshold --activation-threshold/--linear-threshold is given, "
         f"whose values are l1's): {scores}"
     )

@@ -276,7 +276,7 @@ def record_score_distribution(model, stats, options: PlanOptions, plan) -> None:
     from minigpts.criteria import unit_scores
     from minigpts.distribution import score_distribution, threshold_warnings
 
-    criterion = options.resolved_criterion()
+    criterion = plan.criterion  # the one the plan used
     scores = unit_scores(model, stats, criterion, options.seed)
     plan.summary["score_distribution"] = {
         "criterion": criterion,
@@ -543,7 +543,7 @@ def general_plan_like(
     layers, hidden = plan.layers, plan.hidden_keep
     if options.has_structure():
         layers, hidden = best_units_like(
-            model, plan, unit_scores(model, general_stats, options.resolved_criterion(), options.seed)
+            model, plan, unit_scores(model, general_stats, plan.criterion, options.seed)
         )
         if plan.layers_keep is not None:
             notes.append("dropped layers: the domain plan's (layer removal is not re-chosen on general text)")
@@ -1154,7 +1154,7 @@ def _run_controls(domain: Domain, plan, stats, general, work, timings, say, mode
 
 def _run_report(options: RunOptions, loaded, corpus, plan, stats, stages, timings) -> dict:
     recorded = dataclasses.asdict(options)
-    recorded["plan"]["criterion"] = options.plan.resolved_criterion()  # the one used, not None (= default)
+    recorded["plan"]["criterion"] = plan.criterion  # the one used, not None (= default)
     return {
         "minigpts_version": __version__,
         "model": loaded.name,

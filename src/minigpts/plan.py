@@ -371,7 +371,9 @@ def _check_fraction(flag: str, value: float | None, *, low_open: bool, high_open
         raise UserError(f"{flag} {value}: the {meaning} must be in {interval}")
 
 
-DEFAULT_CRITERION = "wanda"  # with the refit, the best or within 0.8 % of it on every corpus measured
+DEFAULT_CRITERION = (
+    "wanda"  # with the refit, the best or within 1 % of it after recovery on every corpus measured
+)
 PAPER_CRITERION = "l1"  # the paper's mean |a|: its thresholds are in these units
 
 
@@ -385,6 +387,18 @@ def resolve_criterion(
         return criterion
     paper = activation_threshold is not None or linear_threshold is not None
     return PAPER_CRITERION if paper else DEFAULT_CRITERION
+
+
+RANKS_WITHIN_LAYER = ("refit",)  # scores that order one layer's units but mean nothing across layers
+
+
+def ranks_across_layers(layout: str, allocation: str, stats: ActivationStats | None = None) -> bool:
+    """Whether the plan compares scores of different layers: the paper's per-layer allocation does (one
+    global ranking), also when the error allocation falls back to it (``stats`` without second moments
+    and gradients); the error allocation sizes layers by output error and orders units within each."""
+    if layout != "per-layer":
+        return False
+    return allocation == "paper" or (stats is not None and not (stats.has_moments and stats.has_fisher))
 
 
 def make_plan(
@@ -440,6 +454,13 @@ def make_plan(
     names += ("allocation",)
     settings = {name: list(target_groups) if name == "target_groups" else given[name] for name in names}
     _check_settings(settings)
+    if criterion in RANKS_WITHIN_LAYER and ranks_across_layers(layout, allocation, stats):
+        raise UserError(
+            f"{_flag('criterion')} {criterion} ranks units within a layer only, so the paper's per-layer "
+            "allocation (one ranking across layers) would give every layer the same width: use "
+            f"{_flag('allocation')} error (the default; it needs analyze --moments --fisher-tokens N) "
+            f"or another {_flag('criterion')}"
+        )
     return _plan_widths(model, stats, settings, ridge)
 
 

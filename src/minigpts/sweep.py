@@ -301,7 +301,7 @@ def _sweep_setting(domain: Domain, plan, plan_options, stats, reference, work: P
             calibration=reference.calibration,
         )
         controls[name]["calibration"] = reference.record(general_plan)
-    return {"plan_summary": plan.summary, **stage, **controls}
+    return {"plan_summary": plan.summary, "criterion": plan.criterion, **stage, **controls}
 
 
 def _sweep_row(
@@ -325,7 +325,7 @@ def _sweep_row(
         "model": model_name,
         "domain": domain,
         "setting": label,
-        "criterion": plan_options.resolved_criterion(),
+        "criterion": entry.get("criterion") or plan_options.resolved_criterion(),
         "relative_size": final["params"] / base["params"],
         "params": final["params"],
         "size_bytes": final["size_bytes"],
