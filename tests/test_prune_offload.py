@@ -39,11 +39,13 @@ def corpus_file(tmp_path_factory):
 _DIRS: dict[str, tuple] = {}
 
 
-def model_and_stats(name: str, tmp_path_factory, tokenizer, corpus_file) -> tuple:
-    """A tiny model directory of family ``name`` and its statistics (second moments included), made once."""
-    if name not in _DIRS:
+def model_and_stats(name: str, tmp_path_factory, tokenizer, corpus_file, **overrides) -> tuple:
+    """A tiny model directory of family ``name`` (config ``overrides``) and its statistics (second
+    moments included), made once."""
+    key = name + "".join(f"-{field}={value}" for field, value in sorted(overrides.items()))
+    if key not in _DIRS:
         base = tmp_path_factory.mktemp(name)
-        make_tiny_model(name, len(tokenizer)).save_pretrained(base / "model")
+        make_tiny_model(name, len(tokenizer), **overrides).save_pretrained(base / "model")
         tokenizer.save_pretrained(base / "model")
         stats = base / "stats.safetensors"
         args = ["analyze", "--model", base / "model", "--data", corpus_file, "--out", stats]
@@ -56,8 +58,8 @@ def model_and_stats(name: str, tmp_path_factory, tokenizer, corpus_file) -> tupl
             )
             == 0
         )
-        _DIRS[name] = base / "model", stats
-    return _DIRS[name]
+        _DIRS[key] = base / "model", stats
+    return _DIRS[key]
 
 
 def read_tensors(directory) -> dict[str, torch.Tensor]:
@@ -222,7 +224,6 @@ def test_second_moments_stay_in_the_file_until_a_layer_asks(tmp_path_factory, ti
     [
         (("--hidden-ratio", "0.25"), "--hidden-ratio"),
         (("--drop-layers", "1"), "--drop-layers"),
-        (("--mlp-ratio", "0.5", "--sequential"), "--sequential"),
         (("--mlp-ratio", "0.5", "--allow-pickle"), "--allow-pickle"),
     ],
 )
@@ -244,6 +245,78 @@ def test_refused_combinations_are_one_line_and_exit_2(
     )
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and flag in err and "--offload" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+SEQUENTIAL = ("--sequential", "--data")
+SEQUENTIAL_PLANS = {
+    "uniform": UNIFORM,
+    "per-layer": PER_LAYER,
+    "refit": ("--criterion", "refit", "--mlp-ratio", "0.5"),
+}
+LOUD = {"initializer_range": 0.3}  # layers that change the residual stream: --sequential re-chooses units
+
+
+@pytest.mark.parametrize("plan", list(SEQUENTIAL_PLANS))
+def test_sequential_equals_in_memory_one_layer_at_a_time(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file, monkeypatch, plan
+):
+    """`prune --sequential` streamed: each layer re-measured on the pruned layers' outputs, its units
+    re-chosen and refit while it alone is real; the in-memory model and plan, bit for bit."""
+    from transformers import AutoTokenizer
+
+    from minigpts import reconstruct
+    from minigpts.cli import build_parser, from_args, load_data, sequential_windows
+    from minigpts.options import PlanOptions
+    from minigpts.surgery_offload import load_stats, plan_offloaded, prune_offloaded
+
+    model_dir, stats_file = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file, **LOUD)
+    memory = tmp_path / "memory"
+    argv = ("prune", "--model", model_dir, "--stats", stats_file, *SEQUENTIAL_PLANS[plan], *SEQUENTIAL)
+    code, _, err = run_cli(capsys, *argv, corpus_file, "--out", memory, *CPU)
+    assert code == 0, err
+    args = build_parser().parse_args([str(a) for a in (*argv, corpus_file)])
+    stats, tokenizer = load_stats(stats_file), AutoTokenizer.from_pretrained(model_dir)
+    plan = plan_offloaded(model_dir, tokenizer, stats, from_args(PlanOptions, args))
+    one_shot = [(layer.mlp_keep, layer.heads_keep) for layer in plan.layers]
+    calibration = sequential_windows(tokenizer, load_data(args), stats)
+    step, real = reconstruct.sequential_layer, []
+
+    def one_layer_real(model, *rest, **kwargs):
+        real.append(sum(not next(layer.parameters()).is_meta for layer in model.model.layers))
+        return step(model, *rest, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "sequential_layer", one_layer_real)
+    metadata = json.loads((memory / "minigpts.json").read_text())["metadata"]
+    out = prune_offloaded(
+        model_dir, plan, stats, tmp_path / "offload", tokenizer=tokenizer, calibration=calibration,
+        metadata=metadata, progress=False,
+    )  # fmt: skip
+    assert_same_output(memory, out)
+    assert real == [1] * len(plan.layers)
+    written = json.loads((out / "minigpts.json").read_text())["plan"]
+    assert written["settings"]["sequential"] is True and written["summary"]["reconstructed"]
+    assert [(layer["mlp_keep"], layer["heads_keep"]) for layer in written["layers"]] != one_shot  # re-chosen
+
+
+def test_sequential_through_the_cli_equals_in_memory(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file
+):
+    model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file, **LOUD)
+    plan = (*UNIFORM, *VOCAB, *SEQUENTIAL, corpus_file)
+    memory, offload = prune_both(capsys, tmp_path, model_dir, stats, *plan)
+    assert_same_output(memory, offload)
+    assert json.loads((offload / "minigpts.json").read_text())["plan"]["settings"]["sequential"] is True
+
+
+def test_sequential_without_data_is_one_line_and_exit_2(
+    capsys, tmp_path, tmp_path_factory, tiny_tokenizer, corpus_file
+):
+    model_dir, stats = model_and_stats("llama", tmp_path_factory, tiny_tokenizer, corpus_file)
+    capsys.readouterr()  # (the fixture's own output)
+    args = ("prune", "--model", model_dir, "--stats", stats, *UNIFORM, "--sequential", "--offload")
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "out", *CPU)
+    assert code == 2 and err.count("\n") == 1 and "--sequential" in err and "--data" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -449,6 +449,9 @@ def prune_offloaded_cli(args, options) -> int:
     tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
     dtype = resolve_dtype(args.dtype, resolve_device(args.device))
     access = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    calibration = None  # --sequential's windows, checked before the plan: it may take long
+    if options.sequential and options.reconstruct == "lstsq" and stats is not None and not args.dry_run:
+        calibration = sequential_windows(tokenizer, corpus, stats)
     plan = plan_offloaded(spec, tokenizer, stats, options, corpus=corpus, **access)
     print_plan(plan)
     if args.dry_run:
@@ -459,7 +462,7 @@ def prune_offloaded_cli(args, options) -> int:
     metadata = prune_metadata(loaded, plan, stats, corpus)
     prune_offloaded(
         spec, plan, stats, args.out, tokenizer=tokenizer, reconstruct=options.reconstruct, ridge=options.ridge,
-        metadata=metadata, force=args.force, **access,
+        calibration=calibration, metadata=metadata, force=args.force, **access,
     )  # fmt: skip
     console().print(f"pruned model written to {args.out}, one decoder layer at a time")
     return 0

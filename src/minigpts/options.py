@@ -772,8 +772,8 @@ class CommandOptions:
             "prune": {
                 "help": "prune a model larger than memory: plan from --stats and the shapes alone, then read, "
                 "refit, cut and write one decoder layer at a time (output in safetensors shards); the same "
-                "model as without it; criteria that read the weights and --allocation error read one layer at a "
-                "time; hidden channels, depth and --sequential are refused"
+                "model as without it; criteria that read the weights, --allocation error and --sequential read one "
+                "layer at a time; hidden channels and depth are refused"
             }
         },
     )

@@ -454,6 +454,12 @@ def make_plan(
     names += ("allocation",)
     settings = {name: list(target_groups) if name == "target_groups" else given[name] for name in names}
     _check_settings(settings)
+    _check_ranking(criterion, layout, allocation, stats)
+    return _plan_widths(model, stats, settings, ridge)
+
+
+def _check_ranking(criterion: str, layout: str, allocation: str, stats: ActivationStats | None) -> None:
+    """Scores that are ranks within a layer cannot be ranked across layers: every layer would get one width."""
     if criterion in RANKS_WITHIN_LAYER and ranks_across_layers(layout, allocation, stats):
         raise UserError(
             f"{_flag('criterion')} {criterion} ranks units within a layer only, so the paper's per-layer "
@@ -461,7 +467,6 @@ def make_plan(
             f"{_flag('allocation')} error (the default; it needs analyze --moments --fisher-tokens N) "
             f"or another {_flag('criterion')}"
         )
-    return _plan_widths(model, stats, settings, ridge)
 
 
 def _check_settings(settings: dict[str, Any]) -> None:

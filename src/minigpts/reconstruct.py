@@ -33,6 +33,7 @@ from minigpts.arch.base import projection_in_features, projection_weight
 from minigpts.errors import UserError
 
 DEFAULT_RIDGE = 1e-2
+SEQUENTIAL_BATCH_SIZE = 4  # windows per forward of the sequential refit, in memory and --offload
 RECONSTRUCT_METHODS = ("none", "lstsq")
 
 
@@ -206,8 +207,8 @@ class _StopForward(Exception):
     """Raised by a hook once it has what it needs from a forward pass."""
 
 
-def _layer_inputs(model: nn.Module, adapter, batches: list[torch.Tensor]) -> tuple[list, list[list[dict]]]:
-    """(hidden states entering layer 0, per batch; the keyword arguments of every layer, per batch).
+def _layer_inputs(model: nn.Module, adapter, batches: list[torch.Tensor]) -> tuple[list, list[list[tuple]]]:
+    """(hidden states entering layer 0, per batch; every layer's other arguments (args, kwargs), per batch).
 
     Layers of one attention type receive the same arguments (masks, rotary tables), so one forward
     that stops at the first layer suffices unless the layers mix types (e.g. sliding windows).
@@ -215,15 +216,15 @@ def _layer_inputs(model: nn.Module, adapter, batches: list[torch.Tensor]) -> tup
     layers = adapter.layers(model)
     types = getattr(model.config, "layer_types", None) or ["all"] * len(layers)
     stop_at = 0 if len(set(types)) == 1 else len(layers) - 1
-    hidden, kwargs = [], []
+    hidden, calls = [], []
     for batch in batches:
-        seen: dict[int, dict] = {}
+        seen: dict[int, tuple] = {}
 
         def capture(index, seen=seen):
             def hook(module, args, kw):
                 if index == 0:
                     hidden.append(args[0] if args else kw["hidden_states"])
-                seen[index] = {k: v for k, v in kw.items() if k != "hidden_states"}
+                seen[index] = (tuple(args[1:]), {k: v for k, v in kw.items() if k != "hidden_states"})
                 if index == stop_at:
                     raise _StopForward
 
@@ -239,16 +240,17 @@ def _layer_inputs(model: nn.Module, adapter, batches: list[torch.Tensor]) -> tup
         finally:
             for handle in handles:
                 handle.remove()
-        kwargs.append([seen[i] if stop_at else seen[0] for i in range(len(layers))])
-    return hidden, kwargs
+        calls.append([seen[i] if stop_at else seen[0] for i in range(len(layers))])
+    return hidden, calls
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _collect(layer, module: nn.Linear, hidden: list, kwargs: list, layer_index: int):
+def _collect(layer, module: nn.Linear, hidden: list, calls: list):
     """First- and second-order statistics of ``module``'s input over every batch through ``layer``."""
     from minigpts.analysis import _ChannelSums, _Moments, _Scratch
 
@@ -263,8 +265,8 @@ def _collect(layer, module: nn.Linear, hidden: list, kwargs: list, layer_index: 
     handle = module.register_forward_pre_hook(record)
     n = 0
     try:
-        for h, kw in zip(hidden, kwargs, strict=True):
-            _run_layer(layer, h, kw[layer_index])
+        for h, call in zip(hidden, calls, strict=True):
+            _run_layer(layer, h, call)
             n += h.shape[0] * h.shape[1]
     finally:
         handle.remove()
@@ -278,18 +280,16 @@ def sequential_reconstruct(
     windows: torch.LongTensor,
     *,
     ridge: float = DEFAULT_RIDGE,
-    batch_size: int = 4,
+    batch_size: int = SEQUENTIAL_BATCH_SIZE,
     progress: bool = True,
 ) -> dict[str, int]:
     """Layer by layer, re-measure, re-select and refit on the outputs of the layers already pruned.
 
     As SparseGPT and Wanda calibrate: layer i's statistics are gathered on what the pruned and refit
-    layers < i produce, so errors do not compound. The widths stay those of ``plan`` (chosen from the
-    one-shot ``stats``); the kept units of every layer are re-chosen by the plan's criterion on the
-    new statistics (random and hand-made plans keep theirs) and written back into ``plan``. Removed
-    units' output columns are zeroed, so the layer computes what the sliced layer will; surgery
-    (``apply_plan``) then slices. Memory: the hidden states of the calibration windows, one layer's
-    second moments at a time.
+    layers < i produce, so errors do not compound (``sequential_layer``, also the per-layer step of
+    ``prune --offload --sequential``). Removed units' output columns are zeroed, so the layer computes
+    what the sliced layer will; surgery (``apply_plan``) then slices. Memory: the hidden states of the
+    calibration windows, one layer's second moments at a time.
     """
     from tqdm.auto import tqdm
 
@@ -300,7 +300,6 @@ def sequential_reconstruct(
     layers = adapter.layers(model)
     device = next(model.parameters()).device
     kept_layers = set(range(len(layers)) if plan.layers_keep is None else plan.layers_keep)
-    live = copy_stats(stats)  # the one-shot statistics, layer i replaced by its sequential ones as we go
     batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
     done = {"mlp": 0, "attention": 0}
     was_training = model.training
@@ -308,19 +307,14 @@ def sequential_reconstruct(
     bar = tqdm(total=len(layers), unit="layer", desc="sequential refit", disable=not progress)
     try:
         with torch.inference_mode():
-            hidden, kwargs = _layer_inputs(model, adapter, batches)
-        for i, (layer, layer_plan) in enumerate(zip(layers, plan.layers, strict=True)):
-            n_heads = adapter.head_layout(layer)[0]
-            if i in kept_layers and len(layer_plan.heads_keep) < n_heads:
-                _sequential_attention(model, adapter, plan, live, (layer, hidden, kwargs, i), ridge)
-                done["attention"] += 1
-            down = adapter.mlp_out(layer)
-            if i in kept_layers and len(layer_plan.mlp_keep) < projection_in_features(down):
-                _sequential_mlp(model, down, plan, live, (layer, hidden, kwargs, i), ridge)
-                done["mlp"] += 1
+            hidden, calls = _layer_inputs(model, adapter, batches)
+        for i in range(len(layers)):
             if i in kept_layers:
-                with torch.inference_mode():
-                    hidden = [_run_layer(layer, h, kw[i]) for h, kw in zip(hidden, kwargs, strict=True)]
+                kinds, hidden = sequential_layer(
+                    model, plan, stats, i, hidden, [c[i] for c in calls], ridge=ridge
+                )
+                for kind in kinds:
+                    done[kind] += 1
             bar.update(1)
     finally:
         model.train(was_training)
@@ -328,40 +322,110 @@ def sequential_reconstruct(
     return done
 
 
-def _sequential_attention(model, adapter, plan, live, inputs, ridge: float) -> None:
-    """Layer i's attention: statistics on ``inputs`` (layer, hidden, kwargs, i), heads re-chosen, refit."""
-    from minigpts.plan import _select_heads, unit_scores
+def sequential_layer(
+    model: nn.Module, plan, stats, index: int, hidden: list, calls: list, *, ridge: float = DEFAULT_RIDGE
+) -> tuple[list[str], list[torch.Tensor]]:
+    """Decoder layer ``index``'s sequential step: (the kinds refit, the hidden states leaving it).
 
-    layer, hidden, kwargs, i = inputs
+    Its statistics are measured on ``hidden`` (per batch, what the layers before it produce once
+    pruned and refit; ``calls``: per batch, the layer's other arguments (args, kwargs)); the kept
+    units are re-chosen by the plan's criterion with the plan's widths (random and hand-made plans
+    keep theirs) and written back into ``plan``; the output projections are refit and the removed
+    units' columns zeroed. Only this layer's weights are read: ``prune --offload`` holds no other.
+    """
+    from minigpts.arch import get_adapter
+
+    adapter = get_adapter(model)
+    layer, layer_plan = adapter.layers(model)[index], plan.layers[index]
+    step = (model, plan, stats, {}, index)  # {}: this layer's re-measured statistics, by field
+    done = []
+    if len(layer_plan.heads_keep) < adapter.head_layout(layer)[0]:
+        _sequential_attention(step, layer, hidden, calls, ridge)
+        done.append("attention")
+    if len(layer_plan.mlp_keep) < projection_in_features(adapter.mlp_out(layer)):
+        _sequential_mlp(step, layer, hidden, calls, ridge)
+        done.append("mlp")
+    with torch.inference_mode():
+        hidden = [_run_layer(layer, h, call) for h, call in zip(hidden, calls, strict=True)]
+    return done, hidden
+
+
+def _sequential_attention(step, layer, hidden: list, calls: list, ridge: float) -> None:
+    """The attention of ``step``'s layer: statistics on ``hidden``, heads re-chosen, refit."""
+    from minigpts.arch import get_adapter
+    from minigpts.plan import _select_heads
+
+    model, plan, _, seen, i = step
+    adapter = get_adapter(model)
     layer_plan = plan.layers[i]
     _, n_kv, head_dim = adapter.head_layout(layer)
     with torch.inference_mode():
-        l1, l2sq, gram, mean = _collect(layer, adapter.attn_out(layer), hidden, kwargs, i)
-    live.attn_dim_l1[i], live.attn_dim_l2sq[i], live.attn_gram[i], live.attn_mean[i] = l1, l2sq, gram, mean
+        l1, l2sq, gram, mean = _collect(layer, adapter.attn_out(layer), hidden, calls)
+    seen |= {"attn_dim_l1": l1, "attn_dim_l2sq": l2sq, "attn_gram": gram, "attn_mean": mean}
     if plan.criterion not in ("random", "none"):  # re-select; random and hand-made plans keep theirs
-        kv, per_kv = (
-            len(layer_plan.kv_heads_keep),
-            len(layer_plan.heads_keep) // len(layer_plan.kv_heads_keep),
-        )
-        scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).heads[i]
+        kv = len(layer_plan.kv_heads_keep)
+        per_kv = len(layer_plan.heads_keep) // kv
+        scores = _layer_scores(step).heads[0]
         layer_plan.heads_keep, layer_plan.kv_heads_keep, _ = _select_heads(scores, n_kv, kv, per_kv)
     channels = _head_channels(layer_plan.heads_keep, head_dim)
     _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
 
 
-def _sequential_mlp(model, down: nn.Linear, plan, live, inputs, ridge: float) -> None:
-    """Layer i's MLP: statistics on ``inputs`` (layer, hidden, kwargs, i), channels re-chosen, refit."""
-    from minigpts.plan import _top, unit_scores
+def _sequential_mlp(step, layer, hidden: list, calls: list, ridge: float) -> None:
+    """The MLP of ``step``'s layer: statistics on ``hidden``, channels re-chosen, refit."""
+    from minigpts.arch import get_adapter
+    from minigpts.plan import _top
 
-    layer, hidden, kwargs, i = inputs
+    model, plan, _, seen, i = step
+    down = get_adapter(model).mlp_out(layer)
     layer_plan = plan.layers[i]
     with torch.inference_mode():
-        l1, l2sq, gram, mean = _collect(layer, down, hidden, kwargs, i)
-    live.mlp_l1[i], live.mlp_l2sq[i], live.mlp_gram[i], live.mlp_mean[i] = l1, l2sq, gram, mean
+        l1, l2sq, gram, mean = _collect(layer, down, hidden, calls)
+    seen |= {"mlp_l1": l1, "mlp_l2sq": l2sq, "mlp_gram": gram, "mlp_mean": mean}
     if plan.criterion not in ("random", "none"):
-        scores = unit_scores(model, live, plan.criterion, plan.settings.get("seed", 0)).mlp[i]
+        scores = _layer_scores(step).mlp[0]
         layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
     _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, ridge)
+
+
+def _layer_scores(step):
+    """The plan's criterion on ``step``'s layer alone: the model seen holding only that decoder layer
+    (its weights as they are now) and the statistics only that layer's (its re-measured ones swapped
+    in), so no other layer is read. Built-in criteria score a layer from its own weights and statistics."""
+    from minigpts.arch import get_adapter
+    from minigpts.criteria import unit_scores
+
+    model, plan, stats, seen, index = step
+    layer_list = get_adapter(model).layer_list(model)
+    modules = layer_list._modules
+    layer_list._modules = type(modules)([("0", list(layer_list)[index])])
+    try:
+        return unit_scores(
+            model, layer_stats(stats, index, seen), plan.criterion, plan.settings.get("seed", 0)
+        )
+    finally:
+        layer_list._modules = modules
+
+
+def layer_stats(stats, index: int, replaced: dict | None = None):
+    """``stats`` as measured on a model holding only layer ``index``, ``replaced`` (field -> that layer's
+    tensor) swapped in; second moments kept in their file (``load(lazy_moments=True)``) stay there."""
+    import dataclasses
+
+    from minigpts.analysis import _LazyLayers
+
+    replaced = replaced or {}
+    fields = {}
+    for field in dataclasses.fields(stats):
+        value = getattr(stats, field.name)
+        if field.name in replaced:
+            value = [replaced[field.name]]
+        elif isinstance(value, list):  # every list of ActivationStats is per layer
+            value = value[index : index + 1]
+        elif isinstance(value, _LazyLayers):
+            value = _LazyLayers(value.entries[index : index + 1], value.keep)
+        fields[field.name] = value
+    return type(stats)(**fields)
 
 
 def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
@@ -371,14 +435,6 @@ def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float
     removed = sorted(set(range(weight.shape[1])) - set(keep))
     with torch.no_grad():
         weight[:, torch.as_tensor(removed, dtype=torch.long, device=weight.device)] = 0
-
-
-def copy_stats(stats):
-    """A copy whose per-layer lists can be replaced without touching ``stats``."""
-    import dataclasses
-
-    fields = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
-    return type(stats)(**{k: list(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 # --- refit-aware selection ------------------------------------------------------------------------

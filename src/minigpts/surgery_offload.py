@@ -9,6 +9,11 @@ The model is the meta-device skeleton of ``analysis_offload.build_skeleton``; no
 - each kept decoder layer in turn is read from the safetensors file(s), refit (``reconstruct.
   refit_layer``, its second moments read from the statistics file for that layer only), cut
   (``surgery.prune_layer``), appended to the output shards and freed;
+- with ``--sequential`` (``calibration`` windows), the hidden states of the calibration windows
+  entering layer 0 come first (the embedding rows onloaded, as ``analysis_offload`` does); then
+  each layer's refit is ``reconstruct.sequential_layer``, the in-memory ``--sequential``'s own step:
+  its statistics re-measured on those hidden states, its kept units re-chosen (written back into
+  the plan, so minigpts.json holds them), refit; the hidden states then go through it for the next;
 - then the modules outside the decoder layers (embedding, final norm, LM head): the vocabulary cut
   (``vocab.slice_model_vocab``) and the last shard;
 - config.json, tokenizer, minigpts.json, model card and modeling file are ``export``'s own.
@@ -16,10 +21,10 @@ The model is the meta-device skeleton of ``analysis_offload.build_skeleton``; no
 The output is what ``prune`` without ``--offload`` writes (the same tensors, bit for bit, and the same
 config and minigpts.json), as shards of at most ``max_shard_bytes`` (``model.safetensors`` when one
 suffices). Refused with a one-line error, naming the flag: hidden-channel pruning (every layer reads
-and writes the residual stream), depth pruning (``--drop-layers`` / ``--layer-ratio``), ``--sequential``
-(it runs the pruned layers on the calibration text) and ``--vocab-keep-expected`` without counts
-measured by the analysis. Peak memory ≈ one decoder layer + one shard being filled + the embedding
-and LM head at the end + the statistics without their second moments + one layer's second moments.
+and writes the residual stream), depth pruning (``--drop-layers`` / ``--layer-ratio``) and
+``--vocab-keep-expected`` without counts measured by the analysis. Peak memory ≈ one decoder layer +
+one shard being filled + the embedding and LM head at the end + the statistics without their second
+moments + one layer's second moments (+ with ``--sequential``, the calibration hidden states).
 """
 
 from __future__ import annotations
@@ -78,10 +83,6 @@ def check_offload_options(options: PlanOptions, stats: ActivationStats | None) -
         raise UserError(
             f"{flag('target_groups')} hidden: {FLAG} does not prune hidden channels yet; use "
             f"{flag('target_groups')} mlp,heads or prune without {FLAG}"
-        )
-    if options.sequential:
-        raise UserError(
-            f"{flag('sequential')} runs the pruned layers over the calibration text: drop it with {FLAG}"
         )
     if options.vocab_keep_expected and (stats is None or stats.expected_counts is None):
         raise UserError(
@@ -221,6 +222,7 @@ def prune_offloaded(
     tokenizer: Any,
     reconstruct: str = "lstsq",
     ridge: float = DEFAULT_RIDGE,
+    calibration: torch.LongTensor | None = None,
     metadata: dict[str, Any] | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -232,16 +234,18 @@ def prune_offloaded(
     alias) into ``out_dir``, one decoder layer in memory at a time (see the module docstring).
 
     ``plan`` indexes ``model`` (``plan_offloaded`` makes one); ``stats`` are needed for ``reconstruct=
-    "lstsq"`` (``load_stats`` keeps their second moments in the file). Returns ``out_dir``.
+    "lstsq"`` (``load_stats`` keeps their second moments in the file); ``calibration``: the windows of
+    ``--sequential`` (its kept units are then re-chosen into ``plan``). Returns ``out_dir``.
     """
     from minigpts.export import staged_directory, write_companions
 
     skeleton, checkpoint = pruning_skeleton(model, dtype, trust_remote_code=trust_remote_code)
     onloader = _Onloader(skeleton, checkpoint, dtype, torch.device("cpu"))
-    refit = _check_refit(skeleton, plan, stats, reconstruct)
+    refit = _check_refit(skeleton, plan, stats, reconstruct, sequential=calibration is not None)
     with staged_directory(out_dir, force) as staging:
         writer = ShardWriter(staging, max_shard_bytes)
-        done = _stream_layers(skeleton, onloader, plan, stats if refit else None, ridge, writer, progress)
+        step = _refit_step(skeleton, onloader, plan, stats, ridge, calibration) if refit else None
+        done = _stream_layers(skeleton, onloader, plan, step, writer, progress)
         if refit:
             plan.summary["reconstructed"] = done
         tokenizer = _stream_outside_layers(skeleton, onloader, plan, tokenizer, writer)
@@ -251,7 +255,9 @@ def prune_offloaded(
     return Path(out_dir)
 
 
-def _check_refit(skeleton: nn.Module, plan: PruningPlan, stats, reconstruct: str) -> bool:
+def _check_refit(
+    skeleton: nn.Module, plan: PruningPlan, stats, reconstruct: str, *, sequential: bool
+) -> bool:
     """Whether to refit (as ``pipeline.apply_full_plan`` decides), recorded in the plan's settings."""
     from minigpts.reconstruct import RECONSTRUCT_METHODS, check_moments
 
@@ -261,20 +267,61 @@ def _check_refit(skeleton: nn.Module, plan: PruningPlan, stats, reconstruct: str
     if refit:
         if stats is None:
             raise UserError("--reconstruct lstsq needs the statistics of the model (pass --stats)")
-        check_moments(stats)
+        if not sequential:  # the sequential refit measures its own second moments
+            check_moments(stats)
         stats.check_model(skeleton)
     plan.settings["reconstruct"] = reconstruct
-    plan.settings["sequential"] = False
+    plan.settings["sequential"] = sequential and reconstruct == "lstsq"
     return refit
 
 
-def _stream_layers(skeleton, onloader, plan, stats, ridge, writer: ShardWriter, progress) -> dict:
-    """Each kept decoder layer: read, refit (when ``stats``), cut, written, freed; the refit counts."""
+def _refit_step(skeleton, onloader, plan, stats, ridge: float, calibration):
+    """(original index, onloaded layer) -> the kinds refit: from the statistics' second moments, or
+    ``--sequential``'s step on the calibration hidden states (``_Sequential``)."""
+    from minigpts.arch import get_adapter
+    from minigpts.reconstruct import layer_moments, refit_layer
+
+    if calibration is not None:
+        return _Sequential(skeleton, onloader, plan, stats, calibration, ridge)
+    adapter = get_adapter(skeleton)
+
+    def one_shot(old: int, layer: nn.Module) -> list[str]:
+        return refit_layer(adapter, layer, plan.layers[old], layer_moments(stats, old), ridge=ridge)
+
+    return one_shot
+
+
+class _Sequential:
+    """``--sequential`` one layer at a time: the calibration hidden states entering the next layer,
+    computed from the embedding rows (``analysis_offload``'s pass) and pushed through each layer once
+    ``reconstruct.sequential_layer`` has re-chosen and refit it. Memory: those hidden states."""
+
+    def __init__(self, skeleton, onloader: _Onloader, plan, stats, windows: torch.LongTensor, ridge: float):
+        from minigpts.analysis_offload import _LayerByLayer
+        from minigpts.reconstruct import SEQUENTIAL_BATCH_SIZE as size
+
+        self.model, self.plan, self.stats, self.ridge = skeleton, plan, stats, ridge
+        batches = [windows[start : start + size] for start in range(0, len(windows), size)]
+        with torch.inference_mode():
+            self.hidden, calls = _LayerByLayer(skeleton, onloader, onloader.device).inputs(batches)
+        self.calls = [calls[tuple(batch.shape)] for batch in batches]  # per batch: per layer (args, kwargs)
+
+    def __call__(self, old: int, layer: nn.Module) -> list[str]:
+        from minigpts.reconstruct import sequential_layer
+
+        calls = [per_layer[old] for per_layer in self.calls]
+        kinds, self.hidden = sequential_layer(
+            self.model, self.plan, self.stats, old, self.hidden, calls, ridge=self.ridge
+        )
+        return kinds
+
+
+def _stream_layers(skeleton, onloader, plan, refit_step, writer: ShardWriter, progress) -> dict:
+    """Each kept decoder layer: read, refit (``refit_step``), cut, written, freed; the refit counts."""
     from tqdm.auto import tqdm
 
     from minigpts.arch import get_adapter
-    from minigpts.reconstruct import layer_moments, refit_layer
-    from minigpts.surgery import prune_layer, start_plan, sync_config
+    from minigpts.surgery import _head_keep, prune_layer, start_plan, sync_config
 
     adapter = get_adapter(skeleton)
     hidden_keep, kept = start_plan(skeleton, plan)  # validated on the shapes before anything is read
@@ -284,10 +331,10 @@ def _stream_layers(skeleton, onloader, plan, stats, ridge, writer: ShardWriter, 
     for old, layer, layer_plan, heads in tqdm(kept, unit="layer", desc="prune", disable=not progress):
         onloader.load(layer)
         try:
-            if stats is not None:
-                moments = layer_moments(stats, old)
-                for kind in refit_layer(adapter, layer, layer_plan, moments, ridge=ridge):
+            if refit_step is not None:
+                for kind in refit_step(old, layer):
                     done[kind] += 1
+                heads = _head_keep(adapter, layer, layer_plan, old)  # --sequential may re-choose them
             prune_layer(adapter, layer, layer_plan, heads)
             onloader.rename(layer)
             writer.add(_saved_tensors(layer, onloader.names[id(layer)] + ".", onloader))
