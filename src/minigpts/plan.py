@@ -371,9 +371,7 @@ def _check_fraction(flag: str, value: float | None, *, low_open: bool, high_open
         raise UserError(f"{flag} {value}: the {meaning} must be in {interval}")
 
 
-DEFAULT_CRITERION = (
-    "wanda"  # with the refit, the best or within 1 % of it after recovery on every corpus measured
-)
+DEFAULT_CRITERION = "wanda"  # with the refit: the best, or within 1 %, after recovery (README)
 PAPER_CRITERION = "l1"  # the paper's mean |a|: its thresholds are in these units
 
 
