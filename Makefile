@@ -74,5 +74,10 @@ llama-cpp: $(STAMP)
 bench-gguf: llama-cpp
 	$(PY) benchmarks/bench_gguf.py
 
+# benchmarks/gpu_check.sh on a GPU machine that cannot download: build .gpu_bundle/ here, carry it there
+.PHONY: gpu-bundle
+gpu-bundle: $(STAMP)
+	bash benchmarks/gpu_bundle.sh
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -134,9 +134,12 @@ def torch_bytes_per_token(model) -> int:
 
 
 def generate_seconds(model, ids, tokens: int) -> float:
+    synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
+        synchronize()
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        synchronize()
         seconds = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + tokens
     return seconds
@@ -202,6 +205,10 @@ def main() -> None:
     parser.add_argument("--no-llama-cpp", action="store_true", help="time transformers only")
     parser.add_argument("--no-transformers", action="store_true", help="time llama.cpp only")
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument(
+        "--device", default="cpu", help="where the transformers arm decodes (cuts are made on the CPU)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
@@ -217,12 +224,16 @@ def main() -> None:
     if not args.no_transformers:
         runners = {}
         for name, (model, tok) in cuts.items():
-            ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+            if (args.device, args.dtype) != ("cpu", "float32"):  # a copy: llama.cpp exports the fp32 one
+                model = copy.deepcopy(model).to(device=args.device, dtype=getattr(torch, args.dtype))
+            ids = tok(PROMPT, return_tensors="pt")["input_ids"].to(args.device)
             runners[name] = lambda model=model, ids=ids: generate_seconds(model, ids, args.tokens)
         seconds = best_interleaved(runners, args.repeats)
         nbytes = {name: torch_bytes_per_token(m) for name, (m, _) in cuts.items()}
-        results["transformers fp32"] = report(
-            "transformers, fp32 (greedy generate)", cuts, params, nbytes, seconds, args.tokens
+        arm = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+        arm += "" if args.device == "cpu" else f" {args.device}"
+        results[f"transformers {arm}"] = report(
+            f"transformers, {arm} (greedy generate)", cuts, params, nbytes, seconds, args.tokens
         )
     if not args.no_llama_cpp:
         try:
