@@ -33,8 +33,10 @@ else
   echo "gpu_check: no Python here with a CUDA torch (.venv/bin/python, python3): nothing to check" >&2
   exit 2
 fi
+BUNDLED=0  # 1: minigpts and the bundle's wheels come from PYTHONPATH (a machine without the venv)
+$PY -c "import minigpts, transformers, datasets, gguf" 2>/dev/null || BUNDLED=1
 {
-  if ! $PY -c "import minigpts, transformers, datasets, gguf" 2>/dev/null; then
+  if [ "$BUNDLED" = 1 ]; then
     if [ ! -d .gpu_bundle/wheels ]; then
       echo "gpu_check: $PY lacks minigpts' dependencies; run 'make gpu-bundle' and carry .gpu_bundle" >&2
       exit 2
@@ -46,7 +48,7 @@ fi
   $PY -c "import torch, transformers, minigpts; print('python', '$PY', 'torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 } 2>&1 | tee "$OUT/setup.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 2
-[ -d .gpu_bundle/site ] && export PYTHONPATH="$PWD/.gpu_bundle/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+[ "$BUNDLED" = 1 ] && export PYTHONPATH="$PWD/.gpu_bundle/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 MODEL=smollm2-135m
 WEIGHTS="SmolLM2-135M-Instruct"
