@@ -123,6 +123,63 @@ def test_scores_match_their_definition(name, criterion):
     assert all(s.dtype == torch.float64 for s in [*scores.mlp, *scores.heads, scores.hidden])
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_layer_scores_are_the_layer_of_the_whole_models_scores(name):
+    """`--sequential` re-chooses a layer's units with `layer_scores`, which reads that layer only: for every
+    registered criterion it must equal layer i of `scores` (bit for bit: the same arithmetic)."""
+    model = make_tiny_model(name, VOCAB).double()
+    windows = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+    stats = analyze(model, windows, progress=False, moments=True, fisher_tokens=24, taylor_tokens=24)
+    for criterion in criterion_names():
+        whole = unit_scores(model, stats, criterion, seed=5)
+        for i in range(len(whole.mlp)):
+            mlp, heads = get_criterion(criterion).layer_scores(model, stats, i, 5)
+            assert torch.equal(mlp, whole.mlp[i]) and torch.equal(heads, whole.heads[i]), (criterion, i)
+
+
+def test_a_criterion_without_layer_scores_sees_the_whole_model_when_sequential():
+    """A criterion registered from outside that only implements `scores` may read every layer: during
+    `--sequential` re-selection it is given the whole model (the layers before already pruned and refit)
+    and every layer's statistics (this layer's re-measured), and its scores of that layer are used."""
+    from minigpts.reconstruct import sequential_reconstruct
+
+    seen = []
+
+    class NextLayerDecides(Criterion):
+        name = "next-layer-decides"
+        help = "MLP channels ranked by the next layer's down-projection column norms (a test toy)"
+        needs_stats = True
+
+        def scores(self, model, stats, seed):
+            adapter = get_adapter(model)
+            layers = adapter.layers(model)
+            seen.append((len(layers), len(stats.mlp_l1)))
+            downs = [adapter.mlp_out(layer).weight.detach().double().norm(dim=0) for layer in layers]
+            mlp = [downs[(i + 1) % len(layers)] for i in range(len(layers))]
+            heads = [torch.arange(adapter.head_layout(layer)[0], dtype=torch.float64) for layer in layers]
+            return UnitScores(mlp, heads, torch.zeros(adapter.hidden_size(model), dtype=torch.float64))
+
+    register_criterion(NextLayerDecides)
+    try:
+        model = make_tiny_model("llama", VOCAB).double()
+        windows = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+        stats = analyze(model, windows, progress=False, moments=True)
+        plan = make_plan(model, stats, criterion="next-layer-decides", mlp_ratio=0.5, round_to=1)
+        seen.clear()
+        sequential_reconstruct(model, plan, stats, windows, progress=False)
+        n_layers = len(plan.layers)
+        assert seen == [(n_layers, n_layers)] * n_layers  # once per layer, every layer visible each time
+        downs = [
+            get_adapter(model).mlp_out(layer).weight.detach() for layer in get_adapter(model).layers(model)
+        ]
+        # the last layer was re-chosen from layer 0's down projection as it stood then: refit already
+        kept = set(plan.layers[-1].mlp_keep)
+        order = torch.argsort(downs[0].double().norm(dim=0), descending=True, stable=True).tolist()
+        assert kept == set(order[: len(kept)])
+    finally:
+        unregister_criterion("next-layer-decides")
+
+
 # --- the registry -------------------------------------------------------------------------------------
 
 

@@ -56,11 +56,16 @@ class _LazyLayers(Sequence):
     """A per-layer list whose entries stay in safetensors files, each read (as float64) when indexed.
 
     ``entries``: the (file, key) of each layer's tensor; ``keep``: what must live as long as the list
-    (layer-by-layer analysis: the scratch directory of its per-layer files, removed with it).
+    (layer-by-layer analysis: the scratch directory of its per-layer files, removed with it);
+    ``replaced``: layer -> tensor held in memory instead (see `with_entry`).
     """
 
-    def __init__(self, entries: list[tuple[Path, str]], keep: Any = None):
-        self.entries, self.keep = list(entries), keep
+    def __init__(self, entries: list[tuple[Path, str]], keep: Any = None, replaced: dict | None = None):
+        self.entries, self.keep, self.replaced = list(entries), keep, dict(replaced or {})
+
+    def with_entry(self, index: int, tensor: torch.Tensor) -> _LazyLayers:
+        """A copy whose entry ``index`` is ``tensor`` (the files untouched)."""
+        return _LazyLayers(self.entries, self.keep, {**self.replaced, index: tensor})
 
     @classmethod
     def of_file(cls, path: Path, name: str, n_layers: int) -> _LazyLayers:
@@ -78,6 +83,9 @@ class _LazyLayers(Sequence):
     def stored(self, index: int) -> torch.Tensor:
         """Entry ``index`` in the file's dtype (float32 for the second moments)."""
         from safetensors import safe_open
+
+        if index in self.replaced:
+            return self.replaced[index]
 
         path, key = self.entries[index]
         with safe_open(str(path), framework="pt") as handle:

@@ -19,7 +19,9 @@ parses its arguments (``--criterion`` offers every registered name)::
             return UnitScores(mlp=[...], heads=[...], hidden=...)
 
 A criterion that reads weights reads each decoder layer's inside ``with layer_weights(model, layer):``,
-so that ``prune --offload`` can plan with it holding one layer at a time.
+so that ``prune --offload`` can plan with it holding one layer at a time. One that scores a layer from
+that layer's weights and statistics alone also implements ``layer_scores`` (every built-in one does):
+``--sequential`` re-chooses each layer's units with it, reading no other layer.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ class Criterion:
 
     def scores(self, model: nn.Module, stats: ActivationStats | None, seed: int) -> UnitScores:
         raise NotImplementedError
+
+    def layer_scores(
+        self, model: nn.Module, stats: ActivationStats, index: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP-channel, head) scores of decoder layer ``index`` alone: `--sequential` re-chooses each
+        layer's units with it, ``stats`` holding that layer's re-measured statistics. The default scores
+        the whole model and keeps layer ``index``'s; a criterion that scores a layer from its own weights
+        and statistics overrides it to read that layer only (``prune --offload`` holds no other)."""
+        scores = self(model, stats, seed)
+        return scores.mlp[index], scores.heads[index]
 
     def __call__(self, model: nn.Module, stats: ActivationStats | None, seed: int = 0) -> UnitScores:
         if self.needs_stats and stats is None:
@@ -155,25 +167,51 @@ def _consumer_norms(model: nn.Module, stats: ActivationStats | None) -> UnitScor
 
     from minigpts.arch import get_adapter
 
-    def scaled(norms: torch.Tensor, mean_square: torch.Tensor | None) -> torch.Tensor:
-        return norms if mean_square is None else norms * mean_square.sqrt()
-
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    active = stats is not None
     mlp, heads = [], []
     hidden = torch.zeros(residual_width(adapter, layers), dtype=torch.float64)
     for i, layer in enumerate(layers):
         with layer_weights(model, layer):
-            mlp.append(scaled(_column_norms(adapter.mlp_out(layer)), stats.mlp_l2sq[i] if active else None))
-            n_heads, _, head_dim = adapter.head_layout(layer)
-            per_dim = scaled(
-                _column_norms(adapter.attn_out(layer)), stats.attn_dim_l2sq[i] if active else None
-            )
-            heads.append(per_dim.view(n_heads, head_dim).mean(1))
-            for r, reader in enumerate(adapter.residual_readers(layer)):
-                hidden += scaled(_column_norms(reader), stats.reader_l2sq[i][r] if active else None)
+            layer_mlp, layer_heads, readers = _consumer_norms_of_layer(adapter, layer, stats, i)
+        mlp.append(layer_mlp)
+        heads.append(layer_heads)
+        for reader_scores in readers:
+            hidden += reader_scores
     return UnitScores(mlp, heads, hidden)
+
+
+def _consumer_norms_of_layer(adapter, layer: nn.Module, stats: ActivationStats | None, i: int):
+    """`_consumer_norms` of decoder layer ``i`` (its weights readable): MLP scores, head scores, and the
+    hidden-channel scores of each of its residual readers."""
+
+    def scaled(norms: torch.Tensor, mean_square: torch.Tensor | None) -> torch.Tensor:
+        return norms if mean_square is None else norms * mean_square.sqrt()
+
+    active = stats is not None
+    mlp = scaled(_column_norms(adapter.mlp_out(layer)), stats.mlp_l2sq[i] if active else None)
+    n_heads, _, head_dim = adapter.head_layout(layer)
+    per_dim = scaled(_column_norms(adapter.attn_out(layer)), stats.attn_dim_l2sq[i] if active else None)
+    readers = [
+        scaled(_column_norms(reader), stats.reader_l2sq[i][r] if active else None)
+        for r, reader in enumerate(adapter.residual_readers(layer))
+    ]
+    return mlp, per_dim.view(n_heads, head_dim).mean(1), readers
+
+
+def _consumer_norms_at(model: nn.Module, stats: ActivationStats | None, index: int):
+    """The MLP and head scores of `_consumer_norms` for decoder layer ``index`` alone."""
+    adapter, layer = _layer_of(model, index)
+    with layer_weights(model, layer):
+        return _consumer_norms_of_layer(adapter, layer, stats, index)[:2]
+
+
+def _layer_of(model: nn.Module, index: int):
+    """(adapter, decoder layer ``index``) of ``model``."""
+    from minigpts.arch import get_adapter
+
+    adapter = get_adapter(model)
+    return adapter, adapter.layers(model)[index]
 
 
 # --- the built-in criteria ------------------------------------------------------------------------
@@ -192,6 +230,9 @@ class L1Criterion(Criterion):
     def scores(self, model, stats, seed):
         return UnitScores(list(stats.mlp_l1), list(stats.head_l1), stats.hidden_l1)
 
+    def layer_scores(self, model, stats, index, seed):
+        return stats.mlp_l1[index], stats.head_l1[index]
+
 
 @register_criterion
 class WandaCriterion(Criterion):
@@ -206,6 +247,9 @@ class WandaCriterion(Criterion):
     def scores(self, model, stats, seed):
         return _consumer_norms(model, stats)
 
+    def layer_scores(self, model, stats, index, seed):
+        return _consumer_norms_at(model, stats, index)
+
 
 @register_criterion
 class WeightCriterion(Criterion):
@@ -216,6 +260,9 @@ class WeightCriterion(Criterion):
 
     def scores(self, model, stats, seed):
         return _consumer_norms(model, None)
+
+    def layer_scores(self, model, stats, index, seed):
+        return _consumer_norms_at(model, None, index)
 
 
 @register_criterion
@@ -259,34 +306,39 @@ class RefitCriterion(Criterion):
 
     def scores(self, model, stats, seed):
         from minigpts.arch import get_adapter
+
+        self._check(stats)
+        fallback = _consumer_norms(model, stats)
+        layers = get_adapter(model).layers(model)
+        mlp, heads = zip(*(self.layer_scores(model, stats, i, seed) for i in range(len(layers))), strict=True)
+        return UnitScores(list(mlp), list(heads), fallback.hidden)
+
+    def layer_scores(self, model, stats, index, seed):
         from minigpts.reconstruct import elimination_order
 
+        self._check(stats)
+        adapter, layer = _layer_of(model, index)
+        mlp_fisher = stats.mlp_fisher[index] if stats.has_fisher else None
+        attn_fisher = stats.attn_fisher[index] if stats.has_fisher else None
+        down, out = adapter.mlp_out(layer), adapter.attn_out(layer)
+        head_dim = adapter.head_layout(layer)[2]
+        with layer_weights(model, layer):
+            mlp = elimination_order(
+                adapter.weight(down), stats.mlp_gram[index], stats.mlp_mean[index] if down.bias is not None else None,
+                block=32, row_weights=mlp_fisher,
+            )  # fmt: skip
+            heads = elimination_order(
+                adapter.weight(out), stats.attn_gram[index], stats.attn_mean[index] if out.bias is not None else None,
+                group=head_dim, row_weights=attn_fisher,
+            )  # fmt: skip
+        return mlp, heads
+
+    @staticmethod
+    def _check(stats) -> None:
         if not stats.has_moments:
             raise UserError(
                 "--criterion refit needs second moments: re-run `minigpts analyze` with --moments (the default)"
             )
-        adapter = get_adapter(model)
-        fallback = _consumer_norms(model, stats)
-        mlp, heads = [], []
-        for i, layer in enumerate(adapter.layers(model)):
-            mlp_fisher = stats.mlp_fisher[i] if stats.has_fisher else None
-            attn_fisher = stats.attn_fisher[i] if stats.has_fisher else None
-            down, out = adapter.mlp_out(layer), adapter.attn_out(layer)
-            head_dim = adapter.head_layout(layer)[2]
-            with layer_weights(model, layer):
-                mlp.append(
-                    elimination_order(
-                        adapter.weight(down), stats.mlp_gram[i], stats.mlp_mean[i] if down.bias is not None else None,
-                        block=32, row_weights=mlp_fisher,
-                    )
-                )  # fmt: skip
-                heads.append(
-                    elimination_order(
-                        adapter.weight(out), stats.attn_gram[i], stats.attn_mean[i] if out.bias is not None else None,
-                        group=head_dim, row_weights=attn_fisher,
-                    )
-                )  # fmt: skip
-        return UnitScores(mlp, heads, fallback.hidden)
 
 
 # --- the peers' criteria (issue #14) --------------------------------------------------------------
@@ -336,31 +388,48 @@ class FlapCriterion(Criterion):
 
         from minigpts.arch import get_adapter
 
+        self._check(stats)
+        adapter = get_adapter(model)
+        layers = adapter.layers(model)
+        mlp, heads = [], []
+        hidden = torch.zeros(residual_width(adapter, layers), dtype=torch.float64)
+        for i, layer in enumerate(layers):
+            layer_mlp, layer_heads, readers = self._of_layer(model, adapter, layer, stats, i)
+            mlp.append(layer_mlp)
+            heads.append(layer_heads)
+            for reader_fluctuation in readers:
+                hidden += reader_fluctuation
+        return UnitScores(mlp, heads, hidden)
+
+    def layer_scores(self, model, stats, index, seed):
+        self._check(stats)
+        return self._of_layer(model, *_layer_of(model, index), stats, index)[:2]
+
+    def _check(self, stats) -> None:
         _needs(
             stats,
             self.name,
             ("mlp_mean", "attn_mean", "reader_mean"),
             "with first moments: re-run `minigpts analyze`",
         )
-        adapter = get_adapter(model)
-        layers = adapter.layers(model)
+
+    @staticmethod
+    def _of_layer(model, adapter, layer, stats, i: int):
+        """Layer ``i``'s standardised MLP and head scores, and the fluctuation at each residual reader."""
 
         def fluctuation(mean_square: torch.Tensor, mean: torch.Tensor, linear) -> torch.Tensor:
             variance = (mean_square - mean.double().pow(2)).clamp_min(0)
             return variance * _column_norms(linear).pow(2)
 
-        mlp, heads = [], []
-        hidden = torch.zeros(residual_width(adapter, layers), dtype=torch.float64)
-        for i, layer in enumerate(layers):
-            n_heads, _, head_dim = adapter.head_layout(layer)
-            with layer_weights(model, layer):
-                mlp_fluctuation = fluctuation(stats.mlp_l2sq[i], stats.mlp_mean[i], adapter.mlp_out(layer))
-                per_dim = fluctuation(stats.attn_dim_l2sq[i], stats.attn_mean[i], adapter.attn_out(layer))
-                for r, reader in enumerate(adapter.residual_readers(layer)):
-                    hidden += fluctuation(stats.reader_l2sq[i][r], stats.reader_mean[i][r], reader)
-            mlp.append(_standardised(mlp_fluctuation))
-            heads.append(_standardised(per_dim.pow(2)).view(n_heads, head_dim).mean(1))
-        return UnitScores(mlp, heads, hidden)
+        n_heads, _, head_dim = adapter.head_layout(layer)
+        with layer_weights(model, layer):
+            mlp = fluctuation(stats.mlp_l2sq[i], stats.mlp_mean[i], adapter.mlp_out(layer))
+            per_dim = fluctuation(stats.attn_dim_l2sq[i], stats.attn_mean[i], adapter.attn_out(layer))
+            readers = [
+                fluctuation(stats.reader_l2sq[i][r], stats.reader_mean[i][r], reader)
+                for r, reader in enumerate(adapter.residual_readers(layer))
+            ]
+        return _standardised(mlp), _standardised(per_dim.pow(2)).view(n_heads, head_dim).mean(1), readers
 
 
 @register_criterion
@@ -394,6 +463,9 @@ class TaylorCriterion(Criterion):
             hidden += per_layer
         return UnitScores(list(stats.mlp_taylor), list(stats.head_taylor), hidden)
 
+    def layer_scores(self, model, stats, index, seed):  # gradients are not re-measured layer by layer
+        return stats.mlp_taylor[index], stats.head_taylor[index]
+
 
 @register_criterion
 class MinitronCriterion(Criterion):
@@ -420,3 +492,6 @@ class MinitronCriterion(Criterion):
         )
         hidden = torch.cat(list(stats.reader_window_l2)).mean(0)
         return UnitScores(list(stats.mlp_window_l2), list(stats.head_window_l2), hidden)
+
+    def layer_scores(self, model, stats, index, seed):  # per-window norms are not re-measured either
+        return stats.mlp_window_l2[index], stats.head_window_l2[index]

@@ -365,7 +365,7 @@ def _sequential_attention(step, layer, hidden: list, calls: list, ridge: float) 
     if plan.criterion not in ("random", "none"):  # re-select; random and hand-made plans keep theirs
         kv = len(layer_plan.kv_heads_keep)
         per_kv = len(layer_plan.heads_keep) // kv
-        scores = _layer_scores(step).heads[0]
+        scores = _layer_scores(step)[1]
         layer_plan.heads_keep, layer_plan.kv_heads_keep, _ = _select_heads(scores, n_kv, kv, per_kv)
     channels = _head_channels(layer_plan.heads_keep, head_dim)
     _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
@@ -383,49 +383,36 @@ def _sequential_mlp(step, layer, hidden: list, calls: list, ridge: float) -> Non
         l1, l2sq, gram, mean = _collect(layer, down, hidden, calls)
     seen |= {"mlp_l1": l1, "mlp_l2sq": l2sq, "mlp_gram": gram, "mlp_mean": mean}
     if plan.criterion not in ("random", "none"):
-        scores = _layer_scores(step).mlp[0]
+        scores = _layer_scores(step)[0]
         layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
     _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, ridge)
 
 
 def _layer_scores(step):
-    """The plan's criterion on ``step``'s layer alone: the model seen holding only that decoder layer
-    (its weights as they are now) and the statistics only that layer's (its re-measured ones swapped
-    in), so no other layer is read. Built-in criteria score a layer from its own weights and statistics."""
-    from minigpts.arch import get_adapter
-    from minigpts.criteria import unit_scores
+    """The plan's criterion on ``step``'s layer, its re-measured statistics in place of the analysed ones."""
+    from minigpts.criteria import get_criterion
 
     model, plan, stats, seen, index = step
-    layer_list = get_adapter(model).layer_list(model)
-    modules = layer_list._modules
-    layer_list._modules = type(modules)([("0", list(layer_list)[index])])
-    try:
-        return unit_scores(
-            model, layer_stats(stats, index, seen), plan.criterion, plan.settings.get("seed", 0)
-        )
-    finally:
-        layer_list._modules = modules
+    criterion = get_criterion(plan.criterion)
+    return criterion.layer_scores(model, with_layer(stats, index, seen), index, plan.settings.get("seed", 0))
 
 
-def layer_stats(stats, index: int, replaced: dict | None = None):
-    """``stats`` as measured on a model holding only layer ``index``, ``replaced`` (field -> that layer's
-    tensor) swapped in; second moments kept in their file (``load(lazy_moments=True)``) stay there."""
+def with_layer(stats, index: int, replaced: dict):
+    """A shallow copy of ``stats`` whose per-layer field ``name`` holds ``replaced[name]`` at ``index``;
+    second moments kept in their file (``load(lazy_moments=True)``) stay there."""
     import dataclasses
 
     from minigpts.analysis import _LazyLayers
 
-    replaced = replaced or {}
     fields = {}
-    for field in dataclasses.fields(stats):
-        value = getattr(stats, field.name)
-        if field.name in replaced:
-            value = [replaced[field.name]]
-        elif isinstance(value, list):  # every list of ActivationStats is per layer
-            value = value[index : index + 1]
-        elif isinstance(value, _LazyLayers):
-            value = _LazyLayers(value.entries[index : index + 1], value.keep)
-        fields[field.name] = value
-    return type(stats)(**fields)
+    for name, tensor in replaced.items():
+        value = getattr(stats, name)
+        if isinstance(value, _LazyLayers):
+            fields[name] = value.with_entry(index, tensor)
+        else:  # a list; None where an older analysis did not record the field
+            entries = value if value is not None else [None] * len(stats.mlp_l1)
+            fields[name] = [tensor if i == index else entry for i, entry in enumerate(entries)]
+    return dataclasses.replace(stats, **fields)
 
 
 def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
