@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from minigpts.data import make_windows, tokenize_stream
 from minigpts.errors import UserError
 from minigpts.evaluation import evaluate_windows, token_byte_lengths
+from minigpts.options import FinetuneOptions
 from minigpts.recovery import add_lora, distillation_loss, finetune, merge_lora
 
 SEQ_LEN = 32
-BATCH = 4
+BATCH = FinetuneOptions().batch_size  # the default --train-batch-size
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_distill_run_against_an_identical_teacher_with_a_trimmed_vocabulary(
     assert result.steps == 2
     assert result.train_loss <= 1e-6
     assert not teacher.training
-    assert result.method_stats["teacher_windows_computed"] == 2 * 4  # only the windows two steps reach
+    assert result.method_stats["teacher_windows_computed"] == 2 * BATCH  # only the windows two steps reach
 
 
 def test_resume_continues_from_the_saved_step(tiny_tokenizer, windows, tmp_path):
@@ -254,7 +255,10 @@ def test_early_stopping_on_a_diverging_run_returns_the_best_checkpoint(tiny_toke
         (dict(scheduler="zigzag"), "scheduler='zigzag'"),
         (dict(batch_size=0), "--train-batch-size 0"),
         (dict(grad_accum=0), "--grad-accum 0"),
-        (dict(max_train_tokens=10), "--max-train-tokens 10: less than one optimizer step of 128"),
+        (
+            dict(max_train_tokens=10),
+            f"--max-train-tokens 10: less than one optimizer step of {BATCH * SEQ_LEN}",
+        ),
         (dict(eval_every=0), "--eval-every 0"),
         (dict(method="distill", teacher=make_tiny_llama(7)), "teacher predicts 7 tokens"),
         (dict(method="lora", lora_r=0), "--lora-r 0"),
