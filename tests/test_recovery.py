@@ -252,7 +252,7 @@ def test_early_stopping_on_a_diverging_run_returns_the_best_checkpoint(tiny_toke
         (dict(max_epochs=0), "--max-epochs 0"),
         (dict(resume=True), "no checkpoint"),
         (dict(warmup_ratio=1.5), "--warmup-ratio"),
-        (dict(scheduler="zigzag"), "scheduler='zigzag'"),
+        (dict(scheduler="zigzag"), "--lr-scheduler zigzag"),
         (dict(batch_size=0), "--train-batch-size 0"),
         (dict(grad_accum=0), "--grad-accum 0"),
         (

@@ -17,6 +17,7 @@ import minigpts.recovery.budget as budget
 import minigpts.recovery.trainer as trainer_module
 from minigpts.data import make_windows, tokenize_stream
 from minigpts.errors import UserError
+from minigpts.options import FinetuneOptions
 from minigpts.recovery import finetune, plan_budget
 
 SEQ_LEN = 32
@@ -56,13 +57,17 @@ class FakeMachine:
         return BATCH * SEQ_LEN * self.train_cost
 
 
-def cosine(step: int, total: int, lr: float = 3e-3, warmup_ratio: float = 0.05) -> float:
-    """The rate optimizer step ``step`` (1-based) ran at: linear warm-up, then cosine to zero at ``total``."""
+def scheduled_rate(
+    step: int, total: int, scheduler: str, lr: float = 3e-3, warmup_ratio: float = 0.05
+) -> float:
+    """The rate optimizer step ``step`` (1-based) ran at: linear warm-up, then ``scheduler``'s decay to zero."""
     warmup = math.ceil(warmup_ratio * total)
     current = step - 1
     if current < warmup:
         return lr * current / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (current - warmup) / (total - warmup)))
+    progress = (current - warmup) / (total - warmup)
+    decay = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[scheduler]
+    return lr * decay
 
 
 class RecordingTracker(budget.BudgetTracker):
@@ -116,9 +121,29 @@ def test_the_same_token_budget_gives_the_same_run_on_a_fast_and_a_slow_machine(
     for (name, a), b in zip(fast_model.state_dict().items(), slow_model.state_dict().values()):
         assert torch.equal(a, b), name
 
-    # The schedule's horizon is the token budget: warm-up, then cosine decay to zero at step 40.
+    # The schedule's horizon is the token budget: warm-up, then the default (linear) decay to zero at step 40.
+    assert FinetuneOptions().scheduler == "linear"
     for step, rate in fast_lr.items():
-        assert rate == pytest.approx(cosine(step, 40), rel=1e-6, abs=1e-12), step
+        assert rate == pytest.approx(scheduled_rate(step, 40, "linear"), rel=1e-6, abs=1e-12), step
+
+
+def test_lr_scheduler_sets_the_decay_over_the_token_budget(monkeypatch, tmp_path, tiny_tokenizer, windows):
+    machine = FakeMachine(1e-5, 1e-5)
+    budget_tokens = 20 * BATCH * SEQ_LEN
+    _, result, _, rates = run(
+        monkeypatch,
+        tmp_path,
+        tiny_tokenizer,
+        windows,
+        machine,
+        max_train_tokens=budget_tokens,
+        scheduler="cosine",
+    )
+    assert result.steps == len(rates) == 20
+    for step, rate in rates.items():
+        assert rate == pytest.approx(scheduled_rate(step, 20, "cosine"), rel=1e-6, abs=1e-12), step
+    # mid-way the two decays differ, so the check above tells them apart
+    assert scheduled_rate(15, 20, "cosine") < 0.9 * scheduled_rate(15, 20, "linear")
 
 
 def test_validation_stays_within_ten_percent_of_the_training_tokens(
@@ -147,7 +172,9 @@ def test_a_minute_cap_never_overruns_by_more_than_one_step(monkeypatch, tmp_path
     assert result.val_history[-1][0] == result.steps  # the stop evaluates ...
     assert (tmp_path / "checkpoints" / f"checkpoint-{result.steps}").is_dir()  # ... and saves, for --resume
     assert result.max_steps == 200  # the clock never bends the schedule: its horizon stays the 200 steps
-    assert rates and all(rate == pytest.approx(cosine(step, 200), rel=1e-6) for step, rate in rates.items())
+    assert rates and all(
+        rate == pytest.approx(scheduled_rate(step, 200, "linear"), rel=1e-6) for step, rate in rates.items()
+    )
 
 
 def test_a_cap_spent_before_the_first_step_trains_nothing(monkeypatch, tmp_path, tiny_tokenizer, windows):

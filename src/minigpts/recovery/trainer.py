@@ -318,8 +318,9 @@ def _check_options(
     if grad_accum < 1:
         raise UserError(f"--grad-accum {grad_accum}: must be at least 1")
     schedulers = [kind.value for kind in SchedulerType]
-    if scheduler not in schedulers:  # a Python argument of finetune(); the command line uses cosine
-        raise UserError(f"finetune(scheduler={scheduler!r}): use one of {', '.join(schedulers)}")
+    # the command line offers options.LR_SCHEDULERS; finetune() takes any of transformers'
+    if scheduler not in schedulers:
+        raise UserError(f"--lr-scheduler {scheduler}: use one of {', '.join(schedulers)}")
 
 
 def _resume_point(checkpoint_dir: Path, resume: bool) -> Path | None:
@@ -348,7 +349,7 @@ def finetune(
     max_train_tokens: int | None = None, max_minutes: float | None = None, stop_at_ppl: float | None = None,
     stop_at_bpb: float | None = None, early_stopping_patience: int | None = None,
     eval_every: int | None = None, lr: float = _DEFAULTS.lr, warmup_ratio: float = _DEFAULTS.warmup_ratio,
-    scheduler: str = "cosine", batch_size: int = _DEFAULTS.batch_size, grad_accum: int = _DEFAULTS.grad_accum,
+    scheduler: str = _DEFAULTS.scheduler, batch_size: int = _DEFAULTS.batch_size, grad_accum: int = _DEFAULTS.grad_accum,
     seed: int = _DEFAULTS.seed, resume: bool = False, lora_r: int = _DEFAULTS.lora_r,
     lora_alpha: int = _DEFAULTS.lora_alpha, distill_alpha: float = _DEFAULTS.distill_alpha,
     distill_temperature: float = _DEFAULTS.distill_temperature, teacher_cache=None,
