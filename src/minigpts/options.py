@@ -23,11 +23,7 @@ GENERAL_SAMPLE_ALIAS = "sample-medical"
 DEFAULT_TAYLOR_TOKENS = 4096  # LLM-Pruner itself takes 10 samples of 64 tokens
 DEFAULT_DEPTH_TOKENS = 2048  # × (layers + 1) forward passes
 MIXED_PRECISION = ("auto", "bf16", "no")  # recovery's --mixed-precision
-LR_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "constant_with_warmup",
-)  # recovery's --lr-scheduler (transformers' names)
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")  # --lr-scheduler: transformers' names
 GROUP_DESCRIPTIONS = {
     "recovery fine-tuning": "The run's length is its step budget — the smallest of --max-steps, "
     "--max-train-tokens and --max-epochs — and the learning-rate schedule's horizon, so the same command "
@@ -714,8 +710,9 @@ class FinetuneOptions:
         "linear",
         "--lr-scheduler",
         choices=LR_SCHEDULERS,
-        help="learning-rate decay after the warm-up, to zero at the end of the step budget (default linear: "
-        "recovered better than cosine at equal tokens on economics, Skyrim and the demo)",
+        help="learning rate after the warm-up: linear or cosine decay to zero at the end of the step budget, "
+        "or constant (default linear: recovered better than cosine at equal tokens on economics, Skyrim and "
+        "the demo)",
     )
     batch_size: int = option(
         2,
