@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(VENV)/bin/minigpts run --data sample --out $(DEMO_OUT) --force \
 		--target-params 0.80 --layout per-layer --criterion wanda \
 		--embedding-threshold 0 --vocab-keep-expected 24576 \
-		--calib-tokens 32768 --max-eval-tokens 8192 \
+		--calib-tokens 16384 --max-eval-tokens 8192 \
 		--finetune distill --max-train-tokens 65536 --finetune-seq-len 256 \
 		--lr 2e-4 --max-val-tokens 4096 \
 		--general-data sample-medical --general-max-tokens 4096

@@ -413,7 +413,7 @@ class AnalysisOptions:
         "--calib-tokens",
         positive=True,
         help="calibration tokens to run (default 65,536; fewer save time and cost quality: at the demo's recipe "
-        "8,192 / 16,384 / 32,768 tokens ended +4.4 / +2.2 / +1.4 %% above the base after recovery)",
+        "16,384 / 24,576 / 32,768 tokens ended +1.8 / +1.2 / +0.8 %% above the base after recovery)",
     )
     seq_len: int = reuse(EvalOptions, "seq_len")
     batch_size: int = reuse(EvalOptions, "batch_size")
