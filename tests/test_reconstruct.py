@@ -466,3 +466,47 @@ def test_refit_and_sequential_work_for_every_family(name):
             torch.testing.assert_close(logits, silenced, rtol=1e-7, atol=1e-9)
         errors[mode] = float((logits - reference).pow(2).mean())
     assert errors["lstsq"] < errors["none"], errors
+
+
+def test_the_default_refit_uses_the_ridge_declared_with_its_flag():
+    """`apply_full_plan` without a ridge refits as `--ridge`'s default says (one declaration, no stale copy)."""
+    from minigpts.options import PlanOptions
+    from minigpts.pipeline import apply_full_plan
+
+    model = tiny()
+    ids = windows(8)
+    stats = analyze(model, ids, progress=False, moments=True)
+    plan = make_plan(model, stats, mlp_ratio=0.5, round_to=1)
+
+    def down_weights(**ridge):
+        pruned, _ = apply_full_plan(
+            copy.deepcopy(model), None, copy.deepcopy(plan), stats=stats, reconstruct="lstsq", **ridge
+        )
+        return [get_adapter(pruned).mlp_out(layer).weight for layer in get_adapter(pruned).layers(pruned)]
+
+    default = down_weights()
+    for got, want in zip(default, down_weights(ridge=PlanOptions.ridge), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(default, down_weights(ridge=10 * PlanOptions.ridge), strict=True)
+    )
+
+
+def test_a_refit_from_too_few_calibration_tokens_is_flagged_in_the_plan():
+    """Fewer than 8 tokens per MLP input: `prune`/`run` print a warning naming --calib-tokens; enough: none."""
+    from minigpts.options import PlanOptions
+    from minigpts.pipeline import _structure_plan
+
+    model = tiny()  # MLP width 64: 512 tokens are enough
+    thin = analyze(model, windows(31), progress=False, moments=True)  # 496 tokens of 16
+    enough = analyze(model, windows(32), progress=False, moments=True)  # 512
+
+    def warnings(stats, **options):
+        plan = _structure_plan(model, stats, PlanOptions(mlp_ratio=0.5, **options), None)
+        return [n for n in plan.summary.get("notes", []) if "calibration tokens" in n]
+
+    (warning,) = warnings(thin)
+    assert warning.startswith("warning:") and "--calib-tokens 512" in warning
+    assert warnings(enough) == []
+    assert warnings(thin, reconstruct="none") == []  # slicing reads no second moments

@@ -265,6 +265,12 @@ def _structure_plan(model, stats, options: PlanOptions, selection):
         plan.summary["target"]["requested"] = options.target_params
         plan.summary["target"]["achieved_with_vocab"] = round(after / plan.summary["params_before"], 6)
     record_score_distribution(model, stats, options, plan)
+    if options.reconstruct == "lstsq" and stats.has_moments:
+        from minigpts.reconstruct import thin_calibration_warning
+
+        warning = thin_calibration_warning(stats)
+        if warning:
+            plan.summary.setdefault("notes", []).append(warning)
     return plan
 
 
@@ -305,7 +311,14 @@ def vocab_parameters_saved(model, selection) -> int:
 
 
 def apply_full_plan(
-    model, tokenizer, plan, *, stats=None, reconstruct: str = "none", ridge: float = 1e-2, calibration=None
+    model,
+    tokenizer,
+    plan,
+    *,
+    stats=None,
+    reconstruct: str = "none",
+    ridge: float | None = None,
+    calibration=None,
 ):
     """Refit (``reconstruct="lstsq"``, from ``stats``' second moments; layer by layer on the
     ``calibration`` windows when given), structure surgery, then vocabulary surgery; returns (model,
@@ -316,13 +329,14 @@ def apply_full_plan(
     if reconstruct not in RECONSTRUCT_METHODS:
         raise UserError(f"--reconstruct {reconstruct}: use one of {', '.join(RECONSTRUCT_METHODS)}")
     if reconstruct == "lstsq" and plan.criterion != "none":
+        from minigpts.reconstruct import DEFAULT_RIDGE, sequential_reconstruct
         from minigpts.reconstruct import reconstruct as refit_projections
-        from minigpts.reconstruct import sequential_reconstruct
 
         if stats is None:
             raise UserError(
                 "--reconstruct lstsq needs the statistics of the model (run analysis or pass --stats)"
             )
+        ridge = DEFAULT_RIDGE if ridge is None else ridge
         if calibration is not None:
             plan.summary["reconstructed"] = sequential_reconstruct(
                 model, plan, stats, calibration, ridge=ridge

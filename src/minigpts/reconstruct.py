@@ -31,8 +31,9 @@ from torch import nn
 
 from minigpts.arch.base import projection_in_features, projection_weight
 from minigpts.errors import UserError
+from minigpts.options import PlanOptions
 
-DEFAULT_RIDGE = 1e-2
+DEFAULT_RIDGE = PlanOptions.ridge  # declared once, with --ridge
 SEQUENTIAL_BATCH_SIZE = 4  # windows per forward of the sequential refit, in memory and --offload
 RECONSTRUCT_METHODS = ("none", "lstsq")
 
@@ -168,6 +169,26 @@ def check_moments(stats) -> None:
             "--reconstruct lstsq needs second moments: re-run `minigpts analyze` with --moments "
             "(the default) or pass --reconstruct none"
         )
+
+
+MIN_TOKENS_PER_INPUT = 8  # below this, measured on SmolLM2, the refit can do worse than slicing
+
+
+def thin_calibration_warning(stats) -> str | None:
+    """A "warning:" note when the refit would read too few calibration tokens per input it refits.
+
+    Measured on SmolLM2 (MLP width 1,536, economics, uniform `l1` cut): from 4,096 calibration tokens
+    (2.7 per input) the refit ends above plain slicing at 25 % (1.021-1.051 against 0.996 bits/byte for
+    every ridge tried, 1e-4 to 1e-2); from 16,384 (10.7 per input) it removes 30 % of slicing's increase.
+    """
+    width = max(len(x) for x in stats.mlp_l1)
+    if stats.n_tokens >= MIN_TOKENS_PER_INPUT * width:
+        return None
+    return (
+        f"warning: the refit (--reconstruct lstsq) reads {stats.n_tokens:,} calibration tokens for MLP inputs "
+        f"{width:,} wide, fewer than {MIN_TOKENS_PER_INPUT} per input, where it can end worse than slicing: "
+        f"analyse with --calib-tokens {MIN_TOKENS_PER_INPUT * width:,} or more, or raise --ridge (e.g. 0.01)"
+    )
 
 
 def layer_moments(stats, index: int):
