@@ -87,6 +87,39 @@ def test_error_curve_equals_the_error_of_every_prefix(use_mean):
     assert torch.all(curve[:-1] >= curve[1:] - 1e-9)  # keeping more never costs more
 
 
+def _fit_error(w: torch.Tensor, new: torch.Tensor, keep: list[int], x: torch.Tensor) -> float:
+    return float((x @ w.T - x[:, keep] @ new.T).pow(2).sum(1).mean())
+
+
+def test_the_ridge_shrinks_toward_the_sliced_weights():
+    """0 is the least squares, a huge ridge plain slicing, and every ridge lies between them in fit error."""
+    x = correlated(300, 10, seed=3)
+    w = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    keep = [0, 1, 4, 5, 6, 9]
+    gram, _ = moments(x)
+    sliced = w[:, keep]
+    huge, _ = refit(w, keep, gram, ridge=1e9)
+    assert torch.allclose(huge, sliced, rtol=1e-6, atol=1e-6)
+    errors = [_fit_error(w, refit(w, keep, gram, ridge=r)[0], keep, x) for r in (0.0, 0.03, 0.3, 3.0)]
+    assert errors == sorted(errors)  # more shrinkage, less fit to the removed inputs' signal
+    assert errors[-1] < _fit_error(w, sliced, keep, x)
+    assert errors[0] < 0.5 * _fit_error(w, sliced, keep, x)
+
+
+def test_the_ridge_is_scale_free_per_input():
+    """Rescaling one input (and its column, inversely) rescales that column of the refit and nothing else."""
+    x = correlated(300, 8, seed=5)
+    w = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    keep = [1, 2, 3, 5, 7]
+    scale = torch.ones(8, dtype=torch.float64)
+    scale[2], scale[5] = 40.0, 0.01
+    new, _ = refit(w, keep, moments(x)[0], ridge=0.5)
+    scaled, _ = refit(w / scale, keep, moments(x * scale)[0], ridge=0.5)
+    assert torch.allclose(
+        scaled, new / scale[keep], rtol=1e-5, atol=1e-10
+    )  # a ridge on the mean would not be
+
+
 def test_ridge_keeps_dead_inputs_solvable():
     x = correlated(200, 6)
     x[:, 2] = 0.0  # a channel the domain never uses: C is singular

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpts.arch.base import projection_weight
-from minigpts.reconstruct import DEFAULT_RIDGE, error_curve, output_error
+from minigpts.reconstruct import error_curve, output_error
 
 ALLOCATIONS = ("error", "paper")
 
@@ -127,12 +127,11 @@ def mlp_component(
     widths: list[int],
     channel_params: int,
     fisher: torch.Tensor | None,
-    ridge: float = DEFAULT_RIDGE,
 ) -> Component:
     """Cost of keeping the best ``k`` channels (by score) for every legal width k, refit included."""
     order = torch.sort(scores, descending=True, stable=True).indices
     use_mean = mean if linear.bias is not None else None
-    curve = error_curve(weighted(linear, fisher), order, gram, use_mean, ridge=ridge)
+    curve = error_curve(weighted(linear, fisher), order, gram, use_mean)
     return Component([(k, k * channel_params, float(curve[k])) for k in widths])
 
 
@@ -146,7 +145,6 @@ def head_component(
     mean,
     params_of: Callable[[int, int], int],
     fisher: torch.Tensor | None,
-    ridge: float = DEFAULT_RIDGE,
 ) -> Component:
     """Per legal head count, the GQA layout (chosen by score, then by error) and its refit error."""
     from minigpts.plan import _select_heads
@@ -162,7 +160,7 @@ def head_component(
             else:
                 channels = [h * head_dim + d for h in heads for d in range(head_dim)]
                 use_mean = mean if linear.bias is not None else None
-                error = output_error(weighted(linear, fisher), channels, gram, use_mean, ridge=ridge)
+                error = output_error(weighted(linear, fisher), channels, gram, use_mean)
             errors[(kv, per_kv)] = error
             if best is None or error < best[0]:
                 best = (error, (kv, per_kv))

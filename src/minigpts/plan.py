@@ -416,7 +416,6 @@ def make_plan(
     seed: int = 0,
     target_groups: tuple[str, ...] = ("mlp", "heads"),
     allocation: str = "error",
-    ridge: float | None = None,
     drop_layers: int | None = None,
     layer_ratio: float | None = None,
     layer_criterion: str = "bi",
@@ -453,7 +452,7 @@ def make_plan(
     settings = {name: list(target_groups) if name == "target_groups" else given[name] for name in names}
     _check_settings(settings)
     _check_ranking(criterion, layout, allocation, stats)
-    return _plan_widths(model, stats, settings, ridge)
+    return _plan_widths(model, stats, settings)
 
 
 def _check_ranking(criterion: str, layout: str, allocation: str, stats: ActivationStats | None) -> None:
@@ -495,7 +494,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
         raise UserError(f"target groups {sorted(unknown) or '(none)'}: choose among {', '.join(GROUPS)}")
 
 
-def _plan_widths(model: nn.Module, stats: ActivationStats | None, settings: dict, ridge) -> PruningPlan:
+def _plan_widths(model: nn.Module, stats: ActivationStats | None, settings: dict) -> PruningPlan:
     """``make_plan`` without depth pruning, on checked ``settings``.
 
     Layouts: ``uniform`` gives every layer the same widths (plain transformers configs load it);
@@ -530,7 +529,7 @@ def _plan_widths(model: nn.Module, stats: ActivationStats | None, settings: dict
     target_params, layout = settings["target_params"], settings["layout"]
     error_matters = layout == "per-layer" or (target_params is not None and len(solved) > 1)
     if settings["allocation"] == "error" and error_matters:
-        sizer.errors = _error_model(sizer, stats, ridge, notes)
+        sizer.errors = _error_model(sizer, stats, notes)
 
     before = sizer.counter.count(
         [(s.numel(), n, kv) for s, (n, kv, _) in zip(scores.mlp, layouts, strict=True)], sizer.hidden_size
@@ -620,13 +619,11 @@ class _Sizer:
         return mlp_keep, heads, hidden_keep, self.counter.count(widths, kept_hidden)
 
 
-def _error_model(sizer: _Sizer, stats: ActivationStats | None, ridge, notes: list[str]) -> _ErrorModel | None:
+def _error_model(sizer: _Sizer, stats: ActivationStats | None, notes: list[str]) -> _ErrorModel | None:
     """The error allocation's model, or None (and a note) when the statistics cannot support it."""
     if stats is not None and stats.has_moments and stats.has_fisher:
         s = sizer
-        errors = _ErrorModel(
-            s.model, s.adapter, stats, s.scores, s.layouts, s.counter, s.min_mlp, s.round_to, ridge
-        )
+        errors = _ErrorModel(s.model, s.adapter, stats, s.scores, s.layouts, s.counter, s.min_mlp, s.round_to)
         errors.allowed = lambda n: s.width_ok(s.hidden_size, n)
         return errors
     notes.append(
@@ -819,11 +816,9 @@ def _depth_summary(summary, before, keep, n_layers, scores, layer_criterion, req
 class _ErrorModel:
     """The output-error curves of every layer's MLP and attention, and the allocations made from them."""
 
-    def __init__(self, model, adapter, stats, scores, layouts, counter, min_mlp, round_to, ridge):
+    def __init__(self, model, adapter, stats, scores, layouts, counter, min_mlp, round_to):
         from minigpts.criteria import layer_weights
-        from minigpts.reconstruct import DEFAULT_RIDGE
 
-        ridge = DEFAULT_RIDGE if ridge is None else ridge
         layers = adapter.layers(model)
         hidden = _hidden_size(adapter, layers)
         self.scores, self.layouts, self.counter, self.hidden = scores, layouts, counter, hidden
@@ -839,9 +834,9 @@ class _ErrorModel:
         self.mlp, self.heads = [], []
         for i, layer in enumerate(layers):
             with layer_weights(model, layer):  # prune --offload: one layer's weights at a time
-                self._add_layer(i, layer, adapter, stats, params_with, min_mlp, round_to, ridge)
+                self._add_layer(i, layer, adapter, stats, params_with, min_mlp, round_to)
 
-    def _add_layer(self, i, layer, adapter, stats, params_with, min_mlp, round_to, ridge) -> None:
+    def _add_layer(self, i, layer, adapter, stats, params_with, min_mlp, round_to) -> None:
         """Layer i's MLP and attention error curves."""
         from minigpts import allocation
 
@@ -858,7 +853,6 @@ class _ErrorModel:
                 widths,
                 per_channel,
                 stats.mlp_fisher[i],
-                ridge,
             )
         )
         configs = _head_configs(n_heads, n_kv)
@@ -873,7 +867,6 @@ class _ErrorModel:
                 stats.attn_mean[i],
                 lambda count, kv, i=i: params_with(i, (self.full[i][0], count, kv)),
                 stats.attn_fisher[i],
-                ridge,
             )
         )
 

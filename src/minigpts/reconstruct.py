@@ -2,11 +2,18 @@
 
 Removing MLP channels (or attention heads) of a layer changes what its output projection W (h × d)
 writes into the residual stream. With the second moments of the projection's input over the
-calibration tokens, C = E[a aᵀ], the weights on the kept inputs K that minimise E‖W a − W' a_K‖² are
+calibration tokens, C = E[a aᵀ], the weights on the kept inputs K that minimise E‖W a − W' a_K‖²
+plus a ridge that pulls each kept column back toward its own weights, Σ_j λ_j ‖W'_j − W_j‖², are
 
-    W' = W C[:, K] (C[K, K] + λI)⁻¹        (ridge λ = ``ridge`` × mean of diag C[K, K])
+    W' = (W C[:, K] + W_K Λ) (C[K, K] + Λ)⁻¹      Λ = diag(λ_j), λ_j = ρ C_jj, ρ = ``ridge`` × k / (d − k)
 
-and the output error that remains, tr(W (C − C[:, K] C[K, K]⁻¹ C[K, :]) Wᵀ), is the cost of keeping K:
+λ → ∞ is plain slicing (W' = W_K), λ = 0 the plain least squares. Shrinking toward the sliced weights
+rather than toward zero, in units of each input's own second moment, keeps the refit from trading
+the kept inputs' own contribution for a noisy fit of the removed ones; ρ grows with the share kept
+because a small removal leaves a small signal to fit with the same noise (measured on SmolLM2: 25 %
+of the MLP wants ρ ≈ 0.1, 50 % ρ ≈ 0.02-0.05, and thin calibration more).
+
+The output error that remains, tr(W (C − C[:, K] C[K, K]⁻¹ C[K, :]) Wᵀ), is the cost of keeping K:
 measured in the residual stream, so it compares MLP channels with heads and layer i with layer j
 (raw activation magnitudes do not). Where the projection has a bias, the refit works on the
 covariance and the bias absorbs the removed inputs' mean: b' = b + W μ − W' μ_K (FLAP's bias
@@ -33,7 +40,12 @@ from minigpts.arch.base import projection_in_features, projection_weight
 from minigpts.errors import UserError
 from minigpts.options import PlanOptions
 
-DEFAULT_RIDGE = PlanOptions.ridge  # declared once, with --ridge
+DEFAULT_RIDGE = (
+    PlanOptions.ridge
+)  # the refit's shrinkage toward the sliced weights, declared once with --ridge
+# the error model's ridge toward zero, relative to the mean second moment (error_curve, output_error,
+# elimination_order: the allocation and --criterion refit); measured best of 1e-2 / 1e-3 / 1e-4 there
+ERROR_RIDGE = 1e-3
 SEQUENTIAL_BATCH_SIZE = 4  # windows per forward of the sequential refit, in memory and --offload
 RECONSTRUCT_METHODS = ("none", "lstsq")
 
@@ -56,24 +68,32 @@ def refit(
     *,
     ridge: float = DEFAULT_RIDGE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W' [h, k], bias change [h] or None): the least-squares weights on the kept inputs.
+    """(W' [h, k], bias change [h] or None): the kept inputs' weights, refit toward what all inputs wrote.
 
-    ``mean`` is given when the projection has a bias: the fit is then on the covariance and the
-    returned change, W μ − W' μ_K, is to be added to the bias.
+    The ridge shrinks toward the sliced weights (module docstring): λ_j = ρ C_jj, ρ = ``ridge`` × k /
+    (d − k). ``mean`` is given when the projection has a bias: the fit is then on the covariance and
+    the returned change, W μ − W' μ_K, is to be added to the bias.
     """
     keep_t = torch.as_tensor(list(keep), dtype=torch.long)
     w = weight.detach().to("cpu", torch.float64)
     c = _centred(gram.to(torch.float64), None if mean is None else mean.to(torch.float64))
     c_k = c[:, keep_t]
     a = c_k[keep_t].clone()
-    a.diagonal().add_(_ridge(a.diagonal(), ridge))
-    b = w @ c_k  # [h, k]
+    removed = c.shape[0] - len(keep_t)
+    rho = ridge * len(keep_t) / removed if removed else 0.0
+    diagonal = a.diagonal().clamp_min(0)
+    shrink = rho * diagonal + _ridge(diagonal, 1e-12)  # the floor keeps never-active inputs solvable
+    a.diagonal().add_(shrink)
+    b = w @ c_k + w[:, keep_t] * shrink  # [h, k]
     new = torch.linalg.solve(a, b.T).T  # A is symmetric: W' = B A⁻¹
-    bias = None
-    if mean is not None:
-        mu = mean.to(torch.float64)
-        bias = w @ mu - new @ mu[keep_t]
-    return new, bias
+    return new, _bias_change(w, new, keep_t, mean)
+
+
+def _bias_change(w: torch.Tensor, new: torch.Tensor, keep_t: torch.Tensor, mean) -> torch.Tensor | None:
+    if mean is None:
+        return None
+    mu = mean.to(torch.float64)
+    return w @ mu - new @ mu[keep_t]
 
 
 def output_error(
@@ -82,15 +102,18 @@ def output_error(
     gram: torch.Tensor,
     mean: torch.Tensor | None = None,
     *,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float = ERROR_RIDGE,
 ) -> float:
-    """E‖W a − W' a_K‖² (mean over tokens, summed over outputs) after the refit on ``keep``."""
+    """E‖W a − W' a_K‖² (mean over tokens, summed over outputs) after the least-squares fit on ``keep``
+    with a ``ridge`` toward zero (× the mean second moment; the error model's, as ``error_curve``)."""
     w = weight.detach().to("cpu", torch.float64)
     c = _centred(gram.to(torch.float64), None if mean is None else mean.to(torch.float64))
     if len(keep) == c.shape[0]:
         return 0.0
-    new, _ = refit(w, keep, gram, mean, ridge=ridge)
     keep_t = torch.as_tensor(list(keep), dtype=torch.long)
+    a = c[keep_t][:, keep_t].clone()
+    a.diagonal().add_(_ridge(a.diagonal(), ridge))
+    new = torch.linalg.solve(a, (w @ c[:, keep_t]).T).T
     # E‖(W − W' S) a‖² with S selecting K: tr(D C Dᵀ), D = W − W' S
     d = w.clone()
     d[:, keep_t] -= new
@@ -103,7 +126,7 @@ def error_curve(
     gram: torch.Tensor,
     mean: torch.Tensor | None = None,
     *,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float = ERROR_RIDGE,
 ) -> torch.Tensor:
     """[d + 1] output error of keeping the first k inputs of ``order`` (k = 0..d), refit included.
 
@@ -171,23 +194,23 @@ def check_moments(stats) -> None:
         )
 
 
-MIN_TOKENS_PER_INPUT = 8  # below this, measured on SmolLM2, the refit can do worse than slicing
+MIN_TOKENS_PER_INPUT = 8  # below this, measured on SmolLM2, the refit keeps only half its gain
 
 
 def thin_calibration_warning(stats) -> str | None:
     """A "warning:" note when the refit would read too few calibration tokens per input it refits.
 
-    Measured on SmolLM2 (MLP width 1,536, economics, uniform `l1` cut): from 4,096 calibration tokens
-    (2.7 per input) the refit ends above plain slicing at 25 % (1.021-1.051 against 0.996 bits/byte for
-    every ridge tried, 1e-4 to 1e-2); from 16,384 (10.7 per input) it removes 30 % of slicing's increase.
+    Measured on SmolLM2 (MLP width 1,536, economics, uniform `l1` cut, the default ridge 0.03): from
+    4,096 calibration tokens (2.7 per input) the refit removes 16 % / 30 % of slicing's bits/byte
+    increase at 25 % / 50 % (22 % / 33 % with --ridge 0.1); from 16,384 (10.7 per input) 33 % / 45 %.
     """
     width = max(len(x) for x in stats.mlp_l1)
     if stats.n_tokens >= MIN_TOKENS_PER_INPUT * width:
         return None
     return (
         f"warning: the refit (--reconstruct lstsq) reads {stats.n_tokens:,} calibration tokens for MLP inputs "
-        f"{width:,} wide, fewer than {MIN_TOKENS_PER_INPUT} per input, where it can end worse than slicing: "
-        f"analyse with --calib-tokens {MIN_TOKENS_PER_INPUT * width:,} or more, or raise --ridge (e.g. 0.01)"
+        f"{width:,} wide, fewer than {MIN_TOKENS_PER_INPUT} per input, where it recovers much less: analyse "
+        f"with --calib-tokens {MIN_TOKENS_PER_INPUT * width:,} or more, or raise --ridge (e.g. 0.1)"
     )
 
 
@@ -456,7 +479,7 @@ def elimination_order(
     group: int = 1,
     block: int = 1,
     row_weights: torch.Tensor | None = None,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float = ERROR_RIDGE,
 ) -> torch.Tensor:
     """[d / group] rank of every input group in a greedy elimination that refits after each removal.
 
