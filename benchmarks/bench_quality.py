@@ -94,7 +94,7 @@ def bench_corpus(name: str, base, tokenizer, args, parts: set[str], share: float
         plan = make_plan(base, stats, **plan_kwargs)
         model, _ = apply_full_plan(
             copy.deepcopy(base), tokenizer, plan, stats=stats, reconstruct=reconstruct,
-            calibration=calibration if sequential else None,
+            calibration=calibration if sequential else None, ridge=args.ridge,
         )  # fmt: skip
         return score(label, model)
 
@@ -157,6 +157,9 @@ def main() -> None:
         "--criterion",
         default=None,
         help="unit score within a layer (default: the library's, wanda; l1 is the paper's)",
+    )
+    parser.add_argument(
+        "--ridge", type=float, default=None, help="the refit's --ridge (default: the library's)"
     )
     parser.add_argument("--parts", default="reconstruct,sequential,allocation")
     parser.add_argument("--cache", default=".bench-cache", help="statistics are kept here between runs")

@@ -40,9 +40,8 @@ from minigpts.arch.base import projection_in_features, projection_weight
 from minigpts.errors import UserError
 from minigpts.options import PlanOptions
 
-DEFAULT_RIDGE = (
-    PlanOptions.ridge
-)  # the refit's shrinkage toward the sliced weights, declared once with --ridge
+# the refit's shrinkage toward the sliced weights, declared once with --ridge
+DEFAULT_RIDGE = PlanOptions.ridge
 # the error model's ridge toward zero, relative to the mean second moment (error_curve, output_error,
 # elimination_order: the allocation and --criterion refit); measured best of 1e-2 / 1e-3 / 1e-4 there
 ERROR_RIDGE = 1e-3
@@ -86,14 +85,11 @@ def refit(
     a.diagonal().add_(shrink)
     b = w @ c_k + w[:, keep_t] * shrink  # [h, k]
     new = torch.linalg.solve(a, b.T).T  # A is symmetric: W' = B A⁻¹
-    return new, _bias_change(w, new, keep_t, mean)
-
-
-def _bias_change(w: torch.Tensor, new: torch.Tensor, keep_t: torch.Tensor, mean) -> torch.Tensor | None:
-    if mean is None:
-        return None
-    mu = mean.to(torch.float64)
-    return w @ mu - new @ mu[keep_t]
+    bias = None
+    if mean is not None:
+        mu = mean.to(torch.float64)
+        bias = w @ mu - new @ mu[keep_t]
+    return new, bias
 
 
 def output_error(
