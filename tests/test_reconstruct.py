@@ -43,7 +43,7 @@ def test_refit_is_the_least_squares_solution():
     w = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     keep = [0, 2, 3, 7, 8, 11]
     gram, _ = moments(x)
-    new, bias = refit(w, keep, gram, ridge=0.0)
+    new, bias = refit(w, keep, gram, tokens=len(x), ridge=0.0)
     assert bias is None
     expected = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
     torch.testing.assert_close(new, expected, rtol=1e-8, atol=1e-10)
@@ -60,7 +60,7 @@ def test_refit_with_a_bias_is_least_squares_with_an_intercept():
     w = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     keep = [1, 4, 5, 9]
     gram, mean = moments(x)
-    new, bias = refit(w, keep, gram, mean, ridge=0.0)
+    new, bias = refit(w, keep, gram, mean, tokens=len(x), ridge=0.0)
     design = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
     solution = torch.linalg.lstsq(design, x @ w.T).solution.T
     torch.testing.assert_close(new, solution[:, :-1], rtol=1e-8, atol=1e-10)
@@ -98,12 +98,30 @@ def test_the_ridge_shrinks_toward_the_sliced_weights():
     keep = [0, 1, 4, 5, 6, 9]
     gram, _ = moments(x)
     sliced = w[:, keep]
-    huge, _ = refit(w, keep, gram, ridge=1e9)
+    huge, _ = refit(w, keep, gram, tokens=len(x), ridge=1e9)
     assert torch.allclose(huge, sliced, rtol=1e-6, atol=1e-6)
-    errors = [_fit_error(w, refit(w, keep, gram, ridge=r)[0], keep, x) for r in (0.0, 0.03, 0.3, 3.0)]
+    errors = [
+        _fit_error(w, refit(w, keep, gram, tokens=len(x), ridge=r)[0], keep, x) for r in (0.0, 0.03, 0.3, 3.0)
+    ]
     assert errors == sorted(errors)  # more shrinkage, less fit to the removed inputs' signal
     assert errors[-1] < _fit_error(w, sliced, keep, x)
     assert errors[0] < 0.5 * _fit_error(w, sliced, keep, x)
+
+
+def test_the_ridge_shrinks_less_as_the_calibration_grows():
+    """ρ ∝ inputs / tokens: the same ridge from 4× the tokens is the ridge / 4 from as many, and the
+    fit moves toward the least squares as the noise of the moments falls."""
+    x = correlated(400, 10, seed=7)
+    w = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    keep = [0, 2, 3, 6, 8, 9]
+    gram, _ = moments(x)
+    torch.testing.assert_close(
+        refit(w, keep, gram, tokens=4 * len(x), ridge=0.8)[0],
+        refit(w, keep, gram, tokens=len(x), ridge=0.2)[0],
+    )
+    errors = [_fit_error(w, refit(w, keep, gram, tokens=n, ridge=0.3)[0], keep, x) for n in (10, 100, 1000)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < errors[0]
 
 
 def test_the_ridge_is_scale_free_per_input():
@@ -113,8 +131,8 @@ def test_the_ridge_is_scale_free_per_input():
     keep = [1, 2, 3, 5, 7]
     scale = torch.ones(8, dtype=torch.float64)
     scale[2], scale[5] = 40.0, 0.01
-    new, _ = refit(w, keep, moments(x)[0], ridge=0.5)
-    scaled, _ = refit(w / scale, keep, moments(x * scale)[0], ridge=0.5)
+    new, _ = refit(w, keep, moments(x)[0], tokens=len(x), ridge=0.5)
+    scaled, _ = refit(w / scale, keep, moments(x * scale)[0], tokens=len(x), ridge=0.5)
     assert torch.allclose(
         scaled, new / scale[keep], rtol=1e-5, atol=1e-10
     )  # a ridge on the mean would not be
@@ -125,7 +143,7 @@ def test_ridge_keeps_dead_inputs_solvable():
     x[:, 2] = 0.0  # a channel the domain never uses: C is singular
     w = torch.randn(3, 6, dtype=torch.float64)
     gram, _ = moments(x)
-    new, _ = refit(w, [0, 1, 2, 3], gram)
+    new, _ = refit(w, [0, 1, 2, 3], gram, tokens=len(x))
     assert torch.isfinite(new).all()
     curve = error_curve(w, torch.arange(6), gram)
     assert torch.isfinite(curve).all()
@@ -378,10 +396,12 @@ def test_sequential_calibration_follows_the_pruned_layers():
             copy.deepcopy(model),
             make_plan(model, stats, criterion="l1", mlp_ratio=0.6, head_ratio=0.5, round_to=1),
         )
+        # in-sample, so no ridge: 128 tokens for 64 inputs would make the default one (× inputs/tokens)
+        # pull both fits most of the way back to slicing
         if mode == "sequential":
-            sequential_reconstruct(pruned, plan, stats, ids, progress=False)
+            sequential_reconstruct(pruned, plan, stats, ids, progress=False, ridge=0.0)
         else:
-            reconstruct(pruned, plan, stats)
+            reconstruct(pruned, plan, stats, ridge=0.0)
         # removed units are already silenced: slicing them changes nothing
         with torch.no_grad():
             before_slicing = pruned(ids).logits

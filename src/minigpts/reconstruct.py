@@ -5,13 +5,17 @@ writes into the residual stream. With the second moments of the projection's inp
 calibration tokens, C = E[a aᵀ], the weights on the kept inputs K that minimise E‖W a − W' a_K‖²
 plus a ridge that pulls each kept column back toward its own weights, Σ_j λ_j ‖W'_j − W_j‖², are
 
-    W' = (W C[:, K] + W_K Λ) (C[K, K] + Λ)⁻¹      Λ = diag(λ_j), λ_j = ρ C_jj, ρ = ``ridge`` × k / (d − k)
+    W' = (W C[:, K] + W_K Λ) (C[K, K] + Λ)⁻¹      Λ = diag(λ_j), λ_j = ρ C_jj
+
+    ρ = ``ridge`` × k / (d − k) × d / n       (n calibration tokens, d inputs, k kept)
 
 λ → ∞ is plain slicing (W' = W_K), λ = 0 the plain least squares. Shrinking toward the sliced weights
 rather than toward zero, in units of each input's own second moment, keeps the refit from trading
-the kept inputs' own contribution for a noisy fit of the removed ones; ρ grows with the share kept
-because a small removal leaves a small signal to fit with the same noise (measured on SmolLM2: 25 %
-of the MLP wants ρ ≈ 0.1, 50 % ρ ≈ 0.02-0.05, and thin calibration more).
+the kept inputs' own contribution for a noisy fit of the removed ones. ρ grows with the share kept
+because a small removal leaves a small signal to fit with the same noise, and shrinks as the
+calibration grows, like the noise of the fit (d / n). Measured on SmolLM2's 1,536-wide MLP, the best
+ρ was ≈ 0.1 at a 25 % cut and 0.02-0.05 at 50 % from 16,384 tokens, larger from 4,096 and smaller
+from 65,536: one constant, 0.32, fits all six (ρ = 0.03 × k / (d − k) at 16,384 tokens).
 
 The output error that remains, tr(W (C − C[:, K] C[K, K]⁻¹ C[K, :]) Wᵀ), is the cost of keeping K:
 measured in the residual stream, so it compares MLP channels with heads and layer i with layer j
@@ -40,7 +44,7 @@ from minigpts.arch.base import projection_in_features, projection_weight
 from minigpts.errors import UserError
 from minigpts.options import PlanOptions
 
-# the refit's shrinkage toward the sliced weights, declared once with --ridge
+# the refit's shrinkage toward the sliced weights (× kept/removed × inputs/tokens), declared once with --ridge
 DEFAULT_RIDGE = PlanOptions.ridge
 # the error model's ridge toward zero, relative to the mean second moment (error_curve, output_error,
 # elimination_order: the allocation and --criterion refit); measured best of 1e-2 / 1e-3 / 1e-4 there
@@ -65,13 +69,15 @@ def refit(
     gram: torch.Tensor,
     mean: torch.Tensor | None = None,
     *,
+    tokens: int,
     ridge: float = DEFAULT_RIDGE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W' [h, k], bias change [h] or None): the kept inputs' weights, refit toward what all inputs wrote.
 
     The ridge shrinks toward the sliced weights (module docstring): λ_j = ρ C_jj, ρ = ``ridge`` × k /
-    (d − k). ``mean`` is given when the projection has a bias: the fit is then on the covariance and
-    the returned change, W μ − W' μ_K, is to be added to the bias.
+    (d − k) × d / ``tokens`` (the calibration tokens ``gram`` averages). ``mean`` is given when the
+    projection has a bias: the fit is then on the covariance and the returned change, W μ − W' μ_K, is
+    to be added to the bias.
     """
     keep_t = torch.as_tensor(list(keep), dtype=torch.long)
     w = weight.detach().to("cpu", torch.float64)
@@ -79,7 +85,7 @@ def refit(
     c_k = c[:, keep_t]
     a = c_k[keep_t].clone()
     removed = c.shape[0] - len(keep_t)
-    rho = ridge * len(keep_t) / removed if removed else 0.0
+    rho = ridge * len(keep_t) / removed * c.shape[0] / max(tokens, 1) if removed else 0.0
     diagonal = a.diagonal().clamp_min(0)
     shrink = rho * diagonal + _ridge(diagonal, 1e-12)  # the floor keeps never-active inputs solvable
     a.diagonal().add_(shrink)
@@ -148,11 +154,11 @@ def _head_channels(heads: Sequence[int], head_dim: int) -> list[int]:
     return [h * head_dim + d for h in heads for d in range(head_dim)]
 
 
-def _write_refit(linear: nn.Module, keep: list[int], gram, mean, ridge: float) -> None:
+def _write_refit(linear: nn.Module, keep: list[int], gram, mean, tokens: int, ridge: float) -> None:
     """Overwrite the kept input columns (and the bias) with their refit; surgery then slices."""
     weight = projection_weight(linear)  # [out, in], a view for Conv1D
     use_mean = mean if linear.bias is not None else None
-    new, bias = refit(weight, keep, gram, use_mean, ridge=ridge)
+    new, bias = refit(weight, keep, gram, use_mean, tokens=tokens, ridge=ridge)
     keep_t = torch.as_tensor(keep, dtype=torch.long, device=weight.device)
     with torch.no_grad():
         weight[:, keep_t] = new.to(weight.device, weight.dtype)
@@ -196,9 +202,10 @@ MIN_TOKENS_PER_INPUT = 8  # below this, measured on SmolLM2, the refit keeps onl
 def thin_calibration_warning(stats) -> str | None:
     """A "warning:" note when the refit would read too few calibration tokens per input it refits.
 
-    Measured on SmolLM2 (MLP width 1,536, economics, uniform `l1` cut, the default ridge 0.03): from
-    4,096 calibration tokens (2.7 per input) the refit removes 16 % / 30 % of slicing's bits/byte
-    increase at 25 % / 50 % (22 % / 33 % with --ridge 0.1); from 16,384 (10.7 per input) 33 % / 45 %.
+    Measured on SmolLM2 (MLP width 1,536, economics, uniform `l1` cut, the default ridge, which grows
+    as the tokens per input fall): the refit removes 22 % / 33 % of slicing's bits/byte increase at
+    25 % / 50 % from 4,096 calibration tokens (2.7 per input), 33 % / 46 % from 16,384 (10.7 per
+    input), 38 % / 47 % from 65,536 (43 per input).
     """
     width = max(len(x) for x in stats.mlp_l1)
     if stats.n_tokens >= MIN_TOKENS_PER_INPUT * width:
@@ -206,17 +213,17 @@ def thin_calibration_warning(stats) -> str | None:
     return (
         f"warning: the refit (--reconstruct lstsq) reads {stats.n_tokens:,} calibration tokens for MLP inputs "
         f"{width:,} wide, fewer than {MIN_TOKENS_PER_INPUT} per input, where it recovers much less: analyse "
-        f"with --calib-tokens {MIN_TOKENS_PER_INPUT * width:,} or more, or raise --ridge (e.g. 0.1)"
+        f"with --calib-tokens {MIN_TOKENS_PER_INPUT * width:,} or more"
     )
 
 
 def layer_moments(stats, index: int):
-    """``kind`` ("mlp" or "attention") -> (gram, mean) of layer ``index``, read only when asked for."""
+    """``kind`` ("mlp" or "attention") -> (gram, mean, tokens) of layer ``index``, read only when asked for."""
 
     def moments(kind: str):
         if kind == "mlp":
-            return stats.mlp_gram[index], stats.mlp_mean[index]
-        return stats.attn_gram[index], stats.attn_mean[index]
+            return stats.mlp_gram[index], stats.mlp_mean[index], stats.n_tokens
+        return stats.attn_gram[index], stats.attn_mean[index], stats.n_tokens
 
     return moments
 
@@ -291,7 +298,8 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Ten
 
 
 def _collect(layer, module: nn.Linear, hidden: list, calls: list):
-    """First- and second-order statistics of ``module``'s input over every batch through ``layer``."""
+    """First- and second-order statistics of ``module``'s input over every batch through ``layer``, and
+    the number of tokens they average."""
     from minigpts.analysis import _ChannelSums, _Moments, _Scratch
 
     width = projection_in_features(module)
@@ -310,7 +318,7 @@ def _collect(layer, module: nn.Linear, hidden: list, calls: list):
             n += h.shape[0] * h.shape[1]
     finally:
         handle.remove()
-    return sums.abs_sum.cpu() / n, sums.square_sum.cpu() / n, moments.gram.cpu() / n, moments.sum.cpu() / n
+    return sums.abs_sum.cpu() / n, sums.square_sum.cpu() / n, moments.gram.cpu() / n, moments.sum.cpu() / n, n
 
 
 def sequential_reconstruct(
@@ -400,7 +408,7 @@ def _sequential_attention(step, layer, hidden: list, calls: list, ridge: float) 
     layer_plan = plan.layers[i]
     _, n_kv, head_dim = adapter.head_layout(layer)
     with torch.inference_mode():
-        l1, l2sq, gram, mean = _collect(layer, adapter.attn_out(layer), hidden, calls)
+        l1, l2sq, gram, mean, tokens = _collect(layer, adapter.attn_out(layer), hidden, calls)
     seen |= {"attn_dim_l1": l1, "attn_dim_l2sq": l2sq, "attn_gram": gram, "attn_mean": mean}
     if plan.criterion not in ("random", "none"):  # re-select; random and hand-made plans keep theirs
         kv = len(layer_plan.kv_heads_keep)
@@ -408,7 +416,7 @@ def _sequential_attention(step, layer, hidden: list, calls: list, ridge: float) 
         scores = _layer_scores(step)[1]
         layer_plan.heads_keep, layer_plan.kv_heads_keep, _ = _select_heads(scores, n_kv, kv, per_kv)
     channels = _head_channels(layer_plan.heads_keep, head_dim)
-    _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, ridge)
+    _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, tokens, ridge)
 
 
 def _sequential_mlp(step, layer, hidden: list, calls: list, ridge: float) -> None:
@@ -420,12 +428,12 @@ def _sequential_mlp(step, layer, hidden: list, calls: list, ridge: float) -> Non
     down = get_adapter(model).mlp_out(layer)
     layer_plan = plan.layers[i]
     with torch.inference_mode():
-        l1, l2sq, gram, mean = _collect(layer, down, hidden, calls)
+        l1, l2sq, gram, mean, tokens = _collect(layer, down, hidden, calls)
     seen |= {"mlp_l1": l1, "mlp_l2sq": l2sq, "mlp_gram": gram, "mlp_mean": mean}
     if plan.criterion not in ("random", "none"):
         scores = _layer_scores(step)[0]
         layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
-    _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, ridge)
+    _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, tokens, ridge)
 
 
 def _layer_scores(step):
@@ -455,9 +463,9 @@ def with_layer(stats, index: int, replaced: dict):
     return dataclasses.replace(stats, **fields)
 
 
-def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, ridge: float) -> None:
+def _refit_and_zero(linear: nn.Linear, keep: list[int], gram, mean, tokens: int, ridge: float) -> None:
     """Refit the kept input columns and zero the others: the layer now computes its pruned self."""
-    _write_refit(linear, keep, gram, mean, ridge)
+    _write_refit(linear, keep, gram, mean, tokens, ridge)
     weight = projection_weight(linear)
     removed = sorted(set(range(weight.shape[1])) - set(keep))
     with torch.no_grad():
