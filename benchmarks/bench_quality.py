@@ -5,7 +5,9 @@
 For each corpus (a name in ../shared/datasets, or any --data spec), SmolLM2 is analysed once on the
 calibration split (with second moments) and every setting prunes a fresh copy; bits/byte on the
 test text that the base's first --eval-tokens tokens cover (windows of 1024, the same text for
-every row). Two parts:
+every row). 16,384 calibration tokens by default, for speed; the library's default is 65,536
+(`--calib-tokens 65536`, ~4 min more of analysis per corpus), where the refit gains more (README, the
+ridge). Three parts:
 
 - reconstruct: uniform MLP removal (25 %, 50 %), sliced vs refit (`--reconstruct lstsq`), and the
   paper's `l1` slicing when another criterion is benched; the target: the refit cuts the bits/byte
