@@ -36,6 +36,7 @@ leaves Σ_{j ≥ k} ‖(W L)[:, j]‖² — one factorisation per layer instead 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -300,7 +301,8 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Ten
 
 def _collect(layer, module: nn.Linear, hidden: list, calls: list):
     """First- and second-order statistics of ``module``'s input over every batch through ``layer``, and
-    the number of tokens they average."""
+    the number of tokens they average. Each pass stops at ``module``: what follows it is not needed
+    (for the attention's output projection, that is the whole MLP)."""
     from minigpts.analysis import _ChannelSums, _Moments, _Scratch
 
     width = projection_in_features(module)
@@ -310,12 +312,14 @@ def _collect(layer, module: nn.Linear, hidden: list, calls: list):
     def record(module, args):
         sums.add(args[0])
         moments.add(args[0])
+        raise _StopForward
 
     handle = module.register_forward_pre_hook(record)
     n = 0
     try:
         for h, call in zip(hidden, calls, strict=True):
-            _run_layer(layer, h, call)
+            with contextlib.suppress(_StopForward):
+                _run_layer(layer, h, call)
             n += h.shape[0] * h.shape[1]
     finally:
         handle.remove()
