@@ -556,7 +556,7 @@ class PlanOptions:
         action=argparse.BooleanOptionalAction,
         help="refit layer by layer: each layer's statistics are re-measured on the outputs of the layers "
         "already pruned and refit, and its kept units re-chosen (SparseGPT/Wanda-style calibration; needs "
-        "--data; about three more forward passes over the calibration tokens)",
+        "--data; about two more forward passes over the calibration tokens)",
     )
     embedding_threshold: float | None = option(
         None,
