@@ -12,8 +12,9 @@ ridge). Three parts:
 - reconstruct: uniform MLP removal (25 %, 50 %), sliced vs refit (`--reconstruct lstsq`), and the
   paper's `l1` slicing when another criterion is benched; the target: the refit cuts the bits/byte
   increase over the base by ≥ 35 % (25 %) and ≥ 50 % (50 %).
-- sequential: the same refit, layer by layer on the pruned layers' outputs (`--sequential`); the
-  target: ≤ one-shot.
+- sequential: the same refit, layer by layer on the pruned layers' outputs, fitting each
+  projection's own outputs (SparseGPT's and Wanda's target) and the unpruned model's residual stream
+  (`--sequential`); the target: ≤ one-shot.
 - allocation: MLP + heads sized by `--target-params` so that 25 % / 50 % of the MLP and attention
   parameters go, all refit: uniform with one common ratio (`--allocation paper`), uniform with the
   error split, per-layer by error (the default), per-layer by the paper's global ranking (with
@@ -91,12 +92,13 @@ def bench_corpus(name: str, base, tokenizer, args, parts: set[str], share: float
 
     calibration = calibration_windows(tokenizer, corpus, AnalysisOptions(calib_tokens=args.calib_tokens))
 
-    def pruned(label: str, reconstruct: str, sequential: bool = False, **plan_kwargs) -> float:
+    def pruned(label: str, reconstruct: str, sequential: str | None = None, **plan_kwargs) -> float:
         plan_kwargs.setdefault("criterion", args.criterion)
         plan = make_plan(base, stats, **plan_kwargs)
         model, _ = apply_full_plan(
             copy.deepcopy(base), tokenizer, plan, stats=stats, reconstruct=reconstruct,
             calibration=calibration if sequential else None, ridge=args.ridge,
+            sequential_target=sequential or "residual",
         )  # fmt: skip
         return score(label, model)
 
@@ -120,7 +122,16 @@ def bench_corpus(name: str, base, tokenizer, args, parts: set[str], share: float
                 )
     if "sequential" in parts:
         for ratio in (0.25, 0.5):
-            pruned(f"uniform MLP {ratio:.0%} refit, sequential", "lstsq", sequential=True, mlp_ratio=ratio)
+            for target, label in (
+                ("self", "own outputs (SparseGPT's target)"),
+                ("residual", "residual stream"),
+            ):
+                pruned(
+                    f"uniform MLP {ratio:.0%} refit, sequential, {label}",
+                    "lstsq",
+                    sequential=target,
+                    mlp_ratio=ratio,
+                )
     if "allocation" in parts:
         for removed in (0.25, 0.5):
             target = 1 - removed * share

@@ -12,9 +12,12 @@ from conftest import TINY_CONFIGS, make_tiny_llama, make_tiny_model
 from minigpts.allocation import Component, allocate
 from minigpts.analysis import ActivationStats, analyze
 from minigpts.arch import get_adapter
+from minigpts.arch.base import projection_weight
 from minigpts.errors import UserError
 from minigpts.plan import make_plan
 from minigpts.reconstruct import (
+    _layer_inputs,
+    _run_layer,
     elimination_order,
     error_curve,
     output_error,
@@ -67,6 +70,43 @@ def test_refit_with_a_bias_is_least_squares_with_an_intercept():
     torch.testing.assert_close(bias, solution[:, -1], rtol=1e-8, atol=1e-10)
     empirical = float(((x @ w.T - x[:, keep] @ new.T - bias) ** 2).sum(1).mean())
     assert output_error(w, keep, gram, mean, ridge=0.0) == pytest.approx(empirical, rel=1e-8)
+
+
+@pytest.mark.parametrize("use_mean", [False, True])
+def test_refit_to_another_target_is_least_squares_on_it(use_mean):
+    """Given E[t aᵀ] and E[t] of a target t (the unpruned residual stream, for the sequential refit),
+    the refit is the least-squares fit of t on the kept inputs; given those of the projection's own
+    output W a, it is the default refit, ridge included."""
+    x = correlated(400, 10, seed=4)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 10, dtype=torch.float64, generator=g)
+    t = (
+        x @ torch.randn(10, 4, dtype=torch.float64, generator=g)
+        + torch.randn(400, 4, dtype=torch.float64, generator=g)
+        + 1.0
+    )
+    keep = [0, 3, 4, 8]
+    gram, mean = moments(x)
+    mean = mean if use_mean else None
+    new, bias = refit(
+        w, keep, gram, mean, tokens=len(x), ridge=0.0, cross=t.T @ x / len(x), target_mean=t.mean(0)
+    )
+    design = (
+        x[:, keep] if mean is None else torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    )
+    solution = torch.linalg.lstsq(design, t).solution.T
+    torch.testing.assert_close(new, solution[:, : len(keep)], rtol=1e-8, atol=1e-10)
+    if mean is None:
+        assert bias is None
+    else:
+        torch.testing.assert_close(bias, solution[:, -1], rtol=1e-8, atol=1e-10)
+    own = refit(w, keep, gram, mean, tokens=len(x), ridge=0.32, cross=w @ gram, target_mean=w @ moments(x)[1])
+    default = refit(w, keep, gram, mean, tokens=len(x), ridge=0.32)
+    for got, expected in zip(own, default, strict=True):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("use_mean", [False, True])
@@ -391,29 +431,33 @@ def test_sequential_calibration_follows_the_pruned_layers():
     with torch.no_grad():
         reference = model(ids).logits
     errors, plans = {}, {}
-    for mode in ("one-shot", "sequential"):
+    for mode in ("one-shot", "sequential", "sequential, own outputs"):
         pruned, plan = (
             copy.deepcopy(model),
             make_plan(model, stats, criterion="l1", mlp_ratio=0.6, head_ratio=0.5, round_to=1),
         )
         # in-sample, so no ridge: 128 tokens for 64 inputs would make the default one (× inputs/tokens)
         # pull both fits most of the way back to slicing
-        if mode == "sequential":
-            sequential_reconstruct(pruned, plan, stats, ids, progress=False, ridge=0.0)
-        else:
+        if mode == "one-shot":
             reconstruct(pruned, plan, stats, ridge=0.0)
+        else:
+            target = "self" if mode.endswith("own outputs") else "residual"
+            sequential_reconstruct(pruned, plan, stats, ids, progress=False, ridge=0.0, target=target)
         # removed units are already silenced: slicing them changes nothing
         with torch.no_grad():
             before_slicing = pruned(ids).logits
         apply_plan(pruned, plan)
         with torch.no_grad():
             logits = pruned(ids).logits
-        if mode == "sequential":
+        if mode != "one-shot":
             torch.testing.assert_close(logits, before_slicing, rtol=1e-7, atol=1e-9)
         errors[mode] = float((logits - reference).pow(2).mean())
         plans[mode] = plan
     assert plans["sequential"].layers[0].heads_keep == plans["one-shot"].layers[0].heads_keep  # same inputs
     assert plans["sequential"].layers[2].mlp_keep != plans["one-shot"].layers[2].mlp_keep  # re-chosen
+    # fitting the unpruned residual stream absorbs what earlier layers lost: here less than half the
+    # error of fitting each projection's own outputs (SparseGPT's target), which alone barely beats one-shot
+    assert errors["sequential"] < 0.6 * errors["sequential, own outputs"], errors
     assert errors["sequential"] < errors["one-shot"], errors
 
 
@@ -493,7 +537,9 @@ def test_refit_is_never_ranked_across_layers():
 def test_refit_and_sequential_work_for_every_family(name):
     """The refit reads and writes projections through the adapters (fused, Conv1D, biases): for each
     family it must beat plain slicing on its calibration data, and the sequential refit must silence
-    the removed units exactly (slicing them afterwards changes nothing)."""
+    the removed units exactly (slicing them afterwards changes nothing) and, where the family adds its
+    output projections to the residual stream as they are, beat fitting their own outputs by fitting
+    the unpruned residual stream (elsewhere it fits their own outputs: the same model)."""
     torch.manual_seed(0)
     model = make_tiny_model(name, VOCAB).double()
     adapter = get_adapter(model)
@@ -503,22 +549,27 @@ def test_refit_and_sequential_work_for_every_family(name):
     with torch.no_grad():
         reference = model(ids).logits
     errors = {}
-    for mode in ("none", "lstsq", "sequential"):
+    for mode in ("none", "lstsq", "sequential", "self"):
         plan = make_plan(model, stats, mlp_ratio=0.5, head_ratio=heads, round_to=1, layout="per-layer")
         pruned = copy.deepcopy(model)
         if mode == "lstsq":
             reconstruct(pruned, plan, stats, ridge=1e-6)
-        elif mode == "sequential":
-            sequential_reconstruct(pruned, plan, stats, ids, ridge=1e-6, progress=False)
+        elif mode in ("sequential", "self"):
+            target = "self" if mode == "self" else "residual"
+            sequential_reconstruct(pruned, plan, stats, ids, ridge=1e-6, progress=False, target=target)
             with torch.no_grad():
                 silenced = pruned(ids).logits
         apply_plan(pruned, plan)
         with torch.no_grad():
             logits = pruned(ids).logits
-        if mode == "sequential":
+        if mode in ("sequential", "self"):
             torch.testing.assert_close(logits, silenced, rtol=1e-7, atol=1e-9)
         errors[mode] = float((logits - reference).pow(2).mean())
     assert errors["lstsq"] < errors["none"], errors
+    if adapter.writes_residual(model):
+        assert errors["sequential"] < errors["self"], errors
+    else:
+        assert errors["sequential"] == errors["self"], errors
 
 
 def test_the_default_refit_uses_the_ridge_declared_with_its_flag():
@@ -563,3 +614,35 @@ def test_a_refit_from_too_few_calibration_tokens_is_flagged_in_the_plan():
     assert warning.startswith("warning:") and "--calib-tokens 512" in warning
     assert warnings(enough) == []
     assert warnings(thin, reconstruct="none") == []  # slicing reads no second moments
+
+
+@pytest.mark.parametrize("name", [*TINY_CONFIGS, "opt-post-layer-norm"])
+def test_writes_residual_says_whether_the_output_projections_add_to_the_residual(name):
+    """The sequential refit targets the unpruned residual stream only where an output projection's
+    output reaches the layer's output as it is: adding δ to it must add exactly δ there (the MLP's
+    output projection zeroed, so that the MLP does not read what the attention wrote)."""
+    if name == "opt-post-layer-norm":
+        model = make_tiny_model("opt", VOCAB, do_layer_norm_before=False).double()
+    else:
+        model = make_tiny_model(name, VOCAB).double()
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    with torch.no_grad():
+        hidden, calls = _layer_inputs(model, adapter, [windows(2, 10)])
+        down = adapter.mlp_out(layer)
+        projection_weight(down).zero_()
+        if down.bias is not None:
+            down.bias.zero_()
+    delta = torch.randn(hidden[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for projection in (adapter.mlp_out(layer), adapter.attn_out(layer)):
+        with torch.no_grad():
+            before = _run_layer(layer, hidden[0], calls[0][0])
+            handle = projection.register_forward_hook(
+                lambda module, args, output: output + delta.reshape(output.shape)
+            )
+            try:
+                after = _run_layer(layer, hidden[0], calls[0][0])
+            finally:
+                handle.remove()
+        exact = torch.allclose(after - before, delta, rtol=1e-9, atol=1e-9)
+        assert exact == adapter.writes_residual(model), (name, projection)

@@ -555,8 +555,9 @@ class PlanOptions:
         "--sequential",
         action=argparse.BooleanOptionalAction,
         help="refit layer by layer: each layer's statistics are re-measured on the outputs of the layers "
-        "already pruned and refit, and its kept units re-chosen (SparseGPT/Wanda-style calibration; needs "
-        "--data; about two more forward passes over the calibration tokens)",
+        "already pruned and refit, its kept units re-chosen, and its refit aimed at the unpruned model's "
+        "residual stream, so it also absorbs what earlier layers lost (needs --data; about three more "
+        "forward passes over the calibration tokens)",
     )
     embedding_threshold: float | None = option(
         None,

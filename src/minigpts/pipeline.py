@@ -319,10 +319,12 @@ def apply_full_plan(
     reconstruct: str = "none",
     ridge: float | None = None,
     calibration=None,
+    sequential_target: str = "residual",
 ):
     """Refit (``reconstruct="lstsq"``, from ``stats``' second moments; layer by layer on the
-    ``calibration`` windows when given), structure surgery, then vocabulary surgery; returns (model,
-    tokenizer) — the model is modified. The refit is recorded in the plan."""
+    ``calibration`` windows when given, toward ``sequential_target``), structure surgery, then
+    vocabulary surgery; returns (model, tokenizer) — the model is modified. The refit is recorded in
+    the plan."""
     from minigpts.reconstruct import RECONSTRUCT_METHODS
     from minigpts.surgery import apply_plan
 
@@ -339,7 +341,7 @@ def apply_full_plan(
         ridge = DEFAULT_RIDGE if ridge is None else ridge
         if calibration is not None:
             plan.summary["reconstructed"] = sequential_reconstruct(
-                model, plan, stats, calibration, ridge=ridge
+                model, plan, stats, calibration, ridge=ridge, target=sequential_target
             )
         else:
             plan.summary["reconstructed"] = refit_projections(model, plan, stats, ridge=ridge)

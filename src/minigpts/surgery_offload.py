@@ -299,19 +299,22 @@ class _Sequential:
     def __init__(self, skeleton, onloader: _Onloader, plan, stats, windows: torch.LongTensor, ridge: float):
         from minigpts.analysis_offload import _LayerByLayer
         from minigpts.reconstruct import SEQUENTIAL_BATCH_SIZE as size
+        from minigpts.reconstruct import residual_target
 
         self.model, self.plan, self.stats, self.ridge = skeleton, plan, stats, ridge
         batches = [windows[start : start + size] for start in range(0, len(windows), size)]
         with torch.inference_mode():
             self.hidden, calls = _LayerByLayer(skeleton, onloader, onloader.device).inputs(batches)
         self.calls = [calls[tuple(batch.shape)] for batch in batches]  # per batch: per layer (args, kwargs)
+        # the unpruned model's hidden states, which each refit targets (``sequential_reconstruct``)
+        self.dense = list(self.hidden) if residual_target(skeleton, "residual") else None
 
     def __call__(self, old: int, layer: nn.Module) -> list[str]:
         from minigpts.reconstruct import sequential_layer
 
         calls = [per_layer[old] for per_layer in self.calls]
-        kinds, self.hidden = sequential_layer(
-            self.model, self.plan, self.stats, old, self.hidden, calls, ridge=self.ridge
+        kinds, self.hidden, self.dense = sequential_layer(
+            self.model, self.plan, self.stats, old, self.hidden, calls, ridge=self.ridge, dense=self.dense
         )
         return kinds
 

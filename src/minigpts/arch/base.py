@@ -213,6 +213,11 @@ class ArchAdapter:
     def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
         return [get_module(layer, path) for path in self.layer_norm_paths]
 
+    def writes_residual(self, model: nn.Module) -> bool:
+        """Whether the output projections' outputs are added to the residual stream as they are (no norm
+        after them): the sequential refit can then target the unpruned model's residual stream."""
+        return True
+
     def hidden_size(self, model: nn.Module) -> int:
         return self.embedding(model).embedding_dim
 

@@ -46,6 +46,9 @@ class GemmaAdapter(ArchAdapter):
         module = "gemma3" if config.model_type == "gemma3_text" else config.model_type
         return module, f"{prefix}ForCausalLM", f"{prefix}DecoderLayer"
 
+    def writes_residual(self, model: nn.Module) -> bool:
+        return model.config.model_type == "gemma"  # Gemma 2/3 normalise each block's output first
+
     def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
         return [get_module(layer, path) for path in self.layer_norm_paths if hasattr(layer, path)]
 

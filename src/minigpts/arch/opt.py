@@ -54,6 +54,9 @@ def build_layer(layer_config, index):
     def final_norm(self, model: nn.Module) -> nn.Module | None:
         return self.body(model).final_layer_norm  # None when do_layer_norm_before is False
 
+    def writes_residual(self, model: nn.Module) -> bool:
+        return model.config.do_layer_norm_before  # post-LN OPT (350m) normalises after the residual add
+
     def hidden_size(self, model: nn.Module) -> int:
         return self.attention(self.layers(model)[0]).embed_dim
 
