@@ -13,8 +13,8 @@ ridge). Three parts:
   paper's `l1` slicing when another criterion is benched; the target: the refit cuts the bits/byte
   increase over the base by ≥ 35 % (25 %) and ≥ 50 % (50 %).
 - sequential: the same refit, layer by layer on the pruned layers' outputs, fitting each
-  projection's own outputs (SparseGPT's and Wanda's target) and the unpruned model's residual stream
-  (`--sequential`); the target: ≤ one-shot.
+  projection's own outputs (SparseGPT's and Wanda's target), and mixed with the fit of the unpruned
+  model's residual stream by held-out windows (`--sequential`); the target: ≤ one-shot.
 - allocation: MLP + heads sized by `--target-params` so that 25 % / 50 % of the MLP and attention
   parameters go, all refit: uniform with one common ratio (`--allocation paper`), uniform with the
   error split, per-layer by error (the default), per-layer by the paper's global ranking (with
@@ -124,7 +124,7 @@ def bench_corpus(name: str, base, tokenizer, args, parts: set[str], share: float
         for ratio in (0.25, 0.5):
             for target, label in (
                 ("self", "own outputs (SparseGPT's target)"),
-                ("residual", "residual stream"),
+                ("residual", "mixed, --sequential"),
             ):
                 pruned(
                     f"uniform MLP {ratio:.0%} refit, sequential, {label}",

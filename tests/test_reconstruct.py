@@ -16,6 +16,8 @@ from minigpts.arch.base import projection_weight
 from minigpts.errors import UserError
 from minigpts.plan import make_plan
 from minigpts.reconstruct import (
+    TargetMoments,
+    _blend,
     _layer_inputs,
     _run_layer,
     elimination_order,
@@ -107,6 +109,60 @@ def test_refit_to_another_target_is_least_squares_on_it(use_mean):
             assert got is None
         else:
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_mean", [False, True])
+def test_the_target_blend_minimises_the_held_out_error(use_mean):
+    """The sequential refit mixes the refit toward the residual target and toward the projection's own
+    output by the α that minimises the target's error on the fold each fit did not see: brute force
+    over α agrees, and the returned weights are the full-data mix at that α."""
+    g = torch.Generator().manual_seed(8)
+    x = correlated(60, 12, seed=9)
+    w = torch.randn(5, 12, dtype=torch.float64, generator=g)
+    drift = torch.randn(60, 5, dtype=torch.float64, generator=g) * 4 + 0.3 * x[:, :3] @ torch.randn(
+        3, 5, dtype=torch.float64, generator=g
+    )
+    t = x @ w.T + drift  # what the layer should write: its own output plus what earlier layers lost
+    keep, ridge = [0, 1, 4, 6, 7, 10], 0.32
+    halves = [slice(0, 30), slice(30, 60)]
+
+    def fold(rows):
+        gram, mean = moments(x[rows])
+        return gram, mean, t[rows].T @ x[rows] / len(x[rows]), t[rows].mean(0), len(x[rows])
+
+    gram, mean = moments(x)
+    mean = mean if use_mean else None
+    target = TargetMoments(cross=t.T @ x / len(x), mean=t.mean(0), folds=[fold(rows) for rows in halves])
+    new, bias, alpha = _blend(w, keep, gram, mean, len(x), ridge, target)
+
+    def held_out_error(a: float) -> float:
+        total = 0.0
+        for fit, held in ((0, 1), (1, 0)):
+            f_gram, f_mean, f_cross, f_t, n = target.folds[fit]
+            f_mean = f_mean if use_mean else None
+            own = refit(w, keep, f_gram, f_mean, tokens=n, ridge=ridge)
+            aimed = refit(w, keep, f_gram, f_mean, tokens=n, ridge=ridge, cross=f_cross, target_mean=f_t)
+            mix = own[0] + a * (aimed[0] - own[0])
+            prediction = x[halves[held]][:, keep] @ mix.T
+            if use_mean:
+                prediction = prediction + own[1] + a * (aimed[1] - own[1])
+            total += float((t[halves[held]] - prediction).pow(2).sum())
+        return total
+
+    grid = [i / 200 for i in range(201)]
+    best = min(grid, key=held_out_error)
+    assert abs(alpha - best) <= 0.005 + 1e-9, (alpha, best)
+    assert held_out_error(alpha) <= held_out_error(best) + 1e-9
+    assert 0.0 < alpha < 1.0  # here the drift is mostly noise, a little learnable: neither pure target wins
+    own = refit(w, keep, gram, mean, tokens=len(x), ridge=ridge)
+    aimed = refit(
+        w, keep, gram, mean, tokens=len(x), ridge=ridge, cross=target.cross, target_mean=target.mean
+    )
+    torch.testing.assert_close(new, own[0] + alpha * (aimed[0] - own[0]), rtol=1e-10, atol=1e-12)
+    if use_mean:
+        torch.testing.assert_close(bias, own[1] + alpha * (aimed[1] - own[1]), rtol=1e-10, atol=1e-12)
+    else:
+        assert bias is None
 
 
 @pytest.mark.parametrize("use_mean", [False, True])
@@ -426,7 +482,7 @@ def test_sequential_equals_one_shot_when_only_the_last_layer_is_pruned():
 
 def test_sequential_calibration_follows_the_pruned_layers():
     model = tiny(seed=2)
-    ids = windows(8)
+    ids = windows(64)  # 1,024 tokens: enough that the residual target generalises across windows
     stats = analyze(model, ids, progress=False, moments=True)
     with torch.no_grad():
         reference = model(ids).logits
@@ -455,9 +511,10 @@ def test_sequential_calibration_follows_the_pruned_layers():
         plans[mode] = plan
     assert plans["sequential"].layers[0].heads_keep == plans["one-shot"].layers[0].heads_keep  # same inputs
     assert plans["sequential"].layers[2].mlp_keep != plans["one-shot"].layers[2].mlp_keep  # re-chosen
-    # fitting the unpruned residual stream absorbs what earlier layers lost: here less than half the
-    # error of fitting each projection's own outputs (SparseGPT's target), which alone barely beats one-shot
-    assert errors["sequential"] < 0.6 * errors["sequential, own outputs"], errors
+    # fitting (partly) toward the unpruned residual stream absorbs what earlier layers lost: here a
+    # fifth less error than fitting each projection's own outputs (SparseGPT's target), which alone
+    # barely beats one-shot
+    assert errors["sequential"] < 0.85 * errors["sequential, own outputs"], errors
     assert errors["sequential"] < errors["one-shot"], errors
 
 

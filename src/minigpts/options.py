@@ -555,9 +555,10 @@ class PlanOptions:
         "--sequential",
         action=argparse.BooleanOptionalAction,
         help="refit layer by layer: each layer's statistics are re-measured on the outputs of the layers "
-        "already pruned and refit, its kept units re-chosen, and its refit aimed at the unpruned model's "
-        "residual stream, so it also absorbs what earlier layers lost (needs --data; about three more "
-        "forward passes over the calibration tokens)",
+        "already pruned and refit, its kept units re-chosen, and its refit aimed partly at the unpruned "
+        "model's residual stream (as far as held-out calibration windows show that generalises), so it also "
+        "absorbs what earlier layers lost (needs --data; about three more forward passes over the "
+        "calibration tokens)",
     )
     embedding_threshold: float | None = option(
         None,
