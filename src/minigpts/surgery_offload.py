@@ -294,7 +294,8 @@ def _refit_step(skeleton, onloader, plan, stats, ridge: float, calibration):
 class _Sequential:
     """``--sequential`` one layer at a time: the calibration hidden states entering the next layer,
     computed from the embedding rows (``analysis_offload``'s pass) and pushed through each layer once
-    ``reconstruct.sequential_layer`` has re-chosen and refit it. Memory: those hidden states."""
+    ``reconstruct.sequential_layer`` has re-chosen and refit it, with the unpruned model's hidden states
+    alongside (what the refit aims at). Memory: those two sets of hidden states."""
 
     def __init__(self, skeleton, onloader: _Onloader, plan, stats, windows: torch.LongTensor, ridge: float):
         from minigpts.analysis_offload import _LayerByLayer
