@@ -25,6 +25,7 @@ from minigpts.reconstruct import (
     output_error,
     reconstruct,
     refit,
+    sequential_layer,
     sequential_reconstruct,
 )
 from minigpts.surgery import apply_plan
@@ -627,6 +628,34 @@ def test_refit_and_sequential_work_for_every_family(name):
         assert errors["sequential"] < errors["self"], errors
     else:
         assert errors["sequential"] == errors["self"], errors
+
+
+@pytest.mark.parametrize("name", [*TINY_CONFIGS, "opt-post-layer-norm"])
+def test_the_hidden_states_leaving_a_sequential_step_are_the_refit_layers_output(name):
+    """With the residual target the step does not run the refit layer again: it adds the refit's
+    change to what the layer wrote while measured (out + a ΔWᵀ + Δb). That must equal the refit
+    layer's output, and for every batch (sizes differ)."""
+    if name == "opt-post-layer-norm":
+        model = make_tiny_model("opt", VOCAB, do_layer_norm_before=False).double()
+    else:
+        model = make_tiny_model(name, VOCAB).double()
+    adapter = get_adapter(model)
+    ids = windows(5, 16)
+    stats = analyze(model, ids, progress=False, moments=True)
+    heads = 0.5 if adapter.head_pruning_problem(model.config) is None else None
+    plan = make_plan(model, stats, mlp_ratio=0.5, head_ratio=heads, round_to=1)
+    batches = [ids[:2], ids[2:4], ids[4:]]
+    with torch.no_grad():
+        hidden, calls = _layer_inputs(model, adapter, batches)
+    dense = list(hidden) if adapter.writes_residual(model) else None
+    layer_calls = [c[0] for c in calls]
+    kinds, leaving, _ = sequential_layer(model, plan, stats, 0, hidden, layer_calls, ridge=1e-6, dense=dense)
+    assert "mlp" in kinds
+    with torch.no_grad():
+        for h, call, out in zip(hidden, layer_calls, leaving, strict=True):
+            torch.testing.assert_close(
+                out, _run_layer(adapter.layers(model)[0], h, call), rtol=1e-9, atol=1e-9
+            )
 
 
 def test_the_default_refit_uses_the_ridge_declared_with_its_flag():

@@ -327,7 +327,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
-def _collect(layer, module: nn.Linear, hidden: list, calls: list, targets=None, after=None):
+def _collect(layer, module: nn.Linear, hidden: list, calls: list, targets=None, after=None, passes=None):
     """(first- and second-order statistics of ``module``'s input over every batch through ``layer``, with
     the number of tokens they average; the target's moments, or None).
 
@@ -336,7 +336,8 @@ def _collect(layer, module: nn.Linear, hidden: list, calls: list, targets=None, 
     besides the module, t = after − out + module(a)): E[t aᵀ] and E[t] over all tokens, and the
     moments of each of two folds (alternate calibration windows) for ``_blend``. Without ``after``
     each pass stops at ``module``: what follows it is not needed (for the attention's output
-    projection, the whole MLP)."""
+    projection, the whole MLP). With ``after``, ``passes`` (a list) receives per batch (the layer's
+    output, the module's input a): ``_propagate`` then needs no further pass."""
     from minigpts.analysis import _ChannelSums, _Moments, _Scratch
 
     width = projection_in_features(module)
@@ -388,6 +389,8 @@ def _collect(layer, module: nn.Linear, hidden: list, calls: list, targets=None, 
             if targets is not None:
                 add_cross(targets[b])
             elif after is not None:  # OPT's layers flatten the tokens around fc2: compare flat
+                if passes is not None:
+                    passes.append((out, seen["input"]))
                 width_out = out.shape[-1]
                 add_cross(
                     after[b].reshape(-1, width_out)
@@ -589,13 +592,15 @@ def sequential_layer(
             targets = [w[0] + d - h for w, d, h in zip(written, dense, hidden, strict=True)]
         _sequential_attention(step, layer, hidden, calls, ridge, targets)
         done.append("attention")
+    leaving = None
     if len(layer_plan.mlp_keep) < projection_in_features(adapter.mlp_out(layer)):
         after = None if written is None else [w[1] for w in written]
-        _sequential_mlp(step, layer, hidden, calls, ridge, after)
+        leaving = _sequential_mlp(step, layer, hidden, calls, ridge, after)
         done.append("mlp")
-    with torch.inference_mode():
-        hidden = [_run_layer(layer, h, call) for h, call in zip(hidden, calls, strict=True)]
-    return done, hidden, None if written is None else [w[1] for w in written]
+    if leaving is None:
+        with torch.inference_mode():
+            leaving = [_run_layer(layer, h, call) for h, call in zip(hidden, calls, strict=True)]
+    return done, leaving, None if written is None else [w[1] for w in written]
 
 
 def _sequential_attention(step, layer, hidden: list, calls: list, ridge: float, targets=None) -> None:
@@ -621,21 +626,54 @@ def _sequential_attention(step, layer, hidden: list, calls: list, ridge: float, 
     _refit_and_zero(adapter.attn_out(layer), channels, gram, mean, tokens, ridge, target)
 
 
-def _sequential_mlp(step, layer, hidden: list, calls: list, ridge: float, after=None) -> None:
-    """The MLP of ``step``'s layer: statistics on ``hidden``, channels re-chosen, refit."""
+def _sequential_mlp(step, layer, hidden: list, calls: list, ridge: float, after=None) -> list | None:
+    """The MLP of ``step``'s layer: statistics on ``hidden``, channels re-chosen, refit. With ``after``
+    (the residual target), the hidden states leaving the refit layer, per batch (else None)."""
     from minigpts.arch import get_adapter
     from minigpts.plan import _top
 
     model, plan, _, seen, i = step
     down = get_adapter(model).mlp_out(layer)
     layer_plan = plan.layers[i]
+    passes = None if after is None else []
     with torch.inference_mode():
-        (l1, l2sq, gram, mean, tokens), target = _collect(layer, down, hidden, calls, after=after)
+        (l1, l2sq, gram, mean, tokens), target = _collect(
+            layer, down, hidden, calls, after=after, passes=passes
+        )
     seen |= {"mlp_l1": l1, "mlp_l2sq": l2sq, "mlp_gram": gram, "mlp_mean": mean}
     if plan.criterion not in ("random", "none"):
         scores = _layer_scores(step)[0]
         layer_plan.mlp_keep = _top(scores, len(layer_plan.mlp_keep))
+    before = _projection_state(down)
     _refit_and_zero(down, list(layer_plan.mlp_keep), gram, mean, tokens, ridge, target)
+    return None if passes is None else _propagate(down, before, passes)
+
+
+def _projection_state(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A copy of the projection's (weight [out, in], bias or None), in float32 at least."""
+    weight = projection_weight(linear).detach()
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    bias = None if linear.bias is None else linear.bias.detach().to(work, copy=True)
+    return weight.to(work, copy=True), bias
+
+
+def _propagate(linear: nn.Module, before: tuple, passes: list) -> list[torch.Tensor]:
+    """The layer's outputs once ``linear`` is refit, from its outputs before (``passes``: per batch, the
+    output and ``linear``'s input a, from ``_collect``): out + a ΔWᵀ + Δb, exact where the projection adds
+    to the residual as it is (the residual target's condition) and a third of the layer passes cheaper
+    than running the layer again."""
+    weight, bias = _projection_state(linear)
+    delta_w = weight - before[0]
+    delta_b = None if bias is None else bias - before[1]
+    outputs = []
+    with torch.inference_mode():
+        for out, a in passes:
+            change = a.reshape(-1, a.shape[-1]).to(delta_w.dtype) @ delta_w.T
+            if delta_b is not None:
+                change += delta_b
+            outputs.append((out.to(change.dtype) + change.reshape(out.shape)).to(out.dtype))
+    passes.clear()
+    return outputs
 
 
 def residual_target(model: nn.Module, target: str) -> bool:
