@@ -34,7 +34,9 @@ $(STAMP): pyproject.toml | $(PY)
 # The full story on the embedded SmolLM2 and the bundled corpus (~10 min on 2 idle CPU cores):
 # evaluate, analyse (with second moments and a gradient pass), keep 80 % of the parameters — the
 # vocabulary the domain uses or the model expects, per-layer MLP/attention widths chosen by the
-# loss they cost, output projections refit —, recover by distillation from the unpruned model on
+# loss they cost, output projections refit in one shot (--no-sequential and 16,384 calibration
+# tokens keep the clock: the layer-by-layer refit, the library's default, ends at +1.1 % instead of
+# +1.4 % but takes ~100 s more) —, recover by distillation from the unpruned model on
 # a fixed budget of 65,536 training tokens (bf16 autocast: ~1.5× faster steps on CPUs with native
 # bf16, the same bits/byte as fp32 here), evaluate again (also off-domain), print the table, write
 # $(DEMO_OUT)/ with report.md. Token budgets and fixed seeds: the same numbers on any machine.
@@ -42,7 +44,7 @@ demo: $(STAMP)
 	$(VENV)/bin/minigpts run --data sample --out $(DEMO_OUT) --force \
 		--target-params 0.80 --layout per-layer --criterion wanda \
 		--embedding-threshold 0 --vocab-keep-expected 24576 \
-		--calib-tokens 16384 --max-eval-tokens 8192 \
+		--calib-tokens 16384 --no-sequential --max-eval-tokens 8192 \
 		--finetune distill --max-train-tokens 65536 --finetune-seq-len 256 \
 		--lr 2e-4 --max-val-tokens 4096 \
 		--general-data sample-medical --general-max-tokens 4096

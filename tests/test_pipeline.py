@@ -828,17 +828,28 @@ def test_prune_sequential_refits_layer_by_layer_and_records_it(capsys, tmp_path,
     from minigpts.analysis import ActivationStats
 
     assert ActivationStats.load(stats_file).has_moments  # analyze records second moments by default
-    outs = {}
-    for mode in ("--sequential", "--no-sequential"):
-        out = tmp_path / mode.strip("-")
-        code, _, err = run_cli(
-            capsys, "prune", "--model", model_dir, "--stats", stats_file, "--data", "sample",
-            "--mlp-ratio", "0.5", "--head-ratio", "0.5", mode, *CPU, "--out", out,
+    outs, notes = {}, {}
+    for mode in ("--sequential", "--no-sequential", "default", "default without --data"):
+        out = tmp_path / mode.strip("-").replace(" ", "-")
+        flags = [mode] if mode.startswith("--") else []
+        data = [] if mode.endswith("without --data") else ["--data", "sample"]
+        code, stdout, err = run_cli(
+            capsys, "prune", "--model", model_dir, "--stats", stats_file, *data,
+            "--mlp-ratio", "0.5", "--head-ratio", "0.5", *flags, *CPU, "--out", out,
         )  # fmt: skip
         assert code == 0, err
         outs[mode] = json.loads((out / "minigpts.json").read_text())["plan"]
+        notes[mode] = "one-shot refit" in stdout + err
     sequential, one_shot = outs["--sequential"], outs["--no-sequential"]
     assert sequential["settings"]["sequential"] is True and one_shot["settings"]["sequential"] is False
+    # the default refits layer by layer wherever the calibration text is at hand, else one shot, and says so
+    assert outs["default"] == sequential and outs["default without --data"] == one_shot
+    assert notes == {
+        "--sequential": False,
+        "--no-sequential": False,
+        "default": False,
+        "default without --data": True,
+    }
     assert sequential["settings"]["reconstruct"] == one_shot["settings"]["reconstruct"] == "lstsq"
     assert sequential["summary"]["reconstructed"] == {"mlp": 2, "attention": 2}
     # layer 0 sees the same inputs either way: its heads are chosen alike; later layers may differ

@@ -377,6 +377,18 @@ def sequential_windows(tokenizer, corpus, stats):
     )
 
 
+def prune_calibration(options: PlanOptions, tokenizer, corpus, stats):
+    """--sequential's windows, or None for the one-shot refit (with a note where only --data is missing)."""
+    if stats is not None and options.refits_sequentially(corpus is not None):
+        return sequential_windows(tokenizer, corpus, stats)
+    if stats is not None and options.refits_sequentially(calibration_text=True):
+        console().print(
+            "[dim]note: one-shot refit from the statistics; pass the --data of `analyze` to refit layer by "
+            "layer (--sequential, the default where the calibration text is at hand)[/dim]"
+        )
+    return None
+
+
 def cmd_prune(args) -> int:
     from minigpts.analysis import ActivationStats
     from minigpts.export import save_model
@@ -405,9 +417,7 @@ def cmd_prune(args) -> int:
     if args.dry_run:
         console().print("[dim]--dry-run: nothing written[/dim]")
         return 0
-    calibration = None
-    if options.sequential and options.reconstruct == "lstsq" and stats is not None:
-        calibration = sequential_windows(loaded.tokenizer, corpus, stats)
+    calibration = prune_calibration(options, loaded.tokenizer, corpus, stats)
     model, tokenizer = prune_copy(
         loaded.model, loaded.tokenizer, plan, options, stats=stats, calibration=calibration, in_place=True
     )
@@ -449,9 +459,8 @@ def prune_offloaded_cli(args, options) -> int:
     tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
     dtype = resolve_dtype(args.dtype, resolve_device(args.device))
     access = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
-    calibration = None  # --sequential's windows, checked before the plan: it may take long
-    if options.sequential and options.reconstruct == "lstsq" and stats is not None and not args.dry_run:
-        calibration = sequential_windows(tokenizer, corpus, stats)
+    # --sequential's windows, checked before the plan: it may take long
+    calibration = None if args.dry_run else prune_calibration(options, tokenizer, corpus, stats)
     plan = plan_offloaded(spec, tokenizer, stats, options, corpus=corpus, **access)
     print_plan(plan)
     if args.dry_run:

@@ -699,7 +699,7 @@ def _has_checkpoint(folder: Path) -> bool:
 
 def sequential_calibration(tokenizer, corpus: Corpus, options: RunOptions | SweepOptions):
     """The calibration windows of ``--sequential`` (the refit layer by layer), or None without it."""
-    if options.plan.sequential and options.plan.reconstruct == "lstsq":
+    if options.plan.refits_sequentially(calibration_text=True):
         return calibration_windows(tokenizer, corpus, options.analysis)
     return None
 
