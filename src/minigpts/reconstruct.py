@@ -517,7 +517,8 @@ def sequential_reconstruct(
     the unpruned model's residual stream, which the unpruned layers are run alongside to give. Removed
     units' output columns are zeroed, so the layer computes what the sliced layer will; surgery
     (``apply_plan``) then slices. Memory: two sets of hidden states of the calibration windows, one
-    layer's second moments at a time.
+    layer's second moments at a time, and with the residual target one layer's outputs and MLP inputs
+    (``_propagate``).
     """
     from tqdm.auto import tqdm
 
