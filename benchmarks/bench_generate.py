@@ -1,6 +1,7 @@
 """Decode speed of pruned SmolLM2 against its base and against what the bytes allow, measured in one run.
 
     python benchmarks/bench_generate.py [--model smollm2-135m] [--tokens 128] [--repeats 5] [--no-llama-cpp]
+                                        [--no-compile] [--flash-attn both|on|off]
 
 A decode step of a small model on CPU streams every weight once (the KV cache of a short context is
 small beside them), so the attainable speed-up of a cut is about
@@ -12,9 +13,13 @@ For each cumulative cut — the MLP (--mlp-ratio), + attention heads (--head-rat
 vocabulary (--vocab-size tokens kept, chosen on the bundled sample corpus by frequency with merge
 parents, as `prune --vocab-size` does), + depth (--depth-ratio of the layers dropped) — it reports
 the measured speed-up over the base, the bound and their quotient (target ≥ 0.9), for transformers
-(greedy `generate`, fp32, --tokens new tokens) and, when `llama-cpp-python` is installed
-(`make llama-cpp`), for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the
-decode steps after the prompt). Times are the best of --repeats rounds that alternate the models.
+(greedy `generate`, fp32, --tokens new tokens; and, unless --no-compile, the decode steps after the
+prompt with a static KV cache and `torch.compile`d forward, the deployment form that takes PyTorch's
+per-operation overhead out of each step) and, when `llama-cpp-python` is installed (`make llama-cpp`),
+for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the decode steps after the
+prompt; with flash attention off, as `llama_cpp.Llama` defaults, and on, as llama.cpp's own tools
+resolve their default `-fa auto` on a CPU). Times are the best of --repeats rounds that alternate the
+models; the compiled loop's tokens are checked equal to `generate`'s.
 The defaults make the "+ vocabulary" cut a half-size SmolLM2 (≤ 50 % of the parameters, vocabulary
 included); its llama.cpp target is ≥ 1.7× the base at the same quantisation.
 """
@@ -145,6 +150,37 @@ def generate_seconds(model, ids, tokens: int) -> float:
     return seconds
 
 
+def compiled_decoder(model, ids, tokens: int, compile: bool = True):
+    """A callable timing `tokens` greedy decode steps after the prompt (the prompt itself untimed),
+    with a static KV cache and the forward `torch.compile`d once, as for deployment; it returns
+    (seconds, token ids) — the same ids as greedy `generate`."""
+    from transformers import StaticCache
+
+    forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compile else model.forward
+    synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    length = ids.shape[1]
+    positions = torch.arange(length + tokens, device=ids.device)[None]
+
+    def decode() -> tuple[float, list[int]]:
+        with torch.inference_mode():
+            cache = StaticCache(config=model.config, max_cache_len=length + tokens)
+            out = model(ids, cache=cache, use_cache=True, position_ids=positions[:, :length])
+            token = out.logits[:, -1:].argmax(-1)
+            out_ids = []
+            synchronize()
+            start = time.perf_counter()
+            for step in range(tokens):
+                out_ids.append(token)
+                position = positions[:, length + step : length + step + 1]
+                out = forward(input_ids=token, cache=cache, use_cache=True, position_ids=position)
+                token = out.logits[:, -1:].argmax(-1)
+            synchronize()
+            seconds = time.perf_counter() - start
+        return seconds, [int(t) for t in out_ids]
+
+    return decode
+
+
 def best_interleaved(runners: dict, repeats: int) -> dict[str, float]:
     """Best time of each runner (a callable returning seconds) over `repeats` alternating rounds.
 
@@ -202,6 +238,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--outtype", default="q8_0", help="GGUF type of the llama.cpp arm")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the compiled static-cache decode arm of transformers"
+    )
+    parser.add_argument(
+        "--flash-attn",
+        default="both",
+        choices=["both", "on", "off"],
+        help="llama.cpp arm: flash attention off (llama_cpp.Llama's default), on (llama.cpp's tools on a CPU), or both",
+    )
     parser.add_argument("--no-llama-cpp", action="store_true", help="time transformers only")
     parser.add_argument("--no-transformers", action="store_true", help="time llama.cpp only")
     parser.add_argument("--json", default=None, help="write the rows to this file")
@@ -222,50 +267,104 @@ def main() -> None:
     )
     results = {}
     if not args.no_transformers:
-        runners = {}
-        for name, (model, tok) in cuts.items():
-            if (args.device, args.dtype) != ("cpu", "float32"):  # a copy: llama.cpp exports the fp32 one
-                model = copy.deepcopy(model).to(device=args.device, dtype=getattr(torch, args.dtype))
-            ids = tok(PROMPT, return_tensors="pt")["input_ids"].to(args.device)
-            runners[name] = lambda model=model, ids=ids: generate_seconds(model, ids, args.tokens)
-        seconds = best_interleaved(runners, args.repeats)
-        nbytes = {name: torch_bytes_per_token(m) for name, (m, _) in cuts.items()}
-        arm = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
-        arm += "" if args.device == "cpu" else f" {args.device}"
-        results[f"transformers {arm}"] = report(
-            f"transformers, {arm} (greedy generate)", cuts, params, nbytes, seconds, args.tokens
-        )
+        results.update(transformers_arms(cuts, params, args))
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             print("\nllama.cpp arm skipped: llama-cpp-python is not installed (make llama-cpp)")
         else:
-            results[f"llama.cpp {args.outtype}"] = llama_cpp_arm(cuts, params, args)
+            results.update(llama_cpp_arm(cuts, params, args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 
-def llama_cpp_arm(cuts: dict, params: dict, args) -> list[dict]:
+def transformers_arms(cuts: dict, params: dict, args) -> dict[str, list[dict]]:
+    """Eager greedy `generate`, then (unless --no-compile) the compiled static-cache decode loop."""
+    models, prompts = {}, {}
+    for name, (model, tok) in cuts.items():
+        if (args.device, args.dtype) != ("cpu", "float32"):  # a copy: llama.cpp exports the fp32 one
+            model = copy.deepcopy(model).to(device=args.device, dtype=getattr(torch, args.dtype))
+        models[name] = model
+        prompts[name] = tok(PROMPT, return_tensors="pt")["input_ids"].to(args.device)
+    nbytes = {name: torch_bytes_per_token(m) for name, (m, _) in cuts.items()}
+    arm = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    arm += "" if args.device == "cpu" else f" {args.device}"
+    runners = {
+        name: lambda m=models[name], ids=prompts[name]: generate_seconds(m, ids, args.tokens) for name in cuts
+    }
+    seconds = best_interleaved(runners, args.repeats)
+    results = {
+        f"transformers {arm}": report(
+            f"transformers, {arm} (greedy generate)", cuts, params, nbytes, seconds, args.tokens
+        )
+    }
+    if args.no_compile:
+        return results
+    decoders = {}
+    for name in cuts:
+        model, ids = models[name], prompts[name]
+        with torch.inference_mode():
+            reference = model.generate(
+                ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False
+            )
+        decoders[name] = compiled_decoder(model, ids, args.tokens)
+        start = time.perf_counter()
+        try:
+            ids_out = decoders[name]()[1]
+        except Exception as err:  # a compiler or backend this machine lacks: report, keep the other arms
+            print(f"\ncompiled arm skipped: torch.compile failed on {name!r}: {type(err).__name__}: {err}")
+            return results
+        expected = reference[0, ids.shape[1] :].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(ids_out, expected)) if a != b), None)
+        agreement = (
+            "same tokens as generate"
+            if same is None
+            else f"tokens differ from generate's from step {same} (reordered float sums at a near-tie; "
+            "the steps timed are as many)"
+        )
+        print(f"compiled {name}: {time.perf_counter() - start:.0f} s (compile + first decode), {agreement}")
+    seconds = best_interleaved(
+        {name: lambda d=decode: d()[0] for name, decode in decoders.items()}, args.repeats
+    )
+    results[f"transformers {arm} compiled"] = report(
+        f"transformers, {arm}, torch.compile + static cache (greedy, decode steps after the prompt)",
+        cuts,
+        params,
+        nbytes,
+        seconds,
+        args.tokens,
+    )
+    return results
+
+
+def llama_cpp_arm(cuts: dict, params: dict, args) -> dict[str, list[dict]]:
     from minigpts.export_gguf import export_gguf, weight_bytes_per_token
     from minigpts.llama_cpp_check import llama_greedy, open_model
 
+    modes = {"both": [False, True], "off": [False], "on": [True]}[args.flash_attn]
+    results = {}
     with tempfile.TemporaryDirectory(prefix="minigpts-bench-gguf-") as tmp:
-        runners, nbytes, models = {}, {}, {}
+        runners, nbytes, models = {}, {}, []
         for name, (model, tok) in cuts.items():
             path = Path(tmp) / f"{len(nbytes)}.gguf"
             export_gguf(model, tok, path, outtype=args.outtype)
             nbytes[name] = weight_bytes_per_token(path)["total"]
             prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
-            models[name] = open_model(path, n_ctx=len(prompt) + args.tokens + 8)
-            runners[name] = lambda m=models[name], p=prompt: llama_greedy(m, p, args.tokens)[1]
+            for flash in modes:
+                models.append(open_model(path, n_ctx=len(prompt) + args.tokens + 8, flash_attn=flash))
+                runners[name, flash] = lambda m=models[-1], p=prompt: llama_greedy(m, p, args.tokens)[1]
         seconds = best_interleaved(runners, args.repeats)
+        for model in models:
+            model.close()
+    for flash in modes:
+        label = f"flash attention {'on' if flash else 'off'}"
         rows = report(
-            f"llama.cpp, {args.outtype} GGUF (greedy, decode steps after the prompt)",
+            f"llama.cpp, {args.outtype} GGUF, {label} (greedy, decode steps after the prompt)",
             cuts,
             params,
             nbytes,
-            seconds,
+            {name: seconds[name, flash] for name in cuts},
             args.tokens,
         )
         half = [r for r in rows if r["cut"] == "+ vocabulary"]
@@ -273,9 +372,10 @@ def llama_cpp_arm(cuts: dict, params: dict, args) -> list[dict]:
             share = params["+ vocabulary"] / params["base"]
             print(
                 f"half-size model ({share:.1%} of the parameters): {half[0]['speedup']:.2f}x the base "
-                f"in llama.cpp at {args.outtype} (target ≥ 1.7x)"
+                f"in llama.cpp at {args.outtype}, {label} (target ≥ 1.7x)"
             )
-        return rows
+        results[f"llama.cpp {args.outtype} {label}"] = rows
+    return results
 
 
 if __name__ == "__main__":

@@ -516,6 +516,20 @@ def test_llama_cpp_runs_every_layout_with_our_logits(tmp_path, name, vary, hidde
     assert np.abs(ours - theirs).max() < 1e-3
 
 
+def test_llama_cpp_with_flash_attention_keeps_our_logits(tmp_path):
+    """The decode benchmark times llama.cpp with flash attention on (its tools' CPU default) too."""
+    pytest.importorskip("llama_cpp")
+    from minigpts.llama_cpp_check import llama_logits, open_model
+
+    model, _ = prune("llama", vary=True, hidden=True)
+    tokenizer = _tokenizer_for(VOCAB)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf").path
+    ids = tokenizer(SAMPLE_TEXT[:200], add_special_tokens=False)["input_ids"][:40]
+    ours = logits(model, torch.tensor([ids]))[0].numpy()
+    theirs = llama_logits(open_model(path, n_ctx=64, logits_all=True, flash_attn=True), ids)
+    assert np.abs(ours - theirs).max() < 1e-3
+
+
 @pytest.mark.parametrize(
     "kind", ["byte-level", "sentencepiece-legacy", "sentencepiece", "sentencepiece-gemma"]
 )

@@ -1,10 +1,12 @@
 """The GPU check's pieces that run anywhere: ``python -m minigpts``, the scripts' syntax, and
-bench_generate's device/dtype arm (issue #18 part 4; the check itself needs a CUDA machine)."""
+bench_generate's device/dtype arm (issue #18 part 4; the check itself needs a CUDA machine); and
+bench_generate's compiled static-cache decode arm (issue #16)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,19 +32,24 @@ def test_scripts_parse(script):
     assert done.returncode == 0, done.stderr
 
 
-def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, tiny_tokenizer, tiny_llama):
-    tiny_llama.save_pretrained(tmp_path / "tiny")
-    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+def load_bench_generate():
     spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "benchmarks" / "bench_generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, tiny_tokenizer, tiny_llama):
+    tiny_llama.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    bench = load_bench_generate()
     dtypes = []
     timed = bench.generate_seconds
     monkeypatch.setattr(
         bench, "generate_seconds", lambda model, ids, n: dtypes.append(model.dtype) or timed(model, ids, n)
     )
     argv = ["bench_generate.py", "--model", str(tmp_path / "tiny"), "--dtype", "bfloat16", "--no-llama-cpp"]
-    argv += ["--tokens", "3", "--repeats", "1", "--vocab-size", "0", "--depth-ratio", "0"]
+    argv += ["--no-compile", "--tokens", "3", "--repeats", "1", "--vocab-size", "0", "--depth-ratio", "0"]
     monkeypatch.setattr(sys, "argv", argv + ["--json", str(tmp_path / "rows.json")])
     bench.main()
     rows = json.loads((tmp_path / "rows.json").read_text())
@@ -52,3 +59,43 @@ def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, t
     assert dtypes == [torch.bfloat16] * 6
     base, mlp = rows["transformers bf16"][0], rows["transformers bf16"][1]
     assert base["bytes"] == 4 * base["params"] and mlp["bound"] > 1
+
+
+@pytest.mark.parametrize("heads, depth", [(0.0, 0.0), (0.5, 0.25)])
+def test_the_static_cache_decode_loop_decodes_what_generate_does(tiny_tokenizer, tiny_llama, heads, depth):
+    """The compiled arm's loop (static cache, explicit positions), run eagerly: generate's greedy ids,
+    also on a model with heads and layers removed (renumbered cache slots)."""
+    from minigpts.surgery import apply_plan
+
+    bench = load_bench_generate()
+    model = apply_plan(tiny_llama, bench.cut_plan(tiny_llama, 0.5, heads, depth)) if heads else tiny_llama
+    ids = tiny_tokenizer(bench.PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    seconds, decoded = bench.compiled_decoder(model, ids, 12, compile=False)()
+    assert decoded == reference[0, ids.shape[1] :].tolist()
+    assert seconds > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler"
+)
+def test_bench_generate_reports_the_compiled_arm_with_generates_tokens(
+    tmp_path, monkeypatch, capsys, tiny_tokenizer
+):
+    from conftest import make_tiny_llama
+
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    bench = load_bench_generate()
+    argv = ["bench_generate.py", "--model", str(tmp_path / "tiny"), "--json", str(tmp_path / "rows.json")]
+    argv += ["--no-llama-cpp", "--tokens", "4", "--repeats", "1", "--vocab-size", "0", "--depth-ratio", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert capsys.readouterr().out.count("same tokens as generate") == 3
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert list(rows) == ["transformers fp32", "transformers fp32 compiled"]
+    compiled = rows["transformers fp32 compiled"]
+    assert [row["cut"] for row in compiled] == ["base", "MLP", "MLP + heads"]
+    assert all(row["tok_s"] > 0 for row in compiled) and compiled[1]["bound"] > 1

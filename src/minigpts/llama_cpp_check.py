@@ -55,9 +55,17 @@ def _quiet_stderr():
 
 
 def open_model(
-    path: str | Path, *, n_ctx: int = 1024, logits_all: bool = False, n_threads: int | None = None
+    path: str | Path,
+    *,
+    n_ctx: int = 1024,
+    logits_all: bool = False,
+    n_threads: int | None = None,
+    flash_attn: bool = False,
 ):
-    """A `llama_cpp.Llama` on one GGUF file (CPU, quiet). A file llama.cpp refuses raises UserError."""
+    """A `llama_cpp.Llama` on one GGUF file (CPU, quiet). A file llama.cpp refuses raises UserError.
+
+    flash_attn=False is `llama_cpp.Llama`'s default; llama.cpp's own tools (`-fa auto`) turn it on for
+    a CPU, which decodes faster (see `benchmarks/bench_generate.py`)."""
     Llama = _llama_class()
     threads = n_threads or default_threads()
     try:
@@ -71,6 +79,7 @@ def open_model(
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=0,
+                flash_attn=flash_attn,
                 verbose=False,
             )
     except (ValueError, RuntimeError) as err:
