@@ -16,8 +16,11 @@ through llama-cpp-python, trusting neither our writer nor our reader:
   ours (transformers, fp32) for f32 / f16 and within 2 % for q8_0;
 - it decodes: --decode-tokens greedy tokens, compared with transformers' greedy tokens.
 
-The cuts keep the first channels / heads (no calibration), so their bits per byte are high; what is
-checked is that llama.cpp computes the same numbers as we do. Exit status 1 when a check fails.
+By default the cuts keep the first channels / heads (no calibration), so their bits per byte are high;
+what is checked is that llama.cpp computes the same numbers as we do. With --calibrated they are the
+models a user gets: `minigpts analyze` + `minigpts prune` (default criterion and refit) on the bundled
+sample's calibration split, the same ratios and vocabulary, --layout uniform / per-layer. Exit status 1
+when a check fails.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import copy
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +79,27 @@ def greedy_ids(model, tokenizer, tokens: int) -> tuple[list[int], list[int]]:
     return prompt, out[0, len(prompt) :].tolist()
 
 
+def calibrated_cuts(args, directory: Path) -> dict[str, tuple]:
+    """name -> (model, tokenizer) pruned as a user would, by the command line, on the bundled sample."""
+    from minigpts.export import load
+
+    def minigpts(*argv: str) -> None:
+        subprocess.run([sys.executable, "-m", "minigpts", *argv, "--model", args.model], check=True)
+
+    stats = directory / "stats.safetensors"
+    minigpts("analyze", "--data", "sample", "--out", str(stats), "--force")
+    cuts = {}
+    for name, layout in (("uniform cut", "uniform"), ("per-layer cut", "per-layer")):
+        if name in args.layouts:
+            out = directory / layout
+            ratios = ["--mlp-ratio", str(args.mlp_ratio), "--head-ratio", str(args.head_ratio)]
+            vocab = ["--vocab-size", str(args.vocab_size)] if args.vocab_size else []
+            minigpts("prune", "--data", "sample", "--stats", str(stats), "--layout", layout, *ratios, *vocab,
+                     "--out", str(out), "--force")  # fmt: skip
+            cuts[name] = load(out)
+    return cuts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,6 +114,11 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=12288)
     parser.add_argument("--random-texts", type=int, default=200)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="cut with `minigpts analyze` + `prune` on the bundled sample instead of keeping the first channels",
+    )
     parser.add_argument("--keep", default=None, help="keep the GGUF files in this directory")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
@@ -109,8 +139,11 @@ def main() -> int:
     models = {}
     if "base" in args.layouts:
         models["base"] = (base, tokenizer)
+    if args.calibrated:
+        with tempfile.TemporaryDirectory(prefix="minigpts-bench-gguf-cuts-") as tmp:
+            models.update(calibrated_cuts(args, Path(tmp)))
     for name, vary in (("uniform cut", False), ("per-layer cut", True)):
-        if name in args.layouts:
+        if name in args.layouts and not args.calibrated:
             cut = apply_plan(copy.deepcopy(base), cut_plan(base, args.mlp_ratio, args.head_ratio, vary=vary))
             models[name] = (
                 trim_vocabulary(cut, tokenizer, args.vocab_size) if args.vocab_size else (cut, tokenizer)

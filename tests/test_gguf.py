@@ -185,6 +185,26 @@ def test_per_layer_widths_are_arrays_of_llama_cpp_variable_width_llama(tmp_path,
     assert len(set(widths)) > 1
 
 
+def test_q8_0_names_the_tensors_left_f16_and_how_to_avoid_them(tmp_path):
+    """A per-layer MLP width not in blocks of 32 cannot be q8_0: written as f16, and the export says so."""
+    from gguf import GGUFReader
+
+    base = make_tiny_llama(VOCAB)
+    tokenizer = _tokenizer_for(VOCAB)
+    whole = export_gguf(base, tokenizer, tmp_path / "whole.gguf", outtype="q8_0")
+    assert "F16" not in whole.tensor_types and not any(note.startswith("q8_0:") for note in whole.notes)
+    adapter = get_adapter(base)
+    widths = [40 if index % 2 == 0 else 32 for index in range(len(adapter.layers(base)))]
+    layers = [LayerPlan(list(range(width)), list(range(4)), list(range(2))) for width in widths]
+    plan = PruningPlan(family=adapter.family, layers=layers, layout="per-layer", criterion="first")
+    result = export_gguf(apply_plan(base, plan), tokenizer, tmp_path / "cut.gguf", outtype="q8_0")
+    odd = [f"blk.{index}.ffn_down.weight" for index, width in enumerate(widths) if width % 32]
+    f16 = [t.name for t in GGUFReader(str(result.path)).tensors if t.tensor_type.name == "F16"]
+    assert sorted(f16) == sorted(odd) and result.tensor_types["F16"] == len(odd)
+    (note,) = [note for note in result.notes if note.startswith("q8_0:")]
+    assert f"{len(odd)} tensor(s)" in note and "rows of 40" in note and "--round-to 32" in note
+
+
 def _tokenizer_for(vocab_size: int):
     """A byte-level tokenizer with exactly vocab_size ids (the models of test_surgery have VOCAB rows)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

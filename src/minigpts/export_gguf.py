@@ -855,21 +855,35 @@ def _llama3_rope_factors(config: Any) -> np.ndarray:
     return (plain / scaled.to(torch.float64)).to(torch.float32).numpy()
 
 
+def _stays_f32(name: str, data: np.ndarray) -> bool:
+    """1-D tensors, norms and rope factors are written as f32 whatever the type (as llama.cpp's converter)."""
+    return data.ndim < 2 or name.endswith(("rope_freqs.weight", "_norm.weight"))
+
+
+def _q8_block() -> tuple[int, int]:
+    """(values, bytes) of one q8_0 block."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+
+
+def _q8_falls_back(name: str, data: np.ndarray) -> bool:
+    """A q8_0 tensor whose rows are not whole blocks (e.g. a per-layer MLP width): written as f16."""
+    return not _stays_f32(name, data) and data.shape[-1] % _q8_block()[0] != 0
+
+
 def _encode(name: str, data: np.ndarray, outtype: str):
     """(array, raw GGML type or None) for one tensor: 1-D stays f32; q8_0 rows not in blocks of 32 fall back to f16."""
     import gguf
     from gguf.quants import quantize
 
     kinds = gguf.GGMLQuantizationType
-    if data.ndim < 2 or outtype == "f32" or name.endswith(("rope_freqs.weight", "_norm.weight")):
+    if outtype == "f32" or _stays_f32(name, data):
         return data.astype(np.float32), None
-    if outtype == "f16":
+    if outtype == "f16" or _q8_falls_back(name, data):
         return data.astype(np.float16), None
     if outtype == "bf16":
         return quantize(data, kinds.BF16), kinds.BF16
-    block = gguf.GGML_QUANT_SIZES[kinds.Q8_0][0]
-    if data.shape[-1] % block:
-        return data.astype(np.float16), None
     return quantize(data, kinds.Q8_0), kinds.Q8_0
 
 
@@ -946,8 +960,27 @@ def export_gguf(
         n_tensors=len(tensors),
         tensor_types=counts,
         tokenizer_pre=fields.pre,
-        notes=layout.notes + fields.notes,
+        notes=layout.notes + fields.notes + _q8_fallback_notes(tensors, outtype),
     )
+
+
+def _q8_fallback_notes(tensors: list[tuple[str, np.ndarray]], outtype: str) -> list[str]:
+    """Why a q8_0 file holds f16 tensors, what it costs, and the fix."""
+    fallen = [(name, data) for name, data in tensors if outtype == "q8_0" and _q8_falls_back(name, data)]
+    if not fallen:
+        return []
+    block, block_bytes = _q8_block()
+    extra = sum(data.size * (2 - block_bytes / block) for _, data in fallen)  # f16: 2 bytes a value
+    name, data = fallen[0]
+    if all(tensor.endswith("ffn_down.weight") for tensor, _ in fallen):
+        fix = f"prune with --round-to {block} (MLP widths in multiples of {block})"
+    else:
+        fix = f"keep every width (MLP channels, query heads x head size, hidden channels) in multiples of {block}"
+    return [
+        f"q8_0: {len(fallen)} tensor(s) whose rows are not whole blocks of {block} values (e.g. {name}, rows of "
+        f"{data.shape[-1]}) are written as f16, {extra / 2**20:.1f} MiB more than q8_0 would be; {fix} for an "
+        "all-q8_0 file"
+    ]
 
 
 def _write_model_keys(writer, layout: GgufLayout, config: Any, fields, name, outtype, n_vocab) -> None:

@@ -518,7 +518,11 @@ class PlanOptions:
         "per-layer: widths follow the domain, loads with trust_remote_code=True",
     )
     min_mlp: int = option(8, "--min-mlp", help="per-layer layout: MLP channels kept at least")
-    round_to: int = option(8, "--round-to", help="round MLP widths to a multiple of this")
+    round_to: int = option(
+        8,
+        "--round-to",
+        help="round MLP widths to a multiple of this (32 for a q8_0 GGUF export: whole blocks, no f16 fallback)",
+    )
     seed: int = option(0, "--plan-seed", help="seed of the random criterion")
     target_groups: tuple[str, ...] = option(
         ("mlp", "heads"),
