@@ -197,7 +197,9 @@ def test_q8_0_names_the_tensors_left_f16_and_how_to_avoid_them(tmp_path):
     widths = [40 if index % 2 == 0 else 32 for index in range(len(adapter.layers(base)))]
     layers = [LayerPlan(list(range(width)), list(range(4)), list(range(2))) for width in widths]
     plan = PruningPlan(family=adapter.family, layers=layers, layout="per-layer", criterion="first")
-    result = export_gguf(apply_plan(base, plan), tokenizer, tmp_path / "cut.gguf", outtype="q8_0")
+    cut = apply_plan(base, plan)
+    assert export_gguf(cut, tokenizer, tmp_path / "bf16.gguf", outtype="bf16").tensor_types.get("F16") is None
+    result = export_gguf(cut, tokenizer, tmp_path / "cut.gguf", outtype="q8_0")
     odd = [f"blk.{index}.ffn_down.weight" for index, width in enumerate(widths) if width % 32]
     f16 = [t.name for t in GGUFReader(str(result.path)).tensors if t.tensor_type.name == "F16"]
     assert sorted(f16) == sorted(odd) and result.tensor_types["F16"] == len(odd)

@@ -880,10 +880,10 @@ def _encode(name: str, data: np.ndarray, outtype: str):
     kinds = gguf.GGMLQuantizationType
     if outtype == "f32" or _stays_f32(name, data):
         return data.astype(np.float32), None
-    if outtype == "f16" or _q8_falls_back(name, data):
-        return data.astype(np.float16), None
     if outtype == "bf16":
         return quantize(data, kinds.BF16), kinds.BF16
+    if outtype == "f16" or _q8_falls_back(name, data):
+        return data.astype(np.float16), None
     return quantize(data, kinds.Q8_0), kinds.Q8_0
 
 
