@@ -597,3 +597,29 @@ def test_run_writes_the_final_model_as_gguf_too(tmp_path, tiny_tokenizer, capsys
     reader = GGUFReader(str(target))
     assert reader.fields["general.architecture"].contents() in {"deci", "llama"}
     assert reader.fields["general.file_type"].contents() == 1  # MOSTLY_F16
+
+
+def test_run_with_a_q8_0_gguf_rounds_widths_to_whole_blocks(tmp_path, tiny_tokenizer, capsys):
+    from gguf import GGUFReader
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    target = tmp_path / "run.gguf"
+    args = ["run", "--model", str(model_dir), "--device", "cpu", "--data", "sample", "--seq-len", "32"]
+    args += [
+        "--max-eval-tokens",
+        "128",
+        "--calib-tokens",
+        "256",
+        "--mlp-ratio",
+        "0.25",
+        "--layout",
+        "per-layer",
+    ]
+    code = main([*args, "--out", str(tmp_path / "out"), "--gguf", str(target), "--gguf-outtype", "q8_0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "MLP widths in multiples of 32 (--round-to 32) for the q8_0 GGUF" in out
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(target)).tensors if len(t.shape) > 1}
+    assert set(types.values()) == {"Q8_0"}, types

@@ -105,3 +105,20 @@ def test_positive_options_are_checked_with_their_flag():
     args = build_parser().parse_args(["run", "--data", "d", "--out", "o", "--finetune-seq-len", "0"])
     with pytest.raises(UserError, match=r"^--finetune-seq-len 0: must be a positive integer$"):
         opts.from_args(opts.RunOptions, args)
+
+
+@pytest.mark.parametrize(
+    "extra, round_to",
+    [
+        ([], 8),
+        (["--gguf", "m.gguf"], 8),
+        (["--gguf", "m.gguf", "--gguf-outtype", "f16"], 8),
+        (["--gguf", "m.gguf", "--gguf-outtype", "q8_0"], 32),
+        (["--gguf", "m.gguf", "--gguf-outtype", "q8_0", "--round-to", "8"], 8),
+        (["--round-to", "16"], 16),
+    ],
+)
+def test_round_to_is_q8_0s_block_where_run_writes_a_q8_0_gguf(extra, round_to):
+    args = build_parser().parse_args(["run", "--data", "d", "--out", "o", *extra])
+    assert opts.from_args(opts.RunOptions, args).plan.round_to == round_to
+    assert opts.from_args(opts.PlanOptions, build_parser().parse_args(["prune", "--out", "o"])).round_to == 8

@@ -11,6 +11,7 @@ from minigpts import __version__
 from minigpts.errors import UserError
 from minigpts.options import (  # noqa: F401 - re-exported: benchmarks and tests import them from here
     GENERAL_SAMPLE_ALIAS,
+    Q8_0_BLOCK,
     SAMPLE_ALIAS,
     AnalysisOptions,
     CommandOptions,
@@ -26,6 +27,7 @@ from minigpts.options import (  # noqa: F401 - re-exported: benchmarks and tests
     resolve_data_spec,
     resolve_general_spec,
     sample_data_dir,
+    writes_q8_0_gguf,
 )
 from minigpts.report import format_bytes
 
@@ -567,6 +569,11 @@ def cmd_run(args) -> int:
     corpus = load_data(args)
     print_splits(corpus)
     out = console()
+    if args.round_to is None and writes_q8_0_gguf(args):
+        out.print(
+            f"[dim]note: MLP widths in multiples of {Q8_0_BLOCK} (--round-to {Q8_0_BLOCK}) for the q8_0 GGUF: "
+            "every matrix quantises; pass --round-to 8 for finer widths (rows not in blocks of 32 stay f16)[/dim]"
+        )
     report = run_experiment(options, corpus=corpus, say=out.print)
     from minigpts import distributed
 

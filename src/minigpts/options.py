@@ -462,6 +462,14 @@ class AnalysisOptions:
 
 
 STRUCTURE = "plan (structure)"
+Q8_0_BLOCK = 32  # values in one q8_0 block (gguf.GGML_QUANT_SIZES): a row of any other length stays f16
+
+
+def writes_q8_0_gguf(args) -> bool:
+    """Whether the command (`run --gguf F --gguf-outtype q8_0`) ends by writing a q8_0 GGUF file."""
+    return bool(getattr(args, "gguf", None)) and getattr(args, "gguf_outtype", None) == "q8_0"
+
+
 VOCABULARY = "plan (vocabulary)"
 
 
@@ -521,7 +529,10 @@ class PlanOptions:
     round_to: int = option(
         8,
         "--round-to",
-        help="round MLP widths to a multiple of this (32 for a q8_0 GGUF export: whole blocks, no f16 fallback)",
+        cli_default=None,
+        metavar="N",
+        help=f"round MLP widths to a multiple of N (default 8; {Q8_0_BLOCK} for `run --gguf-outtype q8_0`, whose "
+        "matrices quantise only in whole blocks of 32: others are written as f16)",
     )
     seed: int = option(0, "--plan-seed", help="seed of the random criterion")
     target_groups: tuple[str, ...] = option(
@@ -628,6 +639,11 @@ class PlanOptions:
         "layer_ratio",
     )
     VOCAB_FIELDS = ("embedding_threshold", "vocab_min_count", "vocab_size")
+
+    def finish_from_args(self, args) -> None:
+        """--round-to: 8 unless given, or q8_0's block where the command also writes a q8_0 GGUF."""
+        if self.round_to is None:
+            self.round_to = Q8_0_BLOCK if writes_q8_0_gguf(args) else 8
 
     def has_structure(self) -> bool:
         return any(getattr(self, name) is not None for name in self.STRUCTURE_FIELDS)
