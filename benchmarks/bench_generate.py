@@ -11,7 +11,9 @@ small beside them), so the attainable speed-up of a cut is about
 counting each tensor once, the token embedding as one gathered row unless it is also the (tied) LM head.
 For each cumulative cut — the MLP (--mlp-ratio), + attention heads (--head-ratio, GQA-legal), + the
 vocabulary (--vocab-size tokens kept, chosen on the bundled sample corpus by frequency with merge
-parents, as `prune --vocab-size` does), + depth (--depth-ratio of the layers dropped) — it reports
+parents, as `prune --vocab-size` does), + depth (--depth-ratio of the layers dropped), and a per-layer
+MLP + heads cut of the same mean size (MLP widths from ±25 % around the ratio, in multiples of 32; llama.cpp
+runs it as `deci`; --no-per-layer skips it) — it reports
 the measured speed-up over the base, the bound and their quotient (target ≥ 0.9), for transformers
 (greedy `generate`, fp32, --tokens new tokens; and, unless --no-compile, the decode steps after the
 prompt with a static KV cache and `torch.compile`d forward, the deployment form that takes PyTorch's
@@ -19,7 +21,8 @@ per-operation overhead out of each step) and, when `llama-cpp-python` is install
 for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the decode steps after the
 prompt; with flash attention off, as `llama_cpp.Llama` defaults, and on, as llama.cpp's own tools
 resolve their default `-fa auto` on a CPU). Times are the best of --repeats rounds that alternate the
-models; the compiled loop's tokens are checked equal to `generate`'s.
+models (--llama-cpp-repeats for llama.cpp's short runs); the compiled loop's tokens are checked equal
+to `generate`'s.
 The defaults make the "+ vocabulary" cut a half-size SmolLM2 (≤ 50 % of the parameters, vocabulary
 included); its llama.cpp target is ≥ 1.7× the base at the same quantisation.
 """
@@ -51,8 +54,10 @@ def cut_plan(
     head_ratio: float = 0.0,
     depth_ratio: float = 0.0,
     vary: bool = False,
+    round_to: int = 8,
 ) -> PruningPlan:
-    """Keep the first channels / heads (which ones does not matter for speed).
+    """Keep the first channels / heads (which ones does not matter for speed); MLP widths are
+    multiples of ``round_to`` (32: whole q8_0 blocks, as `run --gguf-outtype q8_0` plans).
 
     vary=True spreads the MLP ratio over mlp_ratio ± 0.25 from the first layer to the last and
     alternates the query heads kept per KV group: a per-layer layout of the same mean size.
@@ -65,7 +70,7 @@ def cut_plan(
         ratio = mlp_ratio
         if vary and len(layers) > 1:
             ratio = min(0.95, max(0.0, mlp_ratio - 0.25 + 0.5 * index / (len(layers) - 1)))
-        keep = max(8, int(round(width * (1 - ratio) / 8)) * 8)
+        keep = max(round_to, int(round(width * (1 - ratio) / round_to)) * round_to)
         n_heads, n_kv, _ = adapter.head_layout(layer)
         group = n_heads // n_kv
         per_group = max(1, int(round(group * (1 - head_ratio))))
@@ -121,6 +126,9 @@ def build_cuts(base, tokenizer, args, vary: bool = False) -> dict[str, tuple]:
         else:
             deep_tokenizer = tokenizer
         cuts["+ depth"] = (deep, deep_tokenizer)
+    if args.per_layer:  # llama.cpp runs it as `deci`, with per-layer widths
+        plan = cut_plan(base, args.mlp_ratio, args.head_ratio, vary=True, round_to=32)
+        cuts["per-layer MLP + heads"] = (apply_plan(copy.deepcopy(base), plan), tokenizer)
     return cuts
 
 
@@ -235,8 +243,20 @@ def main() -> None:
     parser.add_argument(
         "--depth-ratio", type=float, default=0.2, help="layers dropped by the depth cut (0: none)"
     )
+    parser.add_argument(
+        "--no-per-layer",
+        dest="per_layer",
+        action="store_false",
+        help="skip the per-layer row (the MLP + heads cut with widths that differ between layers)",
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--llama-cpp-repeats",
+        type=int,
+        default=15,
+        help="rounds of the llama.cpp arm, whose runs are short (< 1 s): more rounds ride out a busy neighbour",
+    )
     parser.add_argument("--outtype", default="q8_0", help="GGUF type of the llama.cpp arm")
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the compiled static-cache decode arm of transformers"
@@ -354,7 +374,7 @@ def llama_cpp_arm(cuts: dict, params: dict, args) -> dict[str, list[dict]]:
             for flash in modes:
                 models.append(open_model(path, n_ctx=len(prompt) + args.tokens + 8, flash_attn=flash))
                 runners[name, flash] = lambda m=models[-1], p=prompt: llama_greedy(m, p, args.tokens)[1]
-        seconds = best_interleaved(runners, args.repeats)
+        seconds = best_interleaved(runners, args.llama_cpp_repeats)
         for model in models:
             model.close()
     for flash in modes:

@@ -49,7 +49,18 @@ def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, t
         bench, "generate_seconds", lambda model, ids, n: dtypes.append(model.dtype) or timed(model, ids, n)
     )
     argv = ["bench_generate.py", "--model", str(tmp_path / "tiny"), "--dtype", "bfloat16", "--no-llama-cpp"]
-    argv += ["--no-compile", "--tokens", "3", "--repeats", "1", "--vocab-size", "0", "--depth-ratio", "0"]
+    argv += [
+        "--no-compile",
+        "--no-per-layer",
+        "--tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--vocab-size",
+        "0",
+        "--depth-ratio",
+        "0",
+    ]
     monkeypatch.setattr(sys, "argv", argv + ["--json", str(tmp_path / "rows.json")])
     bench.main()
     rows = json.loads((tmp_path / "rows.json").read_text())
@@ -93,9 +104,9 @@ def test_bench_generate_reports_the_compiled_arm_with_generates_tokens(
     argv += ["--no-llama-cpp", "--tokens", "4", "--repeats", "1", "--vocab-size", "0", "--depth-ratio", "0"]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
-    assert capsys.readouterr().out.count("same tokens as generate") == 3
+    assert capsys.readouterr().out.count("same tokens as generate") == 4
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert list(rows) == ["transformers fp32", "transformers fp32 compiled"]
     compiled = rows["transformers fp32 compiled"]
-    assert [row["cut"] for row in compiled] == ["base", "MLP", "MLP + heads"]
+    assert [row["cut"] for row in compiled] == ["base", "MLP", "MLP + heads", "per-layer MLP + heads"]
     assert all(row["tok_s"] > 0 for row in compiled) and compiled[1]["bound"] > 1
