@@ -187,7 +187,12 @@ def test_per_layer_widths_are_arrays_of_llama_cpp_variable_width_llama(tmp_path,
 
 def test_q8_0_names_the_tensors_left_f16_and_how_to_avoid_them(tmp_path):
     """A per-layer MLP width not in blocks of 32 cannot be q8_0: written as f16, and the export says so."""
+    import gguf
     from gguf import GGUFReader
+
+    from minigpts.options import Q8_0_BLOCK
+
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == Q8_0_BLOCK  # what run --round-to uses
 
     base = make_tiny_llama(VOCAB)
     tokenizer = _tokenizer_for(VOCAB)
@@ -574,7 +579,9 @@ def test_llama_cpp_tokenizes_as_we_do(tmp_path, kind):
         assert llama_tokenize(path, text) == trimmed(text, add_special_tokens=False)["input_ids"], text
 
 
-def test_run_writes_the_final_model_as_gguf_too(tmp_path, tiny_tokenizer, capsys):
+def _run_to_gguf(tmp_path, tiny_tokenizer, outtype: str):
+    """`minigpts run` on a tiny model, per-layer, 25 % of the MLP, ending with a GGUF of ``outtype``:
+    (exit code, GGUFReader of the file)."""
     from gguf import GGUFReader
 
     model_dir = tmp_path / "tiny"
@@ -592,34 +599,21 @@ def test_run_writes_the_final_model_as_gguf_too(tmp_path, tiny_tokenizer, capsys
         "--layout",
         "per-layer",
     ]
-    code = main([*args, "--out", str(tmp_path / "out"), "--gguf", str(target), "--gguf-outtype", "f16"])
+    code = main([*args, "--out", str(tmp_path / "out"), "--gguf", str(target), "--gguf-outtype", outtype])
+    return code, GGUFReader(str(target)) if code == 0 else None
+
+
+def test_run_writes_the_final_model_as_gguf_too(tmp_path, tiny_tokenizer, capsys):
+    code, reader = _run_to_gguf(tmp_path, tiny_tokenizer, "f16")
     assert code == 0, capsys.readouterr().err
-    reader = GGUFReader(str(target))
     assert reader.fields["general.architecture"].contents() in {"deci", "llama"}
     assert reader.fields["general.file_type"].contents() == 1  # MOSTLY_F16
 
 
 def test_run_with_a_q8_0_gguf_rounds_widths_to_whole_blocks(tmp_path, tiny_tokenizer, capsys):
-    from gguf import GGUFReader
-
-    model_dir = tmp_path / "tiny"
-    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    target = tmp_path / "run.gguf"
-    args = ["run", "--model", str(model_dir), "--device", "cpu", "--data", "sample", "--seq-len", "32"]
-    args += [
-        "--max-eval-tokens",
-        "128",
-        "--calib-tokens",
-        "256",
-        "--mlp-ratio",
-        "0.25",
-        "--layout",
-        "per-layer",
-    ]
-    code = main([*args, "--out", str(tmp_path / "out"), "--gguf", str(target), "--gguf-outtype", "q8_0"])
+    code, reader = _run_to_gguf(tmp_path, tiny_tokenizer, "q8_0")
     out = capsys.readouterr().out
     assert code == 0
     assert "MLP widths in multiples of 32 (--round-to 32) for the q8_0 GGUF" in out
-    types = {t.name: t.tensor_type.name for t in GGUFReader(str(target)).tensors if len(t.shape) > 1}
+    types = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
     assert set(types.values()) == {"Q8_0"}, types
