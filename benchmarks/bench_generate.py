@@ -109,7 +109,8 @@ def trim_vocabulary(model, tokenizer, size: int):
 
 
 def build_cuts(base, tokenizer, args, vary: bool = False) -> dict[str, tuple]:
-    """name -> (model, tokenizer), cumulative: base, MLP, + heads, + vocabulary, + depth."""
+    """name -> (model, tokenizer), cumulative: base, MLP, + heads, + vocabulary, + depth; then, with
+    args.per_layer, the MLP + heads cut laid out per layer."""
     cuts = {"base": (base, tokenizer)}
     mlp = apply_plan(copy.deepcopy(base), cut_plan(base, args.mlp_ratio, vary=vary))
     cuts["MLP"] = (mlp, tokenizer)
@@ -126,7 +127,7 @@ def build_cuts(base, tokenizer, args, vary: bool = False) -> dict[str, tuple]:
         else:
             deep_tokenizer = tokenizer
         cuts["+ depth"] = (deep, deep_tokenizer)
-    if args.per_layer:  # llama.cpp runs it as `deci`, with per-layer widths
+    if getattr(args, "per_layer", False):  # llama.cpp runs it as `deci`, with per-layer widths
         plan = cut_plan(base, args.mlp_ratio, args.head_ratio, vary=True, round_to=32)
         cuts["per-layer MLP + heads"] = (apply_plan(copy.deepcopy(base), plan), tokenizer)
     return cuts
