@@ -40,6 +40,7 @@ import torch
 
 from minigpts.arch import get_adapter
 from minigpts.models import load_model
+from minigpts.options import Q8_0_BLOCK
 from minigpts.plan import LayerPlan, PruningPlan
 from minigpts.surgery import apply_plan
 from minigpts.vocab import count_tokens, select_vocab, slice_model_vocab, trim_tokenizer
@@ -128,7 +129,7 @@ def build_cuts(base, tokenizer, args, vary: bool = False) -> dict[str, tuple]:
             deep_tokenizer = tokenizer
         cuts["+ depth"] = (deep, deep_tokenizer)
     if getattr(args, "per_layer", False):  # llama.cpp runs it as `deci`, with per-layer widths
-        plan = cut_plan(base, args.mlp_ratio, args.head_ratio, vary=True, round_to=32)
+        plan = cut_plan(base, args.mlp_ratio, args.head_ratio, vary=True, round_to=Q8_0_BLOCK)
         cuts["per-layer MLP + heads"] = (apply_plan(copy.deepcopy(base), plan), tokenizer)
     return cuts
 
@@ -159,13 +160,15 @@ def generate_seconds(model, ids, tokens: int) -> float:
     return seconds
 
 
-def compiled_decoder(model, ids, tokens: int, compile: bool = True):
+def compiled_decoder(model, ids, tokens: int, compile_forward: bool = True):
     """A callable timing `tokens` greedy decode steps after the prompt (the prompt itself untimed),
     with a static KV cache and the forward `torch.compile`d once, as for deployment; it returns
     (seconds, token ids) — the same ids as greedy `generate`."""
     from transformers import StaticCache
 
-    forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compile else model.forward
+    forward = (
+        torch.compile(model.forward, fullgraph=True, dynamic=False) if compile_forward else model.forward
+    )
     synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
     length = ids.shape[1]
     positions = torch.arange(length + tokens, device=ids.device)[None]

@@ -139,7 +139,7 @@ def main() -> int:
     models = {}
     if "base" in args.layouts:
         models["base"] = (base, tokenizer)
-    if args.calibrated:
+    if args.calibrated and {"uniform cut", "per-layer cut"} & set(args.layouts):
         with tempfile.TemporaryDirectory(prefix="minigpts-bench-gguf-cuts-") as tmp:
             models.update(calibrated_cuts(args, Path(tmp)))
     for name, vary in (("uniform cut", False), ("per-layer cut", True)):

@@ -83,7 +83,7 @@ def test_the_static_cache_decode_loop_decodes_what_generate_does(tiny_tokenizer,
     ids = tiny_tokenizer(bench.PROMPT, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         reference = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    seconds, decoded = bench.compiled_decoder(model, ids, 12, compile=False)()
+    seconds, decoded = bench.compiled_decoder(model, ids, 12, compile_forward=False)()
     assert decoded == reference[0, ids.shape[1] :].tolist()
     assert seconds > 0
 
