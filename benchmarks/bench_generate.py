@@ -1,7 +1,7 @@
 """Decode speed of pruned SmolLM2 against its base and against what the bytes allow, measured in one run.
 
     python benchmarks/bench_generate.py [--model smollm2-135m] [--tokens 128] [--repeats 5] [--no-llama-cpp]
-                                        [--no-compile] [--flash-attn both|on|off]
+                                        [--no-compile] [--no-aot] [--flash-attn both|on|off]
 
 A decode step of a small model on CPU streams every weight once (the KV cache of a short context is
 small beside them), so the attainable speed-up of a cut is about
@@ -15,13 +15,15 @@ parents, as `prune --vocab-size` does), + depth (--depth-ratio of the layers dro
 MLP + heads cut of the same mean size (MLP widths from ±25 % around the ratio, in multiples of 32; llama.cpp
 runs it as `deci`; --no-per-layer skips it) — it reports
 the measured speed-up over the base, the bound and their quotient (target ≥ 0.9), for transformers
-(greedy `generate`, fp32, --tokens new tokens; and, unless --no-compile, the decode steps after the
-prompt with a static KV cache and `torch.compile`d forward, the deployment form that takes PyTorch's
-per-operation overhead out of each step) and, when `llama-cpp-python` is installed (`make llama-cpp`),
+(greedy `generate`, fp32, --tokens new tokens; then the decode steps after the prompt with a static KV
+cache, the step `torch.compile`d (unless --no-compile) and exported with `torch.export` and compiled
+ahead of time by AOTInductor into one C++ call (unless --no-aot): the deployment forms that take
+PyTorch's per-operation, then per-step Python overhead out of each step) and, when `llama-cpp-python`
+is installed (`make llama-cpp`),
 for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the decode steps after the
 prompt; with flash attention off, as `llama_cpp.Llama` defaults, and on, as llama.cpp's own tools
 resolve their default `-fa auto` on a CPU). Times are the best of --repeats rounds that alternate the
-models (--llama-cpp-repeats for llama.cpp's short runs); the compiled loop's tokens are checked equal
+models (--llama-cpp-repeats for llama.cpp's short runs); the compiled loops' tokens are checked equal
 to `generate`'s.
 The defaults make the "+ vocabulary" cut a half-size SmolLM2 (≤ 50 % of the parameters, vocabulary
 included); its llama.cpp target is ≥ 1.7× the base at the same quantisation.
@@ -31,12 +33,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from minigpts.arch import get_adapter
 from minigpts.models import load_model
@@ -164,8 +169,6 @@ def compiled_decoder(model, ids, tokens: int, compile_forward: bool = True):
     """A callable timing `tokens` greedy decode steps after the prompt (the prompt itself untimed),
     with a static KV cache and the forward `torch.compile`d once, as for deployment; it returns
     (seconds, token ids) — the same ids as greedy `generate`."""
-    from transformers import StaticCache
-
     forward = (
         torch.compile(model.forward, fullgraph=True, dynamic=False) if compile_forward else model.forward
     )
@@ -186,6 +189,82 @@ def compiled_decoder(model, ids, tokens: int, compile_forward: bool = True):
                 position = positions[:, length + step : length + step + 1]
                 out = forward(input_ids=token, cache=cache, use_cache=True, position_ids=position)
                 token = out.logits[:, -1:].argmax(-1)
+            synchronize()
+            seconds = time.perf_counter() - start
+        return seconds, [int(t) for t in out_ids]
+
+    return decode
+
+
+class _PositionedLayer(StaticLayer):
+    """A static KV-cache layer that writes at the step's positions (an input of the exported step)
+    instead of advancing a counter tensor kept outside the module, which `torch.export` cannot trace."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor):
+        super().__init__(max_cache_len=keys.shape[2])
+        self.keys, self.values, self.position = keys, values, position
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys.index_copy_(2, self.position, key_states)
+        self.values.index_copy_(2, self.position, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.position[0]
+
+
+class _DecodeStep(torch.nn.Module):
+    """One decode step, (token ids, positions) -> logits, with the KV cache as buffers: a module
+    `torch.export` can trace, so that AOTInductor compiles the whole step into one C++ call."""
+
+    def __init__(self, model, max_len: int):
+        super().__init__()
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        with torch.inference_mode():  # allocates every layer's cache at its own head count
+            model(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=self.cache, use_cache=True)
+        for index, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"keys_{index}", layer.keys.clone().zero_(), persistent=False)
+            self.register_buffer(f"values_{index}", layer.values.clone().zero_(), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # the buffers as the tracer sees them, fetched at every call
+        layers = []
+        for index in range(len(self.cache.layers)):
+            keys, values = getattr(self, f"keys_{index}"), getattr(self, f"values_{index}")
+            layers.append(_PositionedLayer(keys, values, position))
+        self.cache.layers = layers
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, position_ids=position[None])
+        return out.logits
+
+
+def aot_decoder(model, ids, tokens: int, package: Path):
+    """Like `compiled_decoder`, but the step is exported (`torch.export`) and compiled ahead of time
+    by AOTInductor into `package`: no Python, no guards per step — PyTorch's smallest per-step cost."""
+    step = _DecodeStep(model, ids.shape[1] + tokens).eval()
+    example = (ids[:, :1], torch.zeros(1, dtype=torch.long, device=ids.device))
+    with torch.no_grad():
+        program = torch.export.export(step, example, strict=False)
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+    )
+    synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    length = ids.shape[1]
+    positions = torch.arange(length + tokens, device=ids.device)
+
+    def decode() -> tuple[float, list[int]]:
+        with torch.inference_mode():
+            for index in range(length):  # the prompt, a token at a time (untimed)
+                logits = runner(ids[:, index : index + 1], positions[index : index + 1])
+            token = logits[:, -1:].argmax(-1)
+            out_ids = []
+            synchronize()
+            start = time.perf_counter()
+            for step_index in range(tokens):
+                out_ids.append(token)
+                logits = runner(token, positions[length + step_index : length + step_index + 1])
+                token = logits[:, -1:].argmax(-1)
             synchronize()
             seconds = time.perf_counter() - start
         return seconds, [int(t) for t in out_ids]
@@ -266,6 +345,11 @@ def main() -> None:
         "--no-compile", action="store_true", help="skip the compiled static-cache decode arm of transformers"
     )
     parser.add_argument(
+        "--no-aot",
+        action="store_true",
+        help="skip the arm exported with torch.export and compiled ahead of time by AOTInductor",
+    )
+    parser.add_argument(
         "--flash-attn",
         default="both",
         choices=["both", "on", "off"],
@@ -304,7 +388,8 @@ def main() -> None:
 
 
 def transformers_arms(cuts: dict, params: dict, args) -> dict[str, list[dict]]:
-    """Eager greedy `generate`, then (unless --no-compile) the compiled static-cache decode loop."""
+    """Eager greedy `generate`, then the static-cache decode loop `torch.compile`d (unless --no-compile)
+    and exported + compiled ahead of time by AOTInductor (unless --no-aot)."""
     models, prompts = {}, {}
     for name, (model, tok) in cuts.items():
         if (args.device, args.dtype) != ("cpu", "float32"):  # a copy: llama.cpp exports the fp32 one
@@ -323,43 +408,70 @@ def transformers_arms(cuts: dict, params: dict, args) -> dict[str, list[dict]]:
             f"transformers, {arm} (greedy generate)", cuts, params, nbytes, seconds, args.tokens
         )
     }
-    if args.no_compile:
-        return results
-    decoders = {}
-    for name in cuts:
-        model, ids = models[name], prompts[name]
+    references = {}
+    if not (args.no_compile and args.no_aot):
         with torch.inference_mode():
-            reference = model.generate(
-                ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False
+            for name, model in models.items():
+                ids = prompts[name]
+                out = model.generate(
+                    ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False
+                )
+                references[name] = out[0, ids.shape[1] :].tolist()
+    with tempfile.TemporaryDirectory(prefix="minigpts-bench-aot-") as tmp:
+        packages = (Path(tmp) / f"{index}.pt2" for index in itertools.count())
+        loops = {
+            "compiled": ("torch.compile", "torch.compile + static cache", compiled_decoder),
+            "AOTInductor": (
+                "AOTInductor",
+                "torch.export + AOTInductor, static cache",
+                lambda model, ids, tokens: aot_decoder(model, ids, tokens, next(packages)),
+            ),
+        }
+        skipped = {"compiled": args.no_compile, "AOTInductor": args.no_aot}
+        for label, (compiler, title, make_decoder) in loops.items():
+            seconds = (
+                None
+                if skipped[label]
+                else time_decode_loops(
+                    models, prompts, references, args.tokens, args.repeats, compiler, make_decoder
+                )
             )
-        decoders[name] = compiled_decoder(model, ids, args.tokens)
+            if seconds is not None:
+                results[f"transformers {arm} {label}"] = report(
+                    f"transformers, {arm}, {title} (greedy, decode steps after the prompt)",
+                    cuts,
+                    params,
+                    nbytes,
+                    seconds,
+                    args.tokens,
+                )
+    return results
+
+
+def time_decode_loops(
+    models: dict, prompts: dict, references: dict, tokens: int, repeats: int, compiler: str, make_decoder
+) -> dict | None:
+    """Best seconds of each model's decode loop (made by `make_decoder(model, ids, tokens)`), whose
+    greedy tokens are compared with `references` (`generate`'s); None when the compiler fails here."""
+    decoders = {}
+    for name, model in models.items():
+        ids = prompts[name]
         start = time.perf_counter()
         try:
+            decoders[name] = make_decoder(model, ids, tokens)
             ids_out = decoders[name]()[1]
         except Exception as err:  # a compiler or backend this machine lacks: report, keep the other arms
-            print(f"\ncompiled arm skipped: torch.compile failed on {name!r}: {type(err).__name__}: {err}")
-            return results
-        expected = reference[0, ids.shape[1] :].tolist()
-        same = next((i for i, (a, b) in enumerate(zip(ids_out, expected)) if a != b), None)
+            print(f"\n{compiler} arm skipped: it failed on {name!r}: {type(err).__name__}: {err}")
+            return None
+        same = next((i for i, (a, b) in enumerate(zip(ids_out, references[name])) if a != b), None)
         agreement = (
             "same tokens as generate"
             if same is None
             else f"tokens differ from generate's from step {same} (reordered float sums at a near-tie; "
             "the steps timed are as many)"
         )
-        print(f"compiled {name}: {time.perf_counter() - start:.0f} s (compile + first decode), {agreement}")
-    seconds = best_interleaved(
-        {name: lambda d=decode: d()[0] for name, decode in decoders.items()}, args.repeats
-    )
-    results[f"transformers {arm} compiled"] = report(
-        f"transformers, {arm}, torch.compile + static cache (greedy, decode steps after the prompt)",
-        cuts,
-        params,
-        nbytes,
-        seconds,
-        args.tokens,
-    )
-    return results
+        print(f"{compiler} {name}: {time.perf_counter() - start:.0f} s (compile + first decode), {agreement}")
+    return best_interleaved({name: lambda d=decode: d()[0] for name, decode in decoders.items()}, repeats)
 
 
 def llama_cpp_arm(cuts: dict, params: dict, args) -> dict[str, list[dict]]:

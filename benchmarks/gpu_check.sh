@@ -87,7 +87,7 @@ LIMIT=180 step run "${MINIGPTS[@]}" run --data sample --model "$MODEL" --device 
   --calib-tokens "$CALIB" --max-eval-tokens "$EVAL" --target-params 0.7 --finetune distill --max-steps "$STEPS" \
   --out "$WORK/run" --force
 LIMIT=120 step decode "$PY" benchmarks/bench_generate.py --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
-  --no-llama-cpp --no-compile --no-per-layer --tokens "$TOKENS" --repeats "$REPEATS" --json "$OUT/decode.json"
+  --no-llama-cpp --no-compile --no-aot --no-per-layer --tokens "$TOKENS" --repeats "$REPEATS" --json "$OUT/decode.json"
 
 {
   echo

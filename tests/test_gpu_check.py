@@ -1,6 +1,6 @@
 """The GPU check's pieces that run anywhere: ``python -m minigpts``, the scripts' syntax, and
 bench_generate's device/dtype arm (issue #18 part 4; the check itself needs a CUDA machine); and
-bench_generate's compiled static-cache decode arm (issue #16)."""
+bench_generate's compiled static-cache decode arms, torch.compile and AOTInductor (issue #16)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, t
     argv = ["bench_generate.py", "--model", str(tmp_path / "tiny"), "--dtype", "bfloat16", "--no-llama-cpp"]
     argv += [
         "--no-compile",
+        "--no-aot",
         "--no-per-layer",
         "--tokens",
         "3",
@@ -88,11 +89,34 @@ def test_the_static_cache_decode_loop_decodes_what_generate_does(tiny_tokenizer,
     assert seconds > 0
 
 
+@pytest.mark.parametrize("heads, depth", [(0.0, 0.0), (0.5, 0.25)])
+def test_the_exportable_decode_step_decodes_what_generate_does(tiny_tokenizer, tiny_llama, heads, depth):
+    """The module the AOTInductor arm exports (KV cache as buffers written at explicit positions), run
+    eagerly a token at a time: generate's greedy ids, with heads and layers removed too; and a second
+    pass over the same buffers gives the same ids (stale entries past the position are masked)."""
+    from minigpts.surgery import apply_plan
+
+    bench = load_bench_generate()
+    model = apply_plan(tiny_llama, bench.cut_plan(tiny_llama, 0.5, heads, depth)) if heads else tiny_llama
+    ids = tiny_tokenizer(bench.PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    step = bench._DecodeStep(model, ids.shape[1] + 12).eval()
+    for _ in range(2):
+        tokens = ids[0].tolist()
+        with torch.inference_mode():
+            for position in range(ids.shape[1] + 11):
+                logits = step(torch.tensor([[tokens[position]]]), torch.tensor([position]))
+                if position >= ids.shape[1] - 1:
+                    tokens.append(int(logits[0, -1].argmax()))
+        assert tokens == reference[0].tolist()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler"
 )
-def test_bench_generate_reports_the_compiled_arm_with_generates_tokens(
+def test_bench_generate_reports_the_compiled_arms_with_generates_tokens(
     tmp_path, monkeypatch, capsys, tiny_tokenizer
 ):
     from conftest import make_tiny_llama
@@ -104,9 +128,10 @@ def test_bench_generate_reports_the_compiled_arm_with_generates_tokens(
     argv += ["--no-llama-cpp", "--tokens", "4", "--repeats", "1", "--vocab-size", "0", "--depth-ratio", "0"]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
-    assert capsys.readouterr().out.count("same tokens as generate") == 4
+    out = capsys.readouterr().out
+    assert out.count("same tokens as generate") == 8, out
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert list(rows) == ["transformers fp32", "transformers fp32 compiled"]
-    compiled = rows["transformers fp32 compiled"]
-    assert [row["cut"] for row in compiled] == ["base", "MLP", "MLP + heads", "per-layer MLP + heads"]
-    assert all(row["tok_s"] > 0 for row in compiled) and compiled[1]["bound"] > 1
+    assert list(rows) == ["transformers fp32", "transformers fp32 compiled", "transformers fp32 AOTInductor"]
+    for arm in ("transformers fp32 compiled", "transformers fp32 AOTInductor"):
+        assert [row["cut"] for row in rows[arm]] == ["base", "MLP", "MLP + heads", "per-layer MLP + heads"]
+        assert all(row["tok_s"] > 0 for row in rows[arm]) and rows[arm][1]["bound"] > 1
