@@ -13,18 +13,17 @@ For each cumulative cut — the MLP (--mlp-ratio), + attention heads (--head-rat
 vocabulary (--vocab-size tokens kept, chosen on the bundled sample corpus by frequency with merge
 parents, as `prune --vocab-size` does), + depth (--depth-ratio of the layers dropped), and a per-layer
 MLP + heads cut of the same mean size (MLP widths from ±25 % around the ratio, in multiples of 32; llama.cpp
-runs it as `deci`; --no-per-layer skips it) — it reports
-the measured speed-up over the base, the bound and their quotient (target ≥ 0.9), for transformers
-(greedy `generate`, fp32, --tokens new tokens; then the decode steps after the prompt with a static KV
-cache, the step `torch.compile`d (unless --no-compile) and exported with `torch.export` and compiled
-ahead of time by AOTInductor into one C++ call (unless --no-aot): the deployment forms that take
-PyTorch's per-operation, then per-step Python overhead out of each step) and, when `llama-cpp-python`
-is installed (`make llama-cpp`),
-for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the decode steps after the
-prompt; with flash attention off, as `llama_cpp.Llama` defaults, and on, as llama.cpp's own tools
-resolve their default `-fa auto` on a CPU). Times are the best of --repeats rounds that alternate the
-models (--llama-cpp-repeats for llama.cpp's short runs); the compiled loops' tokens are checked equal
-to `generate`'s.
+runs it as `deci`; --no-per-layer skips it) — it reports the measured speed-up over the base, the
+bound and their quotient (target ≥ 0.9: a verdict line per arm), for transformers (greedy `generate`,
+fp32, --tokens new tokens; then the decode steps after the prompt with a static KV cache, the step
+`torch.compile`d (unless --no-compile) and exported with `torch.export` and compiled ahead of time by
+AOTInductor into one C++ call (unless --no-aot): the deployment forms that take PyTorch's per-operation,
+then per-step Python overhead out of each step) and, when `llama-cpp-python` is installed (`make
+llama-cpp`), for the same models exported as --outtype GGUF (q8_0) in llama.cpp (greedy, the decode
+steps after the prompt; with flash attention off, as `llama_cpp.Llama` defaults, and on, as llama.cpp's
+own tools resolve their default `-fa auto` on a CPU). Times are the best of --repeats rounds that
+alternate the models (--llama-cpp-repeats for llama.cpp's short runs); the compiled loops' tokens are
+checked equal to `generate`'s.
 The defaults make the "+ vocabulary" cut a half-size SmolLM2 (≤ 50 % of the parameters, vocabulary
 included); its llama.cpp target is ≥ 1.7× the base at the same quantisation.
 """
@@ -50,6 +49,7 @@ from minigpts.plan import LayerPlan, PruningPlan
 from minigpts.surgery import apply_plan
 from minigpts.vocab import count_tokens, select_vocab, slice_model_vocab, trim_tokenizer
 
+TARGET_QUOTIENT = 0.9  # issue #16: measured speed-up ≥ 0.9 × the byte bound
 PROMPT = "The law of demand states that, other things being equal,"
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "minigpts" / "sample_data" / "economics.train.jsonl"
 
@@ -290,7 +290,7 @@ def best_interleaved(runners: dict, repeats: int) -> dict[str, float]:
 def report(title: str, cuts: dict, params: dict, nbytes: dict, seconds: dict, tokens: int) -> list[dict]:
     print(f"\n{title}")
     print(
-        f"{'cut':14} {'params':>9} {'bytes/token':>12} {'tok/s':>7} {'speed-up':>9} {'bound':>7} {'quotient':>9}"
+        f"{'cut':21} {'params':>9} {'bytes/token':>12} {'tok/s':>7} {'speed-up':>9} {'bound':>7} {'quotient':>9}"
     )
     rows = []
     for name in cuts:
@@ -307,8 +307,15 @@ def report(title: str, cuts: dict, params: dict, nbytes: dict, seconds: dict, to
             )
         )
         print(
-            f"{name:14} {params[name] / 1e6:8.2f}M {nbytes[name] / 2**20:9.1f} MiB {tokens / seconds[name]:7.1f} "
+            f"{name:21} {params[name] / 1e6:8.2f}M {nbytes[name] / 2**20:9.1f} MiB {tokens / seconds[name]:7.1f} "
             f"{speed:8.2f}x {bound:6.2f}x {speed / bound:9.2f}"
+        )
+    quotients = [row["speedup"] / row["bound"] for row in rows if row["cut"] != "base"]
+    if quotients:
+        verdict = "met" if min(quotients) >= TARGET_QUOTIENT else "not met"
+        print(
+            f"quotients {min(quotients):.3f}–{max(quotients):.3f}: "
+            f"≥ {TARGET_QUOTIENT} for every cut {verdict}"
         )
     return rows
 

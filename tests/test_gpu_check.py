@@ -39,7 +39,9 @@ def load_bench_generate():
     return bench
 
 
-def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, tiny_tokenizer, tiny_llama):
+def test_bench_generate_times_a_copy_in_the_asked_dtype(
+    tmp_path, monkeypatch, capsys, tiny_tokenizer, tiny_llama
+):
     tiny_llama.save_pretrained(tmp_path / "tiny")
     tiny_tokenizer.save_pretrained(tmp_path / "tiny")
     bench = load_bench_generate()
@@ -71,6 +73,11 @@ def test_bench_generate_times_a_copy_in_the_asked_dtype(tmp_path, monkeypatch, t
     assert dtypes == [torch.bfloat16] * 6
     base, mlp = rows["transformers bf16"][0], rows["transformers bf16"][1]
     assert base["bytes"] == 4 * base["params"] and mlp["bound"] > 1
+    # the verdict line names the worst cut's quotient
+    worst = min(row["speedup"] / row["bound"] for row in rows["transformers bf16"][1:])
+    verdict = "met" if worst >= bench.TARGET_QUOTIENT else "not met"
+    out = capsys.readouterr().out
+    assert f"quotients {worst:.3f}–" in out and f"≥ 0.9 for every cut {verdict}\n" in out
 
 
 @pytest.mark.parametrize("heads, depth", [(0.0, 0.0), (0.5, 0.25)])
