@@ -436,12 +436,10 @@ def transformers_arms(cuts: dict, params: dict, args) -> dict[str, list[dict]]:
         }
         skipped = {"compiled": args.no_compile, "AOTInductor": args.no_aot}
         for label, (compiler, title, make_decoder) in loops.items():
-            seconds = (
-                None
-                if skipped[label]
-                else time_decode_loops(
-                    models, prompts, references, args.tokens, args.repeats, compiler, make_decoder
-                )
+            if skipped[label]:
+                continue
+            seconds = time_decode_loops(
+                models, prompts, references, args.tokens, args.repeats, compiler, make_decoder
             )
             if seconds is not None:
                 results[f"transformers {arm} {label}"] = report(
